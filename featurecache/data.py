@@ -1,0 +1,397 @@
+"""Where images come from: sources that yield records, and the tolerant image loader.
+
+A source turns what the user points at (a root with split folders, one folder
+with split fractions, a CSV manifest, a torchvision dataset) into a
+:class:`Dataset`: sorted class names and ``(path, label, split)`` records.
+Nothing here knows about models.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .errors import DataError, suggest
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side, center-crop, normalize: the torchvision classification preset."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    # Decode JPEGs at a reduced size (PIL draft mode) when they are at least twice the resize
+    # target. Much faster for large photos; the features then differ slightly from a full decode.
+    draft: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.resize < 1 or self.crop < 1:
+            raise DataError("resize and crop must be positive")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise DataError("mean and std need three values (R,G,B)")
+        if self.interpolation not in ("nearest", "bilinear", "bicubic"):
+            raise DataError(f"unknown interpolation {self.interpolation!r}: choose nearest, bilinear or bicubic")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str  # relative to the dataset root (or an item id for torchvision datasets)
+    label: int
+    split: str
+
+
+@dataclass
+class Dataset:
+    """Classes, records and the files that could not be used before decoding."""
+
+    root: str
+    classes: list[str]
+    records: list[Record]
+    source: str
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
+    loader: Callable[[Record], Image.Image] | None = None
+    description: dict = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        present = {r.split for r in self.records} | {s for s, _, _ in self.skipped}
+        return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
+
+    def open(self, record: Record) -> Image.Image:
+        if self.loader is not None:
+            return self.loader(record)
+        return Image.open(os.path.join(self.root, record.path))
+
+    def fingerprint(self) -> str:
+        """Hash of relative paths, sizes, mtimes, labels and splits: any change gives a new cache."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps({"classes": self.classes, "source": self.description}, sort_keys=True).encode())
+        for rec in self.records:
+            digest.update(f"{rec.split}\0{rec.path}\0{rec.label}\0{self._stat(rec)}\n".encode())
+        for split, path, reason in self.skipped:
+            digest.update(f"skip\0{split}\0{path}\0{reason}\n".encode())
+        return digest.hexdigest()
+
+    def _stat(self, rec: Record) -> str:
+        if self.loader is not None:
+            return ""
+        try:
+            st = os.stat(os.path.join(self.root, rec.path))
+        except OSError:
+            return "missing"
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# --------------------------------------------------------------------------- loading images
+
+
+class ImageSkipped(Exception):
+    """An image that cannot be used; the message is the recorded reason."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, max_pixels: int | None = None):
+    """Open, fully decode and convert one image to RGB, or raise :class:`ImageSkipped`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message="Palette images with Transparency")
+            img = dataset.open(record)
+            if max_pixels and img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceeds the limit")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageSkipped(f"decompression bomb: {exc}") from None
+    except FileNotFoundError:
+        raise ImageSkipped("file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageSkipped("not an image (cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc) or type(exc).__name__
+        if os.path.exists(os.path.join(dataset.root, record.path)) and dataset.loader is None:
+            if os.path.getsize(os.path.join(dataset.root, record.path)) == 0:
+                text = "empty file"
+        raise ImageSkipped(f"unreadable image: {text}") from None
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _scan_class_folder(root: Path, folder: Path, split: str):
+    """Yield ``(relative path, class, reason or None)`` for every file under ``folder``/CLASS/."""
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            for fname in sorted(filenames):
+                if _is_hidden(fname):
+                    continue
+                full = Path(dirpath) / fname
+                rel = full.relative_to(root).as_posix()
+                ext = full.suffix.lower()
+                reason = None if ext in IMAGE_EXTENSIONS else f"not an image file extension ({ext or 'none'})"
+                yield rel, class_dir.name, reason
+
+
+def _records_from_scan(entries):
+    entries = list(entries)
+    classes = sorted({cls for _, _, cls, _ in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    records, skipped = [], []
+    for split, rel, cls, reason in entries:
+        if reason:
+            skipped.append((split, rel, reason))
+        else:
+            records.append(Record(rel, index[cls], split))
+    return classes, records, skipped
+
+
+def _parse_split_fractions(spec: str) -> dict[str, float]:
+    fractions = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            raise DataError(f"bad --split {spec!r}: write it as train=0.8,val=0.2") from None
+        if not sep or not name or fractions[name] < 0:
+            raise DataError(f"bad --split {spec!r}: write it as train=0.8,val=0.2")
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6:
+        raise DataError(f"--split fractions must sum to 1, not {total:g}")
+    return fractions
+
+
+def stratified_assign(labels: list[int], fractions: dict[str, float], seed: int) -> list[str]:
+    """Assign each item to a split so that every class is split by the same fractions."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    out = [""] * len(labels)
+    rng = random.Random(seed)
+    names = list(fractions)
+    for label in sorted(by_class):
+        items = by_class[label]
+        rng.shuffle(items)
+        n = len(items)
+        bounds, acc = [], 0.0
+        for name in names:
+            acc += fractions[name]
+            bounds.append(int(round(acc * n)))
+        start = 0
+        for name, end in zip(names, bounds):
+            for i in items[start:end]:
+                out[i] = name
+            start = end
+    return out
+
+
+def _folder_source(root: Path, split: str | None, seed: int) -> Dataset:
+    split_dirs = [s for s in SPLITS if (root / s).is_dir()]
+    if split_dirs:
+        if split:
+            raise DataError(f"{root} already has split folders ({', '.join(split_dirs)}); drop --split")
+        entries = [(s, *e) for s in split_dirs for e in _scan_class_folder(root, root / s, s)]
+        kind = "split-folders"
+    else:
+        entries = [("train", *e) for e in _scan_class_folder(root, root, "train")]
+        kind = "folder"
+    if not entries:
+        raise DataError(f"no images found in {root} (expected CLASS/ subfolders, or train/ val/ test/ of them)")
+    classes, records, skipped = _records_from_scan(entries)
+    if not records:
+        raise DataError(f"no images found in {root}: {len(skipped)} files, none with an image extension")
+    description = {"kind": kind}
+    if kind == "folder" and split:
+        fractions = _parse_split_fractions(split)
+        assigned = stratified_assign([r.label for r in records], fractions, seed)
+        records = [Record(r.path, r.label, s) for r, s in zip(records, assigned)]
+        records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
+        description.update(split=fractions, seed=seed)
+    return Dataset(str(root), classes, records, kind, skipped, description=description)
+
+
+def _csv_source(path: Path, split: str | None, seed: int) -> Dataset:
+    root = path.parent
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from None
+    if not rows:
+        raise DataError(f"manifest {path} has no rows")
+    columns = set(rows[0])
+    if not {"path", "label"} <= columns:
+        raise DataError(f"manifest {path} needs a header with path,label[,split]; found {','.join(rows[0])}")
+    has_split = "split" in columns
+    if has_split and split:
+        raise DataError(f"manifest {path} has a split column; drop --split")
+    classes = sorted({r["label"] for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    records, skipped = [], []
+    for line, row in enumerate(rows, start=2):
+        rel = (row["path"] or "").strip()
+        if not rel:
+            raise DataError(f"manifest {path}, line {line}: empty path")
+        rel_path = Path(rel) if Path(rel).is_absolute() else root / rel
+        rel = os.path.relpath(rel_path, root) if not Path(rel).is_absolute() else str(rel_path)
+        rec_split = (row.get("split") or "train").strip() if has_split else "train"
+        if Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append((rec_split, rel, f"not an image file extension ({Path(rel).suffix or 'none'})"))
+            continue
+        records.append(Record(rel, index[row["label"]], rec_split))
+    if not records:
+        raise DataError(f"manifest {path} lists no images")
+    description = {"kind": "csv", "manifest": path.name}
+    if split:
+        fractions = _parse_split_fractions(split)
+        assigned = stratified_assign([r.label for r in records], fractions, seed)
+        records = [Record(r.path, r.label, s) for r, s in zip(records, assigned)]
+        description.update(split=fractions, seed=seed)
+    records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
+    return Dataset(str(root), classes, records, "csv", skipped, description=description)
+
+
+def _stage_idx_files(name: str, root: Path) -> Path:
+    """Make a Debian-style folder of ``*-idx?-ubyte.gz`` files readable by torchvision's MNIST classes.
+
+    torchvision looks for uncompressed files in ``ROOT/NAME/raw``. When ``root`` holds the gzipped
+    files directly (``/usr/share/datasets/fashion-mnist``), they are unpacked once into a staging
+    folder under the cache directory and that folder is used as the root.
+    """
+    gz = sorted(root.glob("*-idx?-ubyte.gz"))
+    if not gz or (root / name / "raw").is_dir():
+        return root
+    from .store import default_cache_dir
+
+    stage = default_cache_dir() / "datasets" / f"{name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+    raw = stage / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for src in gz:
+        dest = raw / src.name[:-3]
+        if not dest.exists() or dest.stat().st_mtime < src.stat().st_mtime:
+            tmp = dest.with_suffix(".tmp")
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(tmp, dest)
+    return stage
+
+
+def _torchvision_source(spec: str, root: str | None, split: str | None, seed: int) -> Dataset:
+    import torchvision.datasets as tvd
+
+    name = spec[len(TORCHVISION_PREFIX):]
+    available = [n for n in tvd.__all__ if n[0].isupper()]
+    cls = getattr(tvd, name, None)
+    if name not in available or cls is None:
+        raise DataError(f"unknown torchvision dataset {name!r}" + suggest(name, available))
+    if not root:
+        raise DataError(f"{spec} needs --root, the folder that holds its files")
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DataError(f"--root {root_path} is not a directory")
+    staged = _stage_idx_files(name, root_path)
+    parts = {}
+    for split_name, kwargs in (("train", {"train": True}), ("test", {"train": False})):
+        try:
+            parts[split_name] = cls(str(staged), download=False, **kwargs)
+        except TypeError:
+            try:
+                parts[split_name] = cls(str(staged), download=False, split=split_name)
+            except Exception as exc:  # noqa: BLE001 - dataset classes raise anything
+                raise DataError(f"cannot open {spec} in {root_path}: {exc}".splitlines()[0]) from None
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot open {spec} in {root_path}: {exc}".splitlines()[0]) from None
+    first = parts["train"]
+    classes = list(getattr(first, "classes", []))
+    targets = {s: [int(t) for t in getattr(ds, "targets")] for s, ds in parts.items()}
+    if not classes:
+        classes = [str(i) for i in sorted({t for ts in targets.values() for t in ts})]
+    # class indices follow sorted class names
+    order = sorted(range(len(classes)), key=lambda i: classes[i])
+    remap = {old: new for new, old in enumerate(order)}
+    sorted_classes = [classes[i] for i in order]
+    records = []
+    for split_name, ts in targets.items():
+        width = len(str(len(ts)))
+        records += [Record(f"{split_name}/{i:0{width}d}", remap[t], split_name) for i, t in enumerate(ts)]
+    if split:
+        fractions = _parse_split_fractions(split)
+        train = [r for r in records if r.split == "train"]
+        assigned = stratified_assign([r.label for r in train], fractions, seed)
+        records = [Record(r.path, r.label, s) for r, s in zip(train, assigned)] + [r for r in records if r.split != "train"]
+        records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
+
+    def loader(record: Record) -> Image.Image:
+        part, idx = record.path.split("/")
+        img, _ = parts[part][int(idx)]
+        return img
+
+    files = sorted(p for p in Path(staged).rglob("*") if p.is_file())
+    file_stats = [(p.relative_to(staged).as_posix(), p.stat().st_size) for p in files]
+    description = {"kind": "torchvision", "dataset": name, "files": file_stats}
+    if split:
+        description.update(split=_parse_split_fractions(split), seed=seed)
+    return Dataset(str(root_path), sorted_classes, records, spec, [], loader=loader, description=description)
+
+
+def open_dataset(data: str | os.PathLike, split: str | None = None, root: str | None = None, seed: int = 0) -> Dataset:
+    """Resolve ``data`` (a folder, a CSV manifest or ``torchvision:NAME``) into a :class:`Dataset`."""
+    data = str(data)
+    if data.startswith(TORCHVISION_PREFIX):
+        return _torchvision_source(data, root, split, seed)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"data path does not exist: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{path} is a file; pass a folder of images or a CSV manifest (path,label[,split])")
+        return _csv_source(path, split, seed)
+    if not any(path.iterdir()):
+        raise DataError(f"data folder is empty: {path}")
+    return _folder_source(path, split, seed)

@@ -1,0 +1,72 @@
+"""Every error a user can cause derives from :class:`FeatureCacheError`.
+
+The CLI turns each one into a one-line message and a non-zero exit code in a
+single place (:func:`featurecache.cli.main`); library users catch the root class.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class FeatureCacheError(Exception):
+    """Root of every error featurecache raises on purpose."""
+
+    exit_code = 1
+
+
+class DataError(FeatureCacheError):
+    """The images or the dataset description cannot be used."""
+
+    exit_code = 2
+
+
+class BackboneError(FeatureCacheError):
+    """Unknown backbone, weights, layer or preprocessing."""
+
+    exit_code = 2
+
+
+class CacheError(FeatureCacheError):
+    """A feature cache is missing, incomplete, locked or inconsistent."""
+
+    exit_code = 3
+
+
+class CacheLockedError(CacheError):
+    """Another process is writing the same cache entry."""
+
+
+class HeadError(FeatureCacheError):
+    """Unknown head, bad parameter grid or unusable split for fitting."""
+
+    exit_code = 2
+
+
+class RunError(FeatureCacheError):
+    """A run directory is missing, broken or does not match its cache."""
+
+    exit_code = 3
+
+
+class FinetuneError(FeatureCacheError):
+    """The network cannot be assembled or trained as asked."""
+
+    exit_code = 2
+
+
+class PipelineError(FeatureCacheError):
+    """A pipeline file is malformed."""
+
+    exit_code = 2
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" (did you mean: a, b?)"`` for the closest matches, or ``""``."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not close:
+        lowered = name.lower()
+        close = [c for c in choices if lowered and lowered in c.lower()][:n]
+    return f" (did you mean: {', '.join(close)}?)" if close else ""

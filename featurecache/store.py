@@ -1,0 +1,356 @@
+"""The feature store: the only module that touches h5py.
+
+Layout of one cache file (one per backbone configuration and dataset)::
+
+    /                     attrs: format, key, complete, classes (JSON), config (JSON)
+    /<split>/features     float32|float16, N x D, chunked by rows
+    /<split>/labels       int64, N
+    /<split>/paths        UTF-8 strings, N, relative to the data root
+    /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
+
+While an extraction runs, finished batches are written as small ``.npz`` shards into
+``<name>.partial/`` (each one written under a temporary name, then renamed). A killed
+run leaves only whole shards behind, and a rerun computes the missing rows alone.
+When every row is there, the HDF5 file is written under a temporary name, marked
+``complete``, flushed and renamed into place: a reader never sees a half-written cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, CacheLockedError
+
+FORMAT = "featurecache/1"
+CACHE_ENV = "FC_CACHE_DIR"
+SUFFIX = ".h5"
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or "cache").expanduser()
+
+
+def cache_key(config: dict) -> str:
+    """Hash of the parts of a configuration that change the features."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+    return keep.strip("-.")[:60] or "data"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one cache key lives on disk."""
+
+    path: Path  # the final HDF5 file
+
+    @classmethod
+    def locate(cls, cache_dir: Path, label: str, key: str) -> "Entry":
+        return cls(Path(cache_dir) / f"{_slug(label)}-{key[:16]}{SUFFIX}")
+
+    @property
+    def partial(self) -> Path:
+        return self.path.with_suffix(".partial")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name("." + self.path.name + ".lock")
+
+
+# --------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def locked(entry: Entry, wait: float | None = None, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``entry``. ``wait``: seconds to wait (None: forever, 0: fail at once).
+
+    The lock is an ``flock`` on a side file: the kernel releases it when the holder dies,
+    even by SIGKILL, so a crashed run never blocks the next one.
+    """
+    entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(entry.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = None if wait is None else time.monotonic() + wait
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if deadline is not None and time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise CacheLockedError(
+                    f"another process (pid {holder}) is writing {entry.path.name}; try again when it is done"
+                )
+            if not told and on_wait:
+                on_wait(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
+                told = True
+            time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class ShardWriter:
+    """Collects finished batches as atomic ``.npz`` shards under ``entry.partial``."""
+
+    def __init__(self, entry: Entry, n_records: int, manifest: dict):
+        self.dir = entry.partial
+        self.n = n_records
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "manifest.json"
+        text = json.dumps(manifest, sort_keys=True)
+        if meta.exists():
+            if meta.read_text() != text:  # same key, different records: start over
+                shutil.rmtree(self.dir)
+                self.dir.mkdir(parents=True)
+        if not meta.exists():
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, meta)
+        for stale in self.dir.glob("*.tmp*"):
+            stale.unlink(missing_ok=True)
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.dir.glob("shard-*.npz"))
+
+    def done(self) -> np.ndarray:
+        """Boolean mask of the record indices already written."""
+        mask = np.zeros(self.n, dtype=bool)
+        for shard in self._shards():
+            with np.load(shard) as z:
+                mask[z["indices"]] = True
+        return mask
+
+    def write(self, indices: np.ndarray, features: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
+        """Store one batch: ``features`` holds rows for the ``ok`` images only."""
+        indices = np.asarray(indices, dtype=np.int64)
+        name = f"shard-{int(indices.min()):012d}-{uuid.uuid4().hex[:8]}.npz"
+        tmp = self.dir / (name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, indices=indices, features=features, ok=np.asarray(ok, bool),
+                     reasons=np.asarray(reasons, dtype=str))
+        os.replace(tmp, self.dir / name)
+
+    def collect(self, dim: int | None, dtype: str):
+        """Assemble all shards into ``(features, ok, reasons)`` indexed by record."""
+        ok = np.zeros(self.n, dtype=bool)
+        seen = np.zeros(self.n, dtype=bool)
+        reasons = [""] * self.n
+        rows: dict[int, np.ndarray] = {}
+        for shard in self._shards():
+            with np.load(shard) as z:
+                idx, feats, good, why = z["indices"], z["features"], z["ok"], z["reasons"]
+            if seen[idx].any():  # a duplicate batch from an interrupted rename: keep the first
+                keep = ~seen[idx]
+                feats = feats[keep[good]]
+                idx, good, why = idx[keep], good[keep], why[keep]
+            seen[idx] = True
+            ok[idx] = good
+            for i, r in zip(idx[~good], why[~good]):
+                reasons[int(i)] = str(r)
+            for i, row in zip(idx[good], feats):
+                rows[int(i)] = row
+            if dim is None and len(feats):
+                dim = feats.shape[1]
+        if not seen.all():
+            raise CacheError(f"{(~seen).sum()} images of {self.n} have no features yet")
+        features = np.zeros((int(ok.sum()), dim or 0), dtype=dtype)
+        for out_row, i in enumerate(np.flatnonzero(ok)):
+            features[out_row] = rows[int(i)]
+        return features, ok, reasons
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _str_dataset(group, name: str, values, shape=None):
+    data = np.asarray(values, dtype=object)
+    if shape is not None:
+        data = data.reshape(shape)
+    return group.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8"))
+
+
+def write_cache(
+    path: str | os.PathLike,
+    classes: list[str],
+    config: dict,
+    splits: dict[str, dict],
+    key: str | None = None,
+    chunk_rows: int = 1024,
+) -> Path:
+    """Write a complete cache atomically.
+
+    ``splits`` maps a split name to ``{"features": N x D, "labels": N, "paths": N,
+    "skipped": [(path, reason), ...]}``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["key"] = key or cache_key(config)
+            f.attrs["classes"] = json.dumps(list(classes))
+            f.attrs["config"] = json.dumps(config, sort_keys=True)
+            f.attrs["complete"] = False
+            for name, part in splits.items():
+                g = f.create_group(name)
+                feats = np.asarray(part["features"])
+                n = feats.shape[0]
+                chunks = (max(1, min(chunk_rows, n)), feats.shape[1]) if n and feats.shape[1] else None
+                g.create_dataset("features", data=feats, chunks=chunks)
+                g.create_dataset("labels", data=np.asarray(part["labels"], dtype=np.int64))
+                _str_dataset(g, "paths", list(part["paths"]))
+                skipped = list(part.get("skipped", []))
+                _str_dataset(g, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
+            f.attrs["complete"] = True
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"no cache at {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise CacheError(f"{path} is not a readable HDF5 cache ({exc})") from None
+    if f.attrs.get("format") != FORMAT or not bool(f.attrs.get("complete", False)):
+        f.close()
+        raise CacheError(f"{path} is not a complete featurecache file; re-run fc extract")
+    return f
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    try:
+        _open(path).close()
+    except CacheError:
+        return False
+    return True
+
+
+def info(path: str | os.PathLike) -> dict:
+    """Classes, config, key and per-split counts of a complete cache."""
+    with _open(path) as f:
+        splits = {}
+        for name, g in f.items():
+            splits[name] = {
+                "n": int(g["features"].shape[0]),
+                "skipped": int(g["skipped"].shape[0]),
+                "dim": int(g["features"].shape[1]),
+                "dtype": str(g["features"].dtype),
+            }
+        return {
+            "path": str(Path(path)),
+            "key": str(f.attrs["key"]),
+            "classes": json.loads(f.attrs["classes"]),
+            "config": json.loads(f.attrs["config"]),
+            "splits": splits,
+            "bytes": Path(path).stat().st_size,
+        }
+
+
+def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float32):
+    """Return ``(X, y, paths)`` for one split of a complete cache."""
+    with _open(path) as f:
+        if split not in f:
+            raise CacheError(f"{Path(path).name} has no split {split!r}; it has {', '.join(f.keys())}")
+        g = f[split]
+        X = g["features"][...].astype(dtype, copy=False)
+        y = g["labels"][...]
+        paths = list(g["paths"].asstr()[...])
+    return X, y, paths
+
+
+def load_skipped(path: str | os.PathLike, split: str) -> list[tuple[str, str]]:
+    with _open(path) as f:
+        return [tuple(row) for row in f[split]["skipped"].asstr()[...].tolist()]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_caches(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Every cache file in ``cache_dir``: complete ones with their info, others marked incomplete."""
+    root = default_cache_dir(cache_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for path in sorted(root.glob(f"*{SUFFIX}")):
+        try:
+            out.append({"complete": True, **info(path)})
+        except CacheError:
+            out.append({"complete": False, "path": str(path), "bytes": path.stat().st_size})
+    for partial in sorted(root.glob("*.partial")):
+        out.append({"complete": False, "path": str(partial), "bytes": sum(p.stat().st_size for p in partial.iterdir())})
+    return out
+
+
+def resolve(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A cache by path, file name, or unique key prefix."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    root = default_cache_dir(cache_dir)
+    matches = [p for p in root.glob(f"*{SUFFIX}") if p.name == str(ref) or p.stem.endswith(str(ref)) or str(ref) in p.stem]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise CacheError(f"no cache matches {ref!r} in {root}")
+    raise CacheError(f"{ref!r} matches {len(matches)} caches in {root}: " + ", ".join(p.name for p in matches))
+
+
+def remove(path: str | os.PathLike) -> list[str]:
+    """Delete a cache file with its partial shards and lock file."""
+    entry = Entry(Path(path))
+    removed = []
+    for p in (entry.path, entry.partial, entry.lock_path):
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(str(p))
+        elif p.exists():
+            p.unlink()
+            removed.append(str(p))
+    return removed
