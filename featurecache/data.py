@@ -380,18 +380,48 @@ def _torchvision_source(spec: str, root: str | None, split: str | None, seed: in
     return Dataset(str(root_path), sorted_classes, records, spec, [], loader=loader, description=description)
 
 
-def open_dataset(data: str | os.PathLike, split: str | None = None, root: str | None = None, seed: int = 0) -> Dataset:
-    """Resolve ``data`` (a folder, a CSV manifest or ``torchvision:NAME``) into a :class:`Dataset`."""
+def limit_records(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    """Keep at most ``limit`` records per split, a stratified sample, in the original order."""
+    if limit < 1:
+        raise DataError("--limit must be at least 1")
+    keep: set[int] = set()
+    for split in dataset.splits:
+        idx = [i for i, r in enumerate(dataset.records) if r.split == split]
+        if len(idx) <= limit:
+            keep.update(idx)
+            continue
+        frac = limit / len(idx)
+        chosen = stratified_assign([dataset.records[i].label for i in idx], {"keep": frac, "drop": 1 - frac}, seed)
+        keep.update(i for i, c in zip(idx, chosen) if c == "keep")
+    dataset.records = [r for i, r in enumerate(dataset.records) if i in keep]
+    dataset.description = {**dataset.description, "limit": limit, "limit_seed": seed}
+    return dataset
+
+
+def open_dataset(
+    data: str | os.PathLike,
+    split: str | None = None,
+    root: str | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Dataset:
+    """Resolve ``data`` (a folder, a CSV manifest or ``torchvision:NAME``) into a :class:`Dataset`.
+
+    ``limit`` keeps at most that many images per split (a stratified, seeded sample).
+    """
     data = str(data)
     if data.startswith(TORCHVISION_PREFIX):
-        return _torchvision_source(data, root, split, seed)
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise DataError(f"data path does not exist: {path}")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"{path} is a file; pass a folder of images or a CSV manifest (path,label[,split])")
-        return _csv_source(path, split, seed)
-    if not any(path.iterdir()):
-        raise DataError(f"data folder is empty: {path}")
-    return _folder_source(path, split, seed)
+        dataset = _torchvision_source(data, root, split, seed)
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"data path does not exist: {path}")
+        if path.is_file():
+            if path.suffix.lower() != ".csv":
+                raise DataError(f"{path} is a file; pass a folder of images or a CSV manifest (path,label[,split])")
+            dataset = _csv_source(path, split, seed)
+        elif not any(path.iterdir()):
+            raise DataError(f"data folder is empty: {path}")
+        else:
+            dataset = _folder_source(path, split, seed)
+    return limit_records(dataset, limit, seed) if limit else dataset

@@ -141,6 +141,7 @@ def extract(
     split: str | None = None,
     root: str | None = None,
     seed: int = 0,
+    limit: int | None = None,
     resize: int | None = None,
     crop: int | None = None,
     mean: tuple | None = None,
@@ -170,7 +171,7 @@ def extract(
         raise FeatureCacheError("--batch-size must be at least 1")
     dev = runtime.resolve_device(device)
     prec = runtime.resolve_precision(precision, dev)
-    dataset = open_dataset(data, split=split, root=root, seed=seed)
+    dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit)
     if strict and dataset.skipped:
         split_name, path, reason = dataset.skipped[0]
         raise DataError(f"{path}: {reason} (--strict)")
