@@ -19,7 +19,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,7 +153,9 @@ def _load_without_classifier(model: nn.Module, state: dict, classifier: str | No
     if classifier:
         state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
     result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    head = (classifier + ".") if classifier else None
+    missing = [k for k in result.missing_keys if not (head and k.startswith(head))]
+    unexpected = list(result.unexpected_keys)
     if missing or unexpected:
         detail = []
         if missing:
@@ -428,9 +430,3 @@ def import_weights(file: str, backbone: str, weights: str = "DEFAULT") -> dict:
         os.replace(tmp, dest)
     return {"path": str(dest), "weights": f"{type(member).__name__}.{member.name}", "sha256": digest}
 
-
-def describe(name: str) -> dict[str, Any]:
-    return {"name": name, "feature_dim": feature_dim(name), "weights": weight_names(name)}
-
-
-Factory = Callable[..., Backbone]

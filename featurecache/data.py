@@ -129,30 +129,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, max_pixels: int | None = None):
-    """Open, fully decode and convert one image to RGB, or raise :class:`ImageSkipped`."""
+    """Open, fully decode and convert one image to RGB, or raise :class:`ImageSkipped` with the reason."""
+    if dataset.loader is None:
+        try:
+            if os.path.getsize(os.path.join(dataset.root, record.path)) == 0:
+                raise ImageSkipped("empty file")
+        except OSError:
+            raise ImageSkipped("file not found") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", message="Palette images with Transparency")
             img = dataset.open(record)
             if max_pixels and img.width * img.height > max_pixels:
-                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceeds the limit")
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageSkipped(f"decompression bomb: {exc}") from None
-    except FileNotFoundError:
-        raise ImageSkipped("file not found") from None
     except Image.UnidentifiedImageError:
         raise ImageSkipped("not an image (cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc) or type(exc).__name__
-        if os.path.exists(os.path.join(dataset.root, record.path)) and dataset.loader is None:
-            if os.path.getsize(os.path.join(dataset.root, record.path)) == 0:
-                text = "empty file"
-        raise ImageSkipped(f"unreadable image: {text}") from None
+        raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
 
 
 # --------------------------------------------------------------------------- sources
