@@ -1,0 +1,126 @@
+"""Backbones by name: every torchvision classifier, timm as an option, offline weights."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import FASHION_MNIST, run_cli
+
+import featurecache
+from featurecache import backbones
+from featurecache.errors import BackboneError
+
+ALL = torchvision.models.list_models(module=torchvision.models)
+
+
+def _family(name: str) -> str:
+    return re.split(r"\d|_", name)[0]
+
+
+# One small member of each family is built and run for real; all are checked for their feature width.
+SMALLEST = {}
+for _name in ALL:
+    SMALLEST.setdefault(_family(_name), _name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_torchvision_model_has_a_penultimate_layer(name):
+    with backbones._empty_weights():
+        model = torchvision.models.get_model(name)
+    classifier, width = backbones.find_classifier(model)
+    out = model.get_submodule(classifier)
+    assert (out.out_features if hasattr(out, "out_features") else out.out_channels) == 1000
+    assert width == backbones.feature_dim(name) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALLEST.values()))
+def test_one_model_per_family_returns_its_features(name):
+    net = backbones.build(name, weights="none")
+    size = net.preprocess.crop if name.startswith(("vit", "swin", "maxvit")) else 64
+    if name.startswith("inception"):
+        size = 80
+    with torch.inference_mode():
+        out = net.model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, net.feature_dim)
+
+
+def test_preprocessing_comes_from_the_weights():
+    assert backbones.build("mobilenet_v2", weights="none").preprocess.resize == 232  # DEFAULT = V2 recipe
+    inception = backbones.SOURCES[""].default_preprocess("inception_v3", None)
+    assert (inception.resize, inception.crop) == (342, 299)
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(BackboneError, match="did you mean: mobilenet_v2"):
+        backbones.build("mobilenetv2")
+    with pytest.raises(BackboneError, match="IMAGENET1K_V1"):
+        backbones.build("resnet18", weights="IMAGENET")
+
+
+def test_timm_backbone_with_random_weights(image_folder, tmp_path):
+    pytest.importorskip("timm")
+    res = featurecache.extract(str(image_folder), backbone="timm/resnet18", weights="none", resize=48, crop=40,
+                               workers=0, progress=False, cache_dir=str(tmp_path))
+    assert res.feature_dim == 512 and res.splits["train"]["n"] == 12
+
+
+def test_weights_import_checks_the_hash(cli_runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    wrong = tmp_path / "resnet18-f37072fd.pth"
+    wrong.write_bytes(b"definitely not resnet18")
+    out = run_cli(cli_runner, "weights", "import", wrong, "--backbone", "resnet18", "--weights", "IMAGENET1K_V1")
+    assert out.exit_code != 0 and "torchvision expects f37072fd" in out.stderr
+
+
+@pytest.mark.slow
+def test_weights_import_puts_the_file_where_torchvision_looks(cli_runner, tmp_path, monkeypatch, real_weights):
+    source = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    out = run_cli(cli_runner, "weights", "import", source, "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1")
+    assert out.exit_code == 0, out.output
+    dest = tmp_path / "torch-home" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert hashlib.sha256(dest.read_bytes()).hexdigest().startswith("b0353104")
+    torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")  # loads with no download
+
+
+def test_missing_weights_offline_say_how_to_import(cli_runner, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    out = run_cli(cli_runner, "extract", image_folder, "--backbone", "resnet18", "--weights", "IMAGENET1K_V1",
+                  "--workers", 0, "--cache-dir", tmp_path / "c")
+    assert out.exit_code != 0 and "fc weights import" in out.stderr
+
+
+def test_backbones_command_lists_feature_dims(cli_runner):
+    out = run_cli(cli_runner, "backbones")
+    assert out.exit_code == 0
+    line = next(l for l in out.stdout.splitlines() if l.startswith("mobilenet_v2 "))
+    assert "1280" in line and "IMAGENET1K_V1" in line
+    assert len([l for l in out.stdout.splitlines() if l.strip()]) == len(ALL) + 2
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from featurecache.cli import cli; print('torch' in sys.modules, 'h5py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_torchvision_dataset_from_debian_files(tmp_path):
+    res = featurecache.extract("torchvision:FashionMNIST", root=str(FASHION_MNIST), limit=20, resize=32, crop=32,
+                               weights="none", workers=0, progress=False, cache_dir=str(tmp_path))
+    from featurecache import store
+
+    info = store.info(res.cache)
+    assert info["classes"][0] == "Ankle boot" and len(info["classes"]) == 10  # sorted class names
+    assert res.splits == {"train": {"n": 20, "skipped": 0}, "test": {"n": 20, "skipped": 0}}
+    X, y, paths = featurecache.load_features(res.cache, "test")
+    assert X.shape == (20, 1280) and paths[0].startswith("test/")
