@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .data import Preprocess
-from .errors import BackboneError, suggest
+from .errors import BackboneError, FeatureCacheWarning, suggest
 
 TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -358,7 +358,8 @@ def build(
             "a weights file needs its preprocessing stated: pass --resize, --crop (and --mean, --std)"
         )
     if weights is None and not weights_file:
-        warnings.warn(f"{name} has random weights (weights=none): features carry no pretrained knowledge")
+        warnings.warn(f"{name} has random weights (weights=none): its features carry no pretrained knowledge",
+                      FeatureCacheWarning, stacklevel=2)
     source = _source_for(name)
     model, default_pre, identity = source.create(name, weights, weights_file)
     classifier, width = (None, None)

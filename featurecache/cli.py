@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import click
 
-from .errors import FeatureCacheError
+from .errors import FeatureCacheError, FeatureCacheWarning
+
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, FeatureCacheWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 class FcGroup(click.Group):
     """Turns library errors into one-line messages and exit codes."""
 
     def invoke(self, ctx):
+        warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
         except FeatureCacheError as exc:
@@ -238,6 +249,257 @@ def weights_import(file, backbone, weights):
 
     out = import_weights(file, backbone=backbone, weights=weights)
     click.echo(f"{out['weights']} -> {out['path']}")
+
+
+# --------------------------------------------------------------------------- stage three
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--head", default="best", show_default=True, help="The run's head to start from: best, a spec or a slug.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--unfreeze", default="all", show_default=True, help="Backbone blocks to train: all, none or last:N.")
+@click.option("--backbone-lr-mult", default=0.1, show_default=True, help="Backbone learning rate = lr x this.")
+@click.option("--bn", default="frozen", show_default=True, help="Batch norm: frozen (pretrained statistics) or train.")
+@click.option("--augment", default="light", show_default=True,
+              help="none, light (random resized crop, flip) or strong (+ TrivialAugment).")
+@click.option("--optimizer", default="adamw", show_default=True, help="adamw or sgd.")
+@click.option("--lr", type=float, default=None, help="Head learning rate (default: 3e-4 adamw, 0.01 sgd).")
+@click.option("--weight-decay", type=float, default=None, help="Default: 0.05 adamw, 1e-4 sgd.")
+@click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warmup, then cosine decay.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--accumulate", default=1, show_default=True, help="Batches per optimizer step.")
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="auto: AMP (fp16) on CUDA, fp32 on CPU.")
+@click.option("--patience", default=3, show_default=True, help="Epochs without improvement before stopping (0: never).")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Optimizer steps between mid-epoch checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
+@click.option("--seed", default=0, show_default=True)
+@_cache_dir
+@_json
+def finetune(as_json, **options):
+    """Fine-tune backbone and head of a stage-two RUN (a run directory or run id).
+
+    The run's cache decides backbone, weights and preprocessing; the head starts where stage two
+    left it, so step 0 reproduces the head's accuracy. Writes the best epoch as a self-contained
+    TorchScript model.pt under RUN/finetune/.
+    """
+    from .finetuning import finetune as run_finetune
+    from .metrics import summary
+
+    result = run_finetune(**options, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    rows = []
+    for split, tuned in result.metrics["finetuned"].items():
+        head_only = summary(result.metrics["head"].get(split, {}))
+        for name, value in summary(tuned).items():
+            before = head_only.get(name)
+            rows.append({"split": split, "metric": name, "head only": "" if before is None else f"{before:.4f}",
+                         "fine-tuned": f"{value:.4f}"})
+    click.echo(f"{result.model}  ({'reused' if result.reused else f'{result.epochs} epochs'}, "
+               f"best epoch {result.best_epoch})")
+    click.echo(f"head {result.head}: {result.split} accuracy {result.head_accuracy:.4f}, "
+               f"step 0 {result.start_accuracy:.4f}, best {result.best_accuracy:.4f}")
+    click.echo(table(rows, ["split", "metric", "head only", "fine-tuned"]))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True)
+@click.option("--topk", default=5, show_default=True)
+@click.option("--head", default="best", show_default=True, help="With a run: which head (best, a spec or a slug).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_cache_dir
+@_json
+def predict(as_json, **options):
+    """Classify images (files or folders, recursively) with MODEL.
+
+    MODEL is an exported model.pt (or the fine-tuning folder holding it), or a stage-two run
+    directory or run id (its backbone and head, without fine-tuning). Prints CSV
+    (path,class,probability,topk) or, with --json, {"predictions": [...]}.
+    Unreadable images are reported on stderr and skipped.
+    """
+    from .prediction import predict as run_predict
+    from .prediction import to_csv
+
+    result = run_predict(**options, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(to_csv(result), nl=False)
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+
+
+# --------------------------------------------------------------------------- pipelines and reports
+
+_set = click.option("--set", "set", multiple=True, metavar="KEY=VALUE",
+                    help="Override a key of the file: data=/path, extract.backbone=resnet50, finetune.epochs=1, "
+                         "finetune=false, ... (repeatable; values are TOML, else strings).")
+
+
+def _echo_pipeline(result: dict) -> None:
+    """The outcome of each branch, ending with where its report is."""
+    for branch in result["branches"]:
+        stages = branch["stages"]
+        prefix = f"[{branch['label']}] " if branch["label"] else ""
+        if "fit-head" in stages:
+            click.echo(f"{prefix}run {stages['fit-head']['run_dir']}, best head {stages['fit-head']['best']}")
+        if "finetune" in stages:
+            click.echo(f"{prefix}fine-tuned model {stages['finetune']['model']}")
+        if "report" in stages:
+            click.echo(f"{prefix}report {stages['report']}")
+    click.echo(f"done in {result['seconds']:.1f} s")
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@_set
+@_json
+def run_command(pipeline, set, as_json):
+    """Run the stages a PIPELINE.toml file declares: extract, fit-head, finetune, report.
+
+    Each stage is content-addressed, so an unchanged stage is looked up, not recomputed.
+    """
+    from .pipeline import run
+
+    result = run(pipeline, set=set, progress=not as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        _echo_pipeline(result)
+
+
+@cli.command("demo")
+@_set
+@_json
+def demo_command(set, as_json):
+    """Run the offline demo (pipelines/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
+    from .demo import demo
+
+    result = demo(set=set, progress=not as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        _echo_pipeline(result)
+
+
+@cli.command("report")
+@click.argument("run")
+@click.option("--head", default="best", show_default=True, help="The head to detail: best, a spec or a slug.")
+@click.option("--samples", default=16, show_default=True, help="Images in the grid of sample predictions (0: none).")
+@_cache_dir
+@_json
+def report_command(as_json, **options):
+    """Write the Markdown and HTML report of a stage-two RUN (a run directory or run id) under RUN/report/."""
+    from .reporting import report
+
+    path = report(**options)
+    if as_json:
+        emit_json({"report": str(path)})
+    else:
+        click.echo(str(path))
+
+
+# --------------------------------------------------------------------------- stage two
+
+
+def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
+    from .sweep import leaderboard_table, selection_note
+
+    rows, columns = leaderboard_table(leaderboard, final_split)
+    click.echo(selection_note(selection_split, final_split, cv))
+    click.echo(table(rows, columns))
+
+
+@cli.command("fit-head")
+@click.argument("cache")
+@click.option("--head", multiple=True, metavar="SPEC",
+              help="Grid spec NAME[:PARAM=V1,V2,...[;PARAM=V...]], e.g. 'logreg:C=0.1,1;pre=standardize' (repeatable).")
+@click.option("--sweep-file", type=click.Path(dir_okay=False), default=None,
+              help="A TOML file of [[head]] tables (name = ..., PARAM = [values]).")
+@click.option("--jobs", type=int, default=None, help="Heads fitted in parallel (default: usable cores).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weight classes inversely to their frequency (heads that support it).")
+@click.option("--cv", default=5, show_default=True, help="Folds of the cross-validation on train when there is no val split.")
+@click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@_cache_dir
+@_json
+def fit_head(as_json, **options):
+    """Fit a grid of heads on CACHE (path, name or key prefix), rank them and save them as a run.
+
+    Without --head or --sweep-file a default sweep of heads across several families runs.
+    Heads are selected on val, or by cross-validation on train when there is no val split;
+    test, when the cache has it, is held out. `fc heads` lists the heads and their parameters.
+    """
+    from .sweep import fit_head as run_fit_head
+
+    result = run_fit_head(**options, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    state = "reused" if result.reused else f"{len(result.leaderboard)} heads in {result.seconds:.1f} s"
+    click.echo(f"{result.run_dir}  ({state})")
+    cv = options["cv"] if result.selection_split == "cv" else None
+    _echo_leaderboard(result.leaderboard, result.selection_split, result.final_split, cv)
+    click.echo(f"best: {result.best}")
+
+
+@cli.group(invoke_without_command=True)
+@_json
+@click.pass_context
+def heads(ctx, as_json):
+    """List the heads (with `show RUN`: one run's leaderboard)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .sweep import list_head_types
+
+    rows = list_head_types()
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        row["parameters"] = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
+        row["transferable"] = "yes" if row["transferable"] else "no"
+        row["class_weight"] = "yes" if row["class_weight"] else "no"
+    click.echo(table(rows, ["name", "family", "kind", "transferable", "class_weight", "parameters"]))
+    click.echo("any scikit-learn classifier by path too, e.g. sklearn.ensemble.ExtraTreesClassifier; "
+               "every head also takes pre=none|standardize|l2|pca:K")
+
+
+@heads.command("show")
+@click.argument("run")
+@_cache_dir
+@_json
+def heads_show(run, cache_dir, as_json):
+    """The provenance and leaderboard of RUN (a run directory, run id or unique prefix)."""
+    from .sweep import load_run
+
+    loaded = load_run(run=run, cache_dir=cache_dir)
+    meta = loaded.meta
+    if as_json:
+        emit_json({"run_dir": str(loaded.path), **meta, "leaderboard": loaded.leaderboard})
+        return
+    cfg = meta["config"]
+    click.echo(f"run       {loaded.path}")
+    click.echo(f"cache     {meta['cache']}")
+    click.echo(f"features  {meta['cache_key'][:16]}  {cfg.get('backbone', '')} {json.dumps(cfg.get('weights', ''))}")
+    click.echo(f"classes   {', '.join(meta['classes'])}")
+    click.echo(f"seed      {meta['seed']}, class_weight {meta.get('class_weight')}, created {meta['created']}")
+    _echo_leaderboard(loaded.leaderboard, meta["selection_split"], meta["final_split"], meta.get("cv"))
+    best = loaded.leaderboard[0]
+    final = best["metrics"][meta["final_split"]]
+    click.echo(f"best: {meta['best']}  ({meta['final_split']} accuracy {final['accuracy']:.4f})")
+    per_class = [{"class": name, **{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in m.items()}}
+                 for name, m in final["per_class"].items()]
+    click.echo(table(per_class, ["class", "precision", "recall", "f1", "support"]))
 
 
 def main() -> None:

@@ -62,6 +62,10 @@ class PipelineError(FeatureCacheError):
     exit_code = 2
 
 
+class FeatureCacheWarning(UserWarning):
+    """Something the user should know that does not stop the work (shown as one line by the CLI)."""
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean: a, b?)"`` for the closest matches, or ``""``."""
     choices = list(choices)

@@ -6,7 +6,6 @@ import datetime as _dt
 import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,10 +208,7 @@ def extract(
     with store.locked(entry, wait=lock_timeout, on_wait=waiting):
         if store.is_complete(entry.path):  # the other process finished it while we waited
             return summary(entry.path, True, time.perf_counter() - started, 0.0, None)
-        with warnings.catch_warnings():
-            if weights in (None, "none"):
-                warnings.simplefilter("ignore")
-            net = backbones.build(backbone, weights=weights, weights_file=weights_file, layer=layer, preprocess=pre)
+        net = backbones.build(backbone, weights=weights, weights_file=weights_file, layer=layer, preprocess=pre)
         config = {
             **key_config,
             "weights": {**net.identity, **weights_id},

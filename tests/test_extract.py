@@ -139,3 +139,15 @@ def test_hymenoptera_counts_keep_the_gif_and_the_space(hymenoptera_cache):
     _, _, paths = featurecache.load_features(hymenoptera_cache, "train")
     assert "train/ants/ant photos.jpg" in paths
     assert "train/ants/imageNotFound.gif" in paths  # a real (palette) GIF: decoded and converted, not dropped
+
+
+def test_random_weights_warn_in_one_line(cli_runner, image_folder, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        out = run_cli(cli_runner, "extract", image_folder, "--weights", "none", "--resize", 48, "--crop", 40,
+                      "--workers", 0, "--cache-dir", tmp_path)
+    assert out.exit_code == 0
+    assert "Warning: mobilenet_v2 has random weights" in out.stderr
+    assert "UserWarning" not in out.stderr
