@@ -1,0 +1,103 @@
+"""End-to-end `fc extract` throughput against the pure-forward limit and the tutorial's loop.
+
+Measured side by side in one run (absolute times are noisy on shared machines; read the ratios):
+
+1. pure forward: the same backbone, batch size and memory layout over pre-decoded tensors;
+2. `featurecache.extract` end to end, into a fresh cache (decode, resize, forward, write);
+3. the PyTorch transfer-learning tutorial's loop: ImageFolder + transforms, batch 4, 4 workers,
+   default memory layout, fp32, a forward pass over every image (what its fixed-feature-extractor
+   mode pays per epoch before the tiny linear layer).
+
+    python bench/extract.py [--data ../shared/data/hymenoptera_data] [--backbone mobilenet_v2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision import datasets, transforms
+
+import featurecache
+from featurecache import backbones, runtime
+from featurecache.data import open_dataset
+from featurecache.extractor import ImageTensors, normalize_batch
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
+
+
+def pure_forward(net, tensors: list[torch.Tensor], batch_size: int, repeats: int) -> float:
+    """Images per second of the model alone over pre-decoded uint8 tensors."""
+    model = net.model.to(memory_format=torch.channels_last)
+    batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    with torch.inference_mode():
+        model(normalize_batch(batches[0], net.preprocess))  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for batch in batches:
+                model(normalize_batch(batch, net.preprocess))
+        seconds = time.perf_counter() - start
+    return repeats * len(tensors) / seconds
+
+
+def tutorial_loop(data: Path, backbone: str, weights: str) -> tuple[float, int]:
+    """The tutorial's data pipeline and model call, forward only over train and val."""
+    tf = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    model = torchvision.models.get_model(backbone, weights=None if weights == "none" else weights).eval()
+    n, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for split in ("train", "val"):
+            loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(data / split), tf), batch_size=4,
+                                                 shuffle=True, num_workers=4)
+            for x, _ in loader:
+                model(x)
+                n += len(x)
+    return n / (time.perf_counter() - start), n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--weights", default="IMAGENET1K_V1")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="passes of the pure forward loop")
+    parser.add_argument("--skip-tutorial", action="store_true")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {runtime.usable_cores()} cores, {torch.get_num_threads()} threads")
+    net = backbones.build(args.backbone, weights=args.weights)
+    dataset = open_dataset(args.data)
+    images = ImageTensors(dataset, list(range(len(dataset.records))), net.preprocess, None)
+    tensors = [t for _, t, reason in (images[i] for i in range(len(images))) if not reason]
+
+    forward = pure_forward(net, tensors, args.batch_size, args.repeats)
+    print(f"pure forward          {forward:7.1f} images/s  ({len(tensors)} pre-decoded images, batch {args.batch_size}, channels_last)")
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        res = featurecache.extract(str(args.data), backbone=args.backbone, weights=args.weights,
+                                   batch_size=args.batch_size, workers=args.workers, cache_dir=cache_dir, progress=False)
+        wall = time.perf_counter() - start
+    n = sum(s["n"] + s["skipped"] for s in res.splits.values())
+    end_to_end = n / wall
+    print(f"fc extract            {end_to_end:7.1f} images/s  end to end ({n} images in {wall:.1f} s, incl. start-up and writing)")
+    print(f"                      {res.images_per_s:7.1f} images/s  steady state (decode + forward + shard writes)")
+    print(f"ratio to pure forward   {end_to_end / forward:.2f} end to end, {res.images_per_s / forward:.2f} steady state  (goal >= 0.85)")
+
+    if not args.skip_tutorial:
+        tutorial, n_tut = tutorial_loop(args.data, args.backbone, args.weights)
+        print(f"tutorial loop         {tutorial:7.1f} images/s  (batch 4, 4 workers, default layout, {n_tut} images)")
+        print(f"speed-up over tutorial  {end_to_end / tutorial:.2f}x end to end")
+
+
+if __name__ == "__main__":
+    main()
