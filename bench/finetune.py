@@ -1,0 +1,143 @@
+"""Stage three against the fine-tuning loop of the PyTorch transfer-learning tutorial.
+
+Both sides train every layer of MobileNetV2 (IMAGENET1K_V1) on the train split and evaluate
+on val after each epoch; the table gives the seconds of each epoch (training and evaluation)
+and the val accuracy after it.
+
+- tutorial: a new random last Linear layer, ImageFolder with RandomResizedCrop(224) + horizontal
+  flip for train and Resize(256) + CenterCrop(224) for val, batch 4, 4 workers, fp32,
+  SGD(lr=0.001, momentum=0.9) over all parameters, StepLR(7, 0.1), batch norm in train mode;
+- featurecache: ``fc extract``, ``fc fit-head --head logreg`` and ``fc finetune RUN --epochs N``
+  with its defaults, run as the commands a user types into a fresh temporary cache (the
+  extraction and the head fit are one-off costs and printed apart). Epoch 0 is the step-0
+  evaluation: the logreg head on the backbone, before any update.
+
+    python bench/finetune.py [--data ../shared/data/hymenoptera_data] [--epochs 3] [--batch-size 8]
+
+Absolute times are noisy on shared machines: the load average is printed with them. Val
+accuracy chose the best epoch on both sides; neither number is a held-out estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import datasets, transforms
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def fc(*args: str) -> dict:
+    """Run one ``fc`` command as a user would and return its ``--json`` output."""
+    out = subprocess.run([sys.executable, "-m", "featurecache", *args, "--json"], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout)
+
+
+def featurecache_side(data: Path, epochs: int, batch_size: int | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as cache_dir:
+        start = time.perf_counter()
+        extracted = fc("extract", str(data), "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
+                       "--cache-dir", cache_dir)
+        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--cache-dir", cache_dir)
+        prepared = time.perf_counter() - start
+        start = time.perf_counter()
+        extra = ["--batch-size", str(batch_size)] if batch_size else []
+        tuned = fc("finetune", run["run_dir"], "--epochs", str(epochs), "--patience", "0", *extra,
+                   "--cache-dir", cache_dir)
+        wall = time.perf_counter() - start
+        history = json.loads((Path(tuned["model"]).parent / "history.json").read_text())
+    return {"prepare_seconds": prepared, "wall_seconds": wall, "result": tuned, "history": history}
+
+
+def tutorial_side(data: Path, epochs: int, seed: int = 0) -> list[dict]:
+    """The tutorial's ``train_model`` in fine-tuning mode, timed per epoch."""
+    torch.manual_seed(seed)
+    tf = {
+        "train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                     transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
+        "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                   transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
+    }
+    images = {s: datasets.ImageFolder(str(data / s), tf[s]) for s in ("train", "val")}
+    loaders = {s: torch.utils.data.DataLoader(images[s], batch_size=4, shuffle=True, num_workers=4)
+               for s in ("train", "val")}
+    model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")
+    model.classifier[1] = nn.Linear(model.classifier[1].in_features, len(images["train"].classes))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    history = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = 0.0
+        for x, y in loaders["train"]:
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * x.size(0)
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in loaders["val"]:
+                correct += int((model(x).argmax(1) == y).sum())
+        history.append({"epoch": epoch, "seconds": time.perf_counter() - start,
+                        "train_loss": loss_sum / len(images["train"]), "val_accuracy": correct / len(images["val"])})
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="fc finetune --batch-size (default: its own default, 32; 8 is faster on small CPUs)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*worker.*")  # the tutorial's 4 workers on a smaller machine
+
+    print(f"data {args.data}, {args.epochs} epochs, fc finetune batch size {args.batch_size or 'default'}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    ours = featurecache_side(args.data, args.epochs, args.batch_size)
+    print(f"featurecache: extract + fit-head logreg {ours['prepare_seconds']:.1f} s (once); "
+          f"fc finetune wall time {ours['wall_seconds']:.1f} s; load average {os.getloadavg()[0]:.2f}", flush=True)
+    tutorial = tutorial_side(args.data, args.epochs)
+    print(f"tutorial done; load average {os.getloadavg()[0]:.2f}")
+
+    by_epoch = {h["epoch"]: h for h in ours["history"]}
+    print()
+    print(f"{'epoch':>5}  {'tutorial s':>10}  {'tutorial val acc':>16}  {'fc s':>6}  {'fc val acc':>10}")
+    start = by_epoch[0]
+    print(f"{0:>5}  {'':>10}  {'':>16}  {start['seconds']:>6.1f}  {start['val_accuracy']:>10.4f}   "
+          "(step 0: the logreg head, no update)")
+    for t in tutorial:
+        f = by_epoch.get(t["epoch"])
+        fc_cells = f"{f['seconds']:>6.1f}  {f['val_accuracy']:>10.4f}" if f else f"{'':>6}  {'':>10}"
+        print(f"{t['epoch']:>5}  {t['seconds']:>10.1f}  {t['val_accuracy']:>16.4f}  {fc_cells}")
+    tut_s = sum(t["seconds"] for t in tutorial) / len(tutorial)
+    trained = [h for h in ours["history"] if h["epoch"] > 0]
+    fc_s = sum(h["seconds"] for h in trained) / len(trained)
+    result = ours["result"]
+    print()
+    print(f"seconds per epoch: tutorial {tut_s:.1f}, featurecache {fc_s:.1f} ({tut_s / fc_s:.2f}x)")
+    print(f"best val accuracy: tutorial {max(t['val_accuracy'] for t in tutorial):.4f}, "
+          f"featurecache {result['best_accuracy']:.4f} (head {result['head_accuracy']:.4f}, "
+          f"step 0 {result['start_accuracy']:.4f})")
+
+
+if __name__ == "__main__":
+    main()

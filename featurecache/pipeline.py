@@ -1,0 +1,420 @@
+"""Pipelines: small TOML files that chain ``extract -> fit-head -> finetune -> report``.
+
+A pipeline file has a few top-level keys and one table per stage it runs::
+
+    data = "{cache_dir}/datasets/hymenoptera_data"    # images, a CSV manifest or torchvision:NAME
+    fetch = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"  # used when data is missing
+
+    [extract]
+    backbone = "mobilenet_v2"     # a list, e.g. ["mobilenet_v2", "resnet18"], runs one branch per value
+    [fit-head]
+    [finetune]
+    epochs = 2
+    [report]
+
+The keys of a stage table are the parameters of its Python function (the options of
+its ``fc`` command, with ``_`` or ``-``), read from the function's signature, so the
+file, the CLI and the API cannot drift apart. A list where the parameter takes one
+value gives one branch per value (several lists: every combination). ``{cache_dir}`` in
+``data`` stands for the cache directory; other relative paths start from the current
+directory. ``--set KEY=VALUE`` overrides a key (``STAGE.KEY`` inside a table; the value
+is read as TOML, else as a string) and ``--set STAGE=false`` skips a stage. Every stage is content-addressed (caches, runs, fine-tuned
+models and reports are found by the hash of what made them), so running an unchanged
+pipeline again only looks its results up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
+
+from . import store
+from .data import TORCHVISION_PREFIX
+from .errors import PipelineError, suggest
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline: the public function it calls and how it is wired."""
+
+    name: str  # the table name, the same as the ``fc`` command
+    target: str  # "module:function"
+    input: str  # the parameter the pipeline fills in
+    needs: str | None  # the stage whose output feeds ``input`` (None: the top-level ``data``)
+    provides: str | None  # the key of ``result.to_dict()`` handed to the stages that need this one
+    why: str  # what ``needs`` is for, for the error message
+
+    def function(self):
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The keys its table accepts: the function's parameters the pipeline does not fill itself."""
+        fn = self.function()
+        try:
+            sig = inspect.signature(fn, eval_str=True)
+        except (NameError, TypeError):  # an annotation that cannot be evaluated: check names only
+            sig = inspect.signature(fn)
+        return {n: p for n, p in sig.parameters.items() if n not in (self.input, *WIRED)}
+
+
+STAGES = {
+    stage.name: stage
+    for stage in (
+        Stage("extract", "featurecache.extractor:extract", "data", None, "cache", ""),
+        Stage("fit-head", "featurecache.sweep:fit_head", "cache", "extract", "run_dir",
+              "it fits heads on the features [extract] writes"),
+        Stage("finetune", "featurecache.finetuning:finetune", "run", "fit-head", None,
+              "it fine-tunes the backbone with a head of a [fit-head] run"),
+        Stage("report", "featurecache.reporting:report", "run", "fit-head", None,
+              "it reports on a [fit-head] run"),
+    )
+}
+# Parameters the pipeline passes to every stage that takes them: cache_dir from the
+# top level, progress from the caller of run().
+WIRED = ("cache_dir", "progress")
+TOP_LEVEL = {"data": str, "cache_dir": str, "fetch": str}
+
+
+def _canonical_stage(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _canonical_option(name: str) -> str:
+    return name.replace("-", "_")
+
+
+# --------------------------------------------------------------------------- types
+
+_TOML_KINDS = {str: "str", bool: "bool", int: "int", float: "float", list: "list", dict: "dict"}
+_KIND_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number",
+               "list": "a list", "dict": "a table"}
+_ANY = frozenset(_KIND_WORDS)
+
+
+def _kind(value) -> str:
+    return next((k for t, k in _TOML_KINDS.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _kinds(annotation, default=inspect.Parameter.empty) -> frozenset:
+    """The TOML value kinds a parameter accepts, from its annotation (or its default)."""
+    if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        if default is inspect.Parameter.empty or default is None:
+            return _ANY
+        return _kinds(type(default))
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return frozenset().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return frozenset(_kind(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return frozenset()
+    if annotation is float:
+        return frozenset({"float", "int"})
+    base = origin or annotation
+    for classes, kind in (((str, os.PathLike), "str"), (dict, "dict"), ((list, tuple, Sequence), "list")):
+        if isinstance(base, type) and issubclass(base, classes):
+            return frozenset({kind})
+    kind = _TOML_KINDS.get(base)
+    return frozenset({kind}) if kind else _ANY
+
+
+def _expected(kinds: frozenset) -> str:
+    return " or ".join(_KIND_WORDS[k] for k in _KIND_WORDS if k in kinds and not (k == "int" and "float" in kinds))
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """A validated pipeline: the data, the stages in order and one option set per branch."""
+
+    path: Path
+    data: str | None
+    fetch: str | None
+    cache_dir: str | None
+    stages: list[str]
+    branches: list[dict[str, dict]] = field(default_factory=list)  # stage -> options
+    labels: list[str] = field(default_factory=list)  # what distinguishes each branch
+
+
+def _parse_value(text: str):
+    """A ``--set`` value: a TOML value when it parses as one, else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_override(doc: dict, item: str, path: Path, overridden: set) -> None:
+    key, sep, text = item.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not sep or not all(parts):
+        raise PipelineError(f"{path}: --set {item!r}: expected KEY=VALUE, e.g. extract.backbone=resnet50 or data=/path")
+    if len(parts) > 2:
+        raise PipelineError(f"{path}: --set {item!r}: keys are KEY or STAGE.KEY, not {key.strip()}")
+    table = doc
+    if len(parts) == 2:
+        name = _canonical_stage(parts[0])
+        existing = next((k for k in doc if _canonical_stage(k) == name), name)
+        if not isinstance(doc.get(existing, {}), dict):
+            doc[existing] = {}
+        table = doc.setdefault(existing, {})
+        for spelling in [k for k in table if _canonical_option(k) == _canonical_option(parts[1])]:
+            del table[spelling]  # batch-size overrides batch_size
+    table[parts[-1]] = _parse_value(text.strip())
+    overridden.add(".".join(parts))
+
+
+def load(pipeline: str | os.PathLike, overrides: Iterable[str] = ()) -> Plan:
+    """Read, override and check a pipeline file; raises :class:`PipelineError` naming the file and key."""
+    path = Path(pipeline)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such pipeline file")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a valid TOML file: {exc}") from None
+    overridden: set[str] = set()
+    for item in overrides:
+        _apply_override(doc, item, path, overridden)
+    return _check(doc, path, overridden)
+
+
+def _where(path: Path, key: str, overridden: set) -> str:
+    return f"{path}: {key}" + (" (from --set)" if key in overridden else "")
+
+
+def _check(doc: dict, path: Path, overridden: set) -> Plan:
+    top, tables = {}, {}
+    for key, value in doc.items():
+        stage = _canonical_stage(key)
+        if stage in STAGES:
+            if stage in tables:
+                raise PipelineError(f"{_where(path, key, overridden)}: [{stage}] is given twice")
+            if value is False:
+                continue  # a stage switched off, e.g. --set finetune=false
+            if not isinstance(value, dict):
+                raise PipelineError(f"{_where(path, key, overridden)}: expected a table ([{stage}]) "
+                                    f"or false, got {value!r}")
+            tables[stage] = value
+        elif key in TOP_LEVEL:
+            if not isinstance(value, TOP_LEVEL[key]):
+                raise PipelineError(f"{_where(path, key, overridden)}: expected "
+                                    f"{_KIND_WORDS[_TOML_KINDS[TOP_LEVEL[key]]]}, got {value!r}")
+            top[key] = value
+        else:
+            raise PipelineError(f"{_where(path, key, overridden)}: unknown key"
+                                + (suggest(key, [*TOP_LEVEL, *STAGES]) or
+                                   f" (expected one of: {', '.join([*TOP_LEVEL, *STAGES])})"))
+    if not tables:
+        raise PipelineError(f"{path}: no stage to run; add at least one of " + ", ".join(f"[{s}]" for s in STAGES))
+    for name in tables:
+        needs = STAGES[name].needs
+        if needs and needs not in tables:
+            raise PipelineError(f"{path}: [{name}] needs [{needs}]: {STAGES[name].why}; add a [{needs}] table")
+    cache_dir = top.get("cache_dir")
+    data = top.get("data")
+    fetch = top.get("fetch")
+    if "extract" in tables:
+        data = _check_data(path, data, fetch, cache_dir, overridden)
+    axes: list[tuple[str, str, list]] = []
+    fixed: dict[str, dict] = {}
+    for name in (s for s in STAGES if s in tables):
+        fixed[name] = {}
+        params = STAGES[name].parameters()
+        for key, value in tables[name].items():
+            option = _canonical_option(key)
+            where = _where(path, f"{name}.{key}", overridden)
+            if option not in params:
+                raise PipelineError(f"{where}: unknown option of [{name}]"
+                                    + (suggest(option, params) or f" (expected one of: {', '.join(params)})"))
+            if option in fixed[name] or any(a[:2] == (name, option) for a in axes):
+                raise PipelineError(f"{where}: given twice (as {option} and with - or _)")
+            values = _check_value(where, params[option], value)
+            if values is None:
+                fixed[name][option] = value
+            else:
+                axes.append((name, option, values))
+    branches, labels = [], []
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        options = {name: dict(opts) for name, opts in fixed.items()}
+        for (name, option, _), value in zip(axes, combo):
+            options[name][option] = value
+        branches.append(options)
+        labels.append(", ".join(f"{name}.{option}={value}" for (name, option, _), value in zip(axes, combo)))
+    return Plan(path, data, fetch, cache_dir, list(fixed), branches, labels)
+
+
+def _check_value(where: str, param: inspect.Parameter, value) -> list | None:
+    """Check ``value`` against the parameter; return the branch values when it is a list of alternatives."""
+    kinds = _kinds(param.annotation, param.default)
+    if isinstance(value, list) and value and ("list" not in kinds or all(isinstance(v, list) for v in value)):
+        for v in value:
+            if _kind(v) not in kinds:
+                raise PipelineError(f"{where}: expected {_expected(kinds)} (or a list of them, one branch each), "
+                                    f"got {v!r}")
+        return value
+    if _kind(value) not in kinds:
+        plural = "" if "list" in kinds else " (or a non-empty list of them, one branch each)"
+        raise PipelineError(f"{where}: expected {_expected(kinds)}{plural}, got {value!r}")
+    return None
+
+
+def _check_data(path: Path, data, fetch, cache_dir, overridden) -> str:
+    if data is None:
+        raise PipelineError(f"{path}: data: missing; expected the images to use: a folder, a CSV manifest "
+                            f"or torchvision:NAME (e.g. data = \"path/to/images\")")
+    data = data.replace("{cache_dir}", str(store.default_cache_dir(cache_dir)))
+    if fetch is not None:
+        if "://" in fetch:
+            scheme = urllib.parse.urlsplit(fetch).scheme
+            if scheme not in ("http", "https", "file"):
+                raise PipelineError(f"{_where(path, 'fetch', overridden)}: expected an http(s):// or file:// "
+                                    f"URL of a zip file, or one of {', '.join(FETCHERS)}; got {fetch!r}")
+        elif fetch not in FETCHERS:
+            raise PipelineError(f"{_where(path, 'fetch', overridden)}: unknown source {fetch!r}"
+                                + (suggest(fetch, FETCHERS) or f" (expected a URL or one of {', '.join(FETCHERS)})"))
+    if not data.startswith(TORCHVISION_PREFIX) and not Path(data).expanduser().exists() and fetch is None:
+        raise PipelineError(f"{_where(path, 'data', overridden)}: {data} does not exist; expected a folder of "
+                            f"images, a CSV manifest or torchvision:NAME (or add fetch = URL to download it)")
+    return data
+
+
+# --------------------------------------------------------------------------- fetching data
+
+
+def _write_digits(dest: Path) -> None:
+    from .demo import write_digits
+
+    write_digits(dest)
+
+
+def fetch_zip(url: str, dest: str | os.PathLike) -> Path:
+    """Download a zip archive and unpack it as ``dest`` (its single top folder, if it has one)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        archive = work / "archive.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as fh:
+                shutil.copyfileobj(response, fh)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise PipelineError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+        unpacked = work / "unpacked"
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(unpacked)  # zipfile drops absolute paths and '..' components
+        except zipfile.BadZipFile as exc:
+            raise PipelineError(f"{url} is not a zip file: {exc}") from None
+        top = [p for p in unpacked.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        source = top[0] if len(top) == 1 and top[0].is_dir() else unpacked
+        os.replace(source, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+FETCHERS = {"sklearn:digits": _write_digits}
+
+
+def _fetch(data: str, fetch: str, echo) -> None:
+    dest = Path(data).expanduser()
+    if data.startswith(TORCHVISION_PREFIX) or dest.exists():
+        return
+    echo(f"fetch     {fetch} -> {dest}")
+    if "://" in fetch:
+        fetch_zip(fetch, dest)
+    else:
+        FETCHERS[fetch](dest)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _describe_extract(out: dict) -> str:
+    splits = " ".join(f"{k}={v['n']}" for k, v in out["splits"].items())
+    state = "reused" if out["reused"] else f"{out['images_per_s']:.1f} images/s"
+    return f"{out['cache']} ({state}; {splits})"
+
+
+def _describe_fit_head(out: dict) -> str:
+    top = out["leaderboard"][0] if out.get("leaderboard") else {}
+    score = f", {top['selection_split']} accuracy {top['selection_accuracy']:.4f}" if top else ""
+    return f"{out['run_dir']} (best {out['best']}{score})"
+
+
+def _describe_finetune(out: dict) -> str:
+    return (f"{out['model']} ({out['split']} accuracy {out['head_accuracy']:.4f} with the head alone, "
+            f"{out['best_accuracy']:.4f} fine-tuned)")
+
+
+DESCRIBE = {"extract": _describe_extract, "fit-head": _describe_fit_head, "finetune": _describe_finetune,
+            "report": str}
+
+
+def _output(result):
+    return result.to_dict() if hasattr(result, "to_dict") else str(result)
+
+
+def run(pipeline: str | os.PathLike, set: tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Run the stages a pipeline file declares; ``set`` holds ``KEY=VALUE`` overrides.
+
+    Returns ``{"pipeline", "seconds", "branches": [{"label", "options", "stages": {stage: output}}]}``,
+    where each stage's output is its result's ``to_dict()`` (the report: the path of report.html).
+    """
+    started = time.perf_counter()
+    plan = load(pipeline, set)
+
+    def echo(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    if plan.fetch and plan.data:
+        _fetch(plan.data, plan.fetch, echo)
+    bars = progress and sys.stderr.isatty()
+    branches = []
+    for label, options in zip(plan.labels, plan.branches):
+        if label:
+            echo(f"branch    {label}")
+        outputs: dict[str, object] = {}
+        for name in plan.stages:
+            stage = STAGES[name]
+            fn = stage.function()
+            accepted = inspect.signature(fn).parameters
+            kwargs = dict(options[name])
+            kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
+            if "cache_dir" in accepted:
+                kwargs["cache_dir"] = plan.cache_dir
+            if "progress" in accepted:
+                kwargs["progress"] = bars
+            t0 = time.perf_counter()
+            outputs[name] = _output(fn(**kwargs))
+            echo(f"{name:<9} {DESCRIBE[name](outputs[name])}  [{time.perf_counter() - t0:.1f} s]")
+        branches.append({"label": label, "options": options, "stages": outputs})
+    return {"pipeline": str(plan.path), "seconds": round(time.perf_counter() - started, 3), "branches": branches}

@@ -1,0 +1,426 @@
+"""Reports: one Markdown file and one self-contained HTML page per run.
+
+``report(run)`` writes ``<run_dir>/report/`` with ``report.md`` (next to its PNG
+figures) and ``report.html`` (the same content, figures embedded as base64 data
+URIs, so the page can be mailed or archived alone). It holds the leaderboard, the
+confusion matrix and per-class metrics of the chosen head (the numbers fit-head
+computed with :func:`featurecache.metrics.classification_metrics`, so report and
+leaderboard agree), the fine-tuning curves of every fine-tune under the run, a grid of
+sample images with the head's predictions on their cached features next to the true
+labels, and the full provenance. Plots are drawn by matplotlib's Agg renderer through
+``matplotlib.figure.Figure`` (no pyplot, no global state). A report is keyed by the
+hash of everything it shows: asking again for an unchanged run returns the page at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, store
+from .data import TORCHVISION_PREFIX, Dataset, ImageSkipped, Record, load_rgb, open_dataset
+from .errors import RunError
+from .metrics import SUMMARY_KEYS
+
+REPORT_DIR = "report"
+
+
+@dataclass
+class Chart:
+    name: str  # file stem
+    title: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _finetunes(run_dir: Path) -> list[dict]:
+    """Every complete fine-tune under the run: its folder name, history and JSON files."""
+    out = []
+    for folder in sorted((run_dir / "finetune").glob("*/")):
+        if (folder / "result.json").is_file() and (folder / "history.json").is_file():
+            docs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+            out.append({"name": folder.name, "epochs": docs["history"], "files": docs})
+    return out
+
+
+def _report_key(run_dir: Path, head: str, samples: int) -> str:
+    parts = {
+        "run": (run_dir / "run.json").read_text(),
+        "leaderboard": (run_dir / "leaderboard.json").read_text(),
+        "finetune": {str(p.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("finetune/*/*.json"))},
+        "head": head,
+        "samples": samples,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "version": __version__,
+    }
+    return store.cache_key(parts)
+
+
+def _image_dataset(config: dict) -> Dataset:
+    """Where the cached paths can be read again: the data root, or the torchvision dataset."""
+    data = config.get("data", {})
+    source, root = data.get("source", ""), data.get("root", "")
+    if source.startswith(TORCHVISION_PREFIX):
+        return open_dataset(source, root=root)
+    return Dataset(root, [], [], source)
+
+
+def _full_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with one column per class of the cache, even if training lacked some."""
+    proba = estimator.predict_proba(X)
+    out = np.zeros((len(X), n_classes))
+    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = proba
+    return out
+
+
+def _versions() -> dict:
+    import matplotlib
+    import sklearn
+    import torch
+    import torchvision
+
+    return {"featurecache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "scikit-learn": sklearn.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+            "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _confusion_figure(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(matrix)
+    n = len(classes)
+    size = min(3.0 + 0.45 * n, 16.0)
+    fig = Figure(figsize=(size, size), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues", vmin=0)
+    ax.set_xticks(range(n), classes, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 25:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=10 if n <= 10 else 7,
+                        color="white" if cm[i, j] > threshold else "black")
+    return _png(fig)
+
+
+def _curves_figure(finetunes: list[dict]) -> bytes:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 3.8), dpi=100)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for ft in finetunes:
+        epochs = ft["epochs"]
+        x = [e.get("epoch", i + 1) for i, e in enumerate(epochs)]
+        label = ft["name"][:12]
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            values = [e.get(key) for e in epochs]
+            if any(v is not None for v in values):
+                loss_ax.plot(x, [np.nan if v is None else v for v in values], style, marker="o",
+                             label=f"{key.split('_')[0]} ({label})")
+        acc = [e.get("val_accuracy") for e in epochs]
+        acc_ax.plot(x, [np.nan if v is None else v for v in acc], marker="o", label=f"val ({label})")
+        start = ft["files"].get("result", {}).get("start_accuracy")
+        if start is not None:
+            acc_ax.axhline(start, color="grey", linestyle=":", label=f"step 0 ({label})")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _samples_figure(images: list, titles: list[str], correct: list[bool]) -> bytes:
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(images)) or 1
+    rows = -(-len(images) // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows), dpi=80)
+    for k, (img, title, ok) in enumerate(zip(images, titles, correct)):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        if isinstance(img, str):
+            ax.text(0.5, 0.5, img, ha="center", va="center", wrap=True, fontsize=8)
+        else:
+            ax.imshow(np.asarray(img), interpolation="nearest")
+        ax.set_title(title, fontsize=9, color="tab:green" if ok else "tab:red")
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _pick_samples(y: np.ndarray, pred: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """A seeded choice of up to ``samples`` rows: up to half of them misclassified, the rest right."""
+    rng = np.random.default_rng(seed)
+    wrong, right = np.flatnonzero(pred != y), np.flatnonzero(pred == y)
+    n_wrong = min(len(wrong), samples // 2 if len(right) >= samples - samples // 2 else samples - len(right))
+    n_right = min(len(right), samples - n_wrong)
+    return np.concatenate([rng.choice(wrong, n_wrong, replace=False), rng.choice(right, n_right, replace=False)])
+
+
+def _sample_images(config: dict, paths: list[str], y: np.ndarray, proba: np.ndarray, classes: list[str],
+                   split: str, samples: int) -> bytes:
+    picks = _pick_samples(y, proba.argmax(axis=1), samples)
+    dataset = _image_dataset(config)
+    images, titles, correct = [], [], []
+    for i in picks:
+        record = Record(paths[i], int(y[i]), split)
+        try:
+            img = load_rgb(dataset, record)
+            img.thumbnail((160, 160))
+        except ImageSkipped as exc:
+            img = f"{paths[i]}\n{exc}"
+        pred = int(proba[i].argmax())
+        images.append(img)
+        titles.append(f"pred {classes[pred]} ({proba[i, pred]:.2f})\ntrue {classes[int(y[i])]}")
+        correct.append(pred == int(y[i]))
+    return _samples_figure(images, titles, correct)
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[str], list[list[str]]]:
+    columns = ["rank", "head", "selected on", "selection accuracy", f"{final_split} accuracy",
+               f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss", "fit s"]
+    rows = []
+    for rank, entry in enumerate(leaderboard, start=1):
+        final = entry["metrics"][final_split]
+        rows.append([str(rank), entry["head"], entry["selection_split"], _fmt(entry["selection_accuracy"]),
+                     _fmt(final["accuracy"]), _fmt(final["balanced_accuracy"]), _fmt(final["macro_f1"]),
+                     _fmt(final["log_loss"]), f"{entry['fit_seconds']:.2f}"])
+    return columns, rows
+
+
+def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_info: dict) -> list[tuple]:
+    """The report as (kind, title, payload) blocks; Markdown and HTML render the same list."""
+    from .sweep import selection_note
+
+    meta = run.meta
+    config, classes = meta["config"], meta["classes"]
+    final_split, selection_split = meta["final_split"], meta["selection_split"]
+    metrics = head_meta["metrics"][final_split]
+    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+    data = config.get("data", {})
+    weights = config.get("weights", {})
+    lines = [
+        f"Data: {data.get('root')} ({len(classes)} classes; "
+        + ", ".join(f"{k} {v['n']}" for k, v in cache_info["splits"].items()) + " images)",
+        f"Backbone: {config.get('backbone')}, weights {weights.get('weights', weights.get('sha256', ''))}",
+        f"Head: {head_meta['head']}, {final_split} accuracy {_fmt(summary.get('accuracy'))} ("
+        + ("the best" if head_meta["head"] == meta["best"] else f"the best is {meta['best']}")
+        + f" of {len(run.leaderboard)} heads)",
+        selection_note(selection_split, final_split, meta.get("cv")).capitalize(),
+    ]
+    for ft in finetunes:
+        result = ft["files"]["result"]
+        lines.append(f"Fine-tuned {result['head']} ({ft['name']}): {result['split']} accuracy "
+                     f"{_fmt(result['head_accuracy'])} with the head alone, {_fmt(result['start_accuracy'])} at "
+                     f"step 0, {_fmt(result['best_accuracy'])} after {result['epochs']} epochs "
+                     f"(best epoch {result['best_epoch']})")
+        held_out = result["metrics"]["finetuned"].get(final_split) if final_split != result["split"] else None
+        if held_out:
+            lines[-1] += f"; {final_split} accuracy {_fmt(held_out['accuracy'])} fine-tuned"
+    blocks: list[tuple] = [("title", f"featurecache report: {meta['run_id']}", None), ("list", "Summary", lines)]
+    blocks.append(("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)))
+    blocks.append(("table", f"Metrics of {head_meta['head']} on {final_split}",
+                   (list(summary), [[_fmt(v) for v in summary.values()]])))
+    blocks.append(("figure", figures["confusion_matrix"].title, figures["confusion_matrix"]))
+    blocks.append(("table", f"Per-class metrics on {final_split}",
+                   (["class", "precision", "recall", "f1", "support"],
+                    [[name, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"])]
+                     for name, m in metrics.get("per_class", {}).items()])))
+    if "finetune_curves" in figures:
+        blocks.append(("figure", figures["finetune_curves"].title, figures["finetune_curves"]))
+        for ft in finetunes:
+            keys = [k for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in ft["epochs"][0]]
+            blocks.append(("table", f"Fine-tuning history ({ft['name']})",
+                           (keys, [[_fmt(e.get(k)) for k in keys] for e in ft["epochs"]])))
+    if "samples" in figures:
+        blocks.append(("figure", figures["samples"].title, figures["samples"]))
+    provenance = {
+        "run": meta["run_id"],
+        "run directory": str(run.path),
+        "cache": meta["cache"],
+        "cache key": meta["cache_key"],
+        "backbone": config.get("backbone"),
+        "weights": json.dumps(weights, sort_keys=True),
+        "layer": config.get("layer"),
+        "preprocessing": json.dumps(config.get("preprocess", {}), sort_keys=True),
+        "precision / storage": f"{config.get('precision')} / {config.get('dtype')}",
+        "feature dimension": config.get("feature_dim"),
+        "data": data.get("root"),
+        "data source": data.get("source"),
+        "data fingerprint": data.get("fingerprint"),
+        "classes": ", ".join(classes),
+        "selection split / final split": f"{selection_split} / {final_split}",
+        "seed": meta.get("seed"),
+        "features extracted": config.get("created"),
+        "heads fitted": meta.get("created"),
+        "versions at extraction": json.dumps(config.get("versions", {}), sort_keys=True),
+        "versions at fitting": json.dumps(meta.get("versions", {}), sort_keys=True),
+        "versions at reporting": json.dumps(_versions(), sort_keys=True),
+        "report generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    blocks.append(("table", "Provenance", (["item", "value"], [[k, _fmt(v)] for k, v in provenance.items()])))
+    return blocks
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, title, payload in blocks:
+        if kind == "title":
+            out.append(f"# {title}\n")
+            continue
+        out.append(f"## {title}\n")
+        if kind == "list":
+            out += [f"- {_md_cell(line)}" for line in payload] + [""]
+        elif kind == "table":
+            columns, rows = payload
+            out.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
+            out.append("|" + "---|" * len(columns))
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
+        else:
+            out.append(f"![{title}]({payload.name}.png)\n")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
+td { word-break: break-word; }
+"""
+
+
+def _html(blocks: list[tuple]) -> str:
+    esc = html.escape
+    title = next(t for kind, t, _ in blocks if kind == "title")
+    body = []
+    for kind, heading, payload in blocks:
+        if kind == "title":
+            body.append(f"<h1>{esc(heading)}</h1>")
+            continue
+        body.append(f"<h2>{esc(heading)}</h2>")
+        if kind == "list":
+            body.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in payload) + "</ul>")
+        elif kind == "table":
+            columns, rows = payload
+            head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        else:
+            body.append(f'<img alt="{esc(heading)}" src="{payload.data_uri}">')
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_dir: str | None = None) -> Path:
+    """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
+
+    ``run`` is a run directory or run id; ``head`` the head to detail ("best", a spec or
+    a slug); ``samples`` the number of images in the sample grid (0: none).
+    """
+    from .sweep import load_head, load_run, resolve_run
+
+    if samples < 0:
+        raise RunError("samples must be 0 or more")
+    run_dir = Path(resolve_run(run, cache_dir))
+    out_dir = run_dir / REPORT_DIR
+    html_path = out_dir / "report.html"
+    key = _report_key(run_dir, head, samples)
+    stamp = out_dir / "report.json"
+    if html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return html_path
+
+    loaded = load_run(run_dir)
+    estimator, head_meta = load_head(run_dir, head)
+    meta = loaded.meta
+    cache_info = store.info(meta["cache"])
+    classes = list(meta["classes"])
+    split = meta["final_split"]
+    metrics = head_meta["metrics"][split]  # what fit-head computed: the leaderboard's numbers
+    finetunes = _finetunes(run_dir)
+
+    figures = {"confusion_matrix": Chart("confusion_matrix", f"Confusion matrix of {head_meta['head']} on {split}",
+                                          _confusion_figure(metrics["confusion_matrix"], classes,
+                                                            f"{head_meta['head']} on {split}"))}
+    if finetunes:
+        figures["finetune_curves"] = Chart("finetune_curves", "Fine-tuning curves (loss and accuracy per epoch)",
+                                            _curves_figure(finetunes))
+    # With cross-validation there is no held-out split of images to show: the grid shows train.
+    grid_split = split if split in cache_info["splits"] else "train"
+    if samples:
+        X, y, paths = store.load_features(meta["cache"], grid_split)
+        proba = _full_proba(estimator, X, len(classes))
+        title = (f"Sample {grid_split} images: predicted class (probability) and true class, "
+                 "misclassified ones first (in red)")
+        if grid_split == "train":
+            title += " (training images: the head was fitted on them)"
+        figures["samples"] = Chart("samples", title, _sample_images(meta["config"], paths, y, proba, classes,
+                                                                       grid_split, samples))
+
+    blocks = _sections(loaded, head_meta, finetunes, figures, cache_info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fig in figures.values():
+        _write(out_dir / f"{fig.name}.png", fig.png)
+    _write(out_dir / "report.md", _markdown(blocks).encode("utf-8"))
+    _write(html_path, _html(blocks).encode("utf-8"))
+    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+    _write(stamp, json.dumps({"key": key, "head": head_meta["head"], "split": split, "metrics": summary,
+                              "figures": sorted(figures)}, indent=2).encode("utf-8"))
+    return html_path

@@ -1,0 +1,73 @@
+"""Each ``fc`` command and the public function it calls take parameters of the same names.
+
+A command that gains an option its function lacks (or the reverse) fails here, and so does
+a new command that is not paired with a function below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import click
+import pytest
+
+from featurecache.cli import cli
+
+# command path -> "module:function" it is a thin layer over
+COMMANDS = {
+    "extract": "featurecache.extractor:extract",
+    "fit-head": "featurecache.sweep:fit_head",
+    "finetune": "featurecache.finetuning:finetune",
+    "predict": "featurecache.prediction:predict",
+    "report": "featurecache.reporting:report",
+    "run": "featurecache.pipeline:run",
+    "demo": "featurecache.demo:demo",
+    "heads": "featurecache.sweep:list_head_types",
+    "heads show": "featurecache.sweep:load_run",
+    "backbones": "featurecache.backbones:list_backbones",
+    "cache list": "featurecache.store:list_caches",
+    "weights import": "featurecache.backbones:import_weights",
+}
+# Commands that combine a few store helpers instead of wrapping one function.
+COMPOSED = {"cache info", "cache rm"}
+# Presentation only: how the CLI prints, not what the function computes.
+CLI_ONLY = {"as_json"}
+CLI_ONLY_BY_COMMAND = {"backbones": {"dims"}}  # the feature-dimension column
+API_ONLY = {"progress"}  # the CLI decides it from the terminal
+
+
+def _leaf_commands(group: click.Group, prefix: str = ""):
+    for name, command in sorted(group.commands.items()):
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            if command.invoke_without_command:
+                yield path, command
+            yield from _leaf_commands(command, path + " ")
+        else:
+            yield path, command
+
+
+LEAVES = dict(_leaf_commands(cli))
+
+
+def test_every_command_is_paired_with_a_function():
+    assert set(LEAVES) == set(COMMANDS) | COMPOSED
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS))
+def test_command_options_are_the_function_parameters(path):
+    module, name = COMMANDS[path].split(":")
+    function = getattr(importlib.import_module(module), name)
+    api = set(inspect.signature(function).parameters) - API_ONLY
+    command = {p.name for p in LEAVES[path].params} - CLI_ONLY - CLI_ONLY_BY_COMMAND.get(path, set())
+    assert command == api, (f"fc {path}: only the CLI has {sorted(command - api)}, "
+                            f"only {COMMANDS[path]} has {sorted(api - command)}")
+
+
+def test_public_api_names():
+    import featurecache
+
+    for name in ("extract", "fit_head", "finetune", "predict", "report", "run"):
+        function = getattr(featurecache, name)
+        assert callable(function) and function.__name__ == name
