@@ -301,6 +301,9 @@ class TimmSource:
         return model, self._preprocess(model), identity
 
 
+# The seed of every random initialization (weights=none): it is part of the cache key.
+RANDOM_INIT_SEED = 0
+
 SOURCES: dict[str, Any] = {TIMM_PREFIX: TimmSource(), "": TorchvisionSource()}
 
 
@@ -361,7 +364,15 @@ def build(
         warnings.warn(f"{name} has random weights (weights=none): its features carry no pretrained knowledge",
                       FeatureCacheWarning, stacklevel=2)
     source = _source_for(name)
-    model, default_pre, identity = source.create(name, weights, weights_file)
+    if weights is None and not weights_file:
+        # A seeded random initialization: the same features every time, and a backbone
+        # that fine-tuning can rebuild. The caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, default_pre, identity = source.create(name, weights, weights_file)
+        identity["init_seed"] = RANDOM_INIT_SEED
+    else:
+        model, default_pre, identity = source.create(name, weights, weights_file)
     classifier, width = (None, None)
     if isinstance(source, TimmSource):
         model.reset_classifier(0)

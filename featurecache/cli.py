@@ -256,7 +256,7 @@ def weights_import(file, backbone, weights):
 
 @cli.command()
 @click.argument("run")
-@click.option("--head", default="best", show_default=True, help="The run's head to start from: best, a spec or a slug.")
+@click.option("--head", default="best", show_default=True, help="The run's head to start from: best, best-transferable (the best head that can become a layer), a spec or a slug.")
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--unfreeze", default="all", show_default=True, help="Backbone blocks to train: all, none or last:N.")
 @click.option("--backbone-lr-mult", default=0.1, show_default=True, help="Backbone learning rate = lr x this.")
@@ -315,7 +315,7 @@ def finetune(as_json, **options):
 @click.argument("model")
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True)
 @click.option("--topk", default=5, show_default=True)
-@click.option("--head", default="best", show_default=True, help="With a run: which head (best, a spec or a slug).")
+@click.option("--head", default="best", show_default=True, help="With a run: which head (best, best-transferable, a spec or a slug).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -399,7 +399,7 @@ def demo_command(set, as_json):
 
 @cli.command("report")
 @click.argument("run")
-@click.option("--head", default="best", show_default=True, help="The head to detail: best, a spec or a slug.")
+@click.option("--head", default="best", show_default=True, help="The head to detail: best, best-transferable, a spec or a slug.")
 @click.option("--samples", default=16, show_default=True, help="Images in the grid of sample predictions (0: none).")
 @_cache_dir
 @_json
@@ -456,6 +456,8 @@ def fit_head(as_json, **options):
     click.echo(f"{result.run_dir}  ({state})")
     cv = options["cv"] if result.selection_split == "cv" else None
     _echo_leaderboard(result.leaderboard, result.selection_split, result.final_split, cv)
+    for failure in result.failed:
+        click.echo(f"not fitted: {failure['head']}: {failure['error']}", err=True)
     click.echo(f"best: {result.best}")
 
 
@@ -502,6 +504,8 @@ def heads_show(run, cache_dir, as_json):
     click.echo(f"classes   {', '.join(meta['classes'])}")
     click.echo(f"seed      {meta['seed']}, class_weight {meta.get('class_weight')}, created {meta['created']}")
     _echo_leaderboard(loaded.leaderboard, meta["selection_split"], meta["final_split"], meta.get("cv"))
+    for failure in meta.get("failed", []):
+        click.echo(f"not fitted: {failure['head']}: {failure['error']}")
     best = loaded.leaderboard[0]
     final = best["metrics"][meta["final_split"]]
     click.echo(f"best: {meta['best']}  ({meta['final_split']} accuracy {final['accuracy']:.4f})")

@@ -265,6 +265,7 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
         worker_init_fn=runtime.set_worker_threads if workers else None,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),  # workers' seeds; the caller's generator is left alone
     )
     model = net.model.to(dev).to(memory_format=torch.channels_last)
     np_dtype = np.dtype(dtype)

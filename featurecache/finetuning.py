@@ -94,10 +94,10 @@ def load_backbone(config: dict) -> backbones.Backbone:
     """Rebuild the exact backbone a cache was extracted with, from its config alone."""
     identity = config["weights"]
     weights_file = identity.get("weights_file")
-    if identity.get("weights") == "none" and not weights_file:
+    if identity.get("weights") == "none" and not weights_file and "init_seed" not in identity:
         raise FinetuneError(
-            f"the cache was extracted with random weights (weights=none) for {config['backbone']}; "
-            "they cannot be rebuilt, so its heads cannot be joined to a backbone. Extract with pretrained weights"
+            f"the cache was extracted with unseeded random weights (weights=none) for {config['backbone']}; "
+            "they cannot be rebuilt: re-run fc extract"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,7 +108,7 @@ def load_backbone(config: dict) -> backbones.Backbone:
             layer=None if config.get("layer") in (None, "penultimate") else config["layer"],
             preprocess=Preprocess(**config["preprocess"]),
         )
-    for key in ("weights", "sha256"):
+    for key in ("weights", "sha256", "init_seed"):
         if key in identity and net.identity.get(key) not in (None, identity[key]):
             raise FinetuneError(
                 f"the backbone weights changed since extraction: the cache used {key} {identity[key]}, "
@@ -117,20 +117,10 @@ def load_backbone(config: dict) -> backbones.Backbone:
     return net
 
 
-def best_transferable(leaderboard: list[dict]) -> str | None:
-    """The best-ranked head of a leaderboard that converts to a torch module."""
-    from .heads import HEADS
-
-    for entry in leaderboard:
-        head_type = HEADS.get(entry["head"].partition(":")[0])
-        if head_type is not None and head_type.transferable:
-            return entry["head"]
-    return None
-
-
 def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
     """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
     from .heads import to_torch
+    from .sweep import best_transferable
 
     if not head_meta.get("transferable"):
         alternative = best_transferable(leaderboard)

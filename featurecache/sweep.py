@@ -48,7 +48,7 @@ import platform
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import joblib
@@ -91,9 +91,10 @@ class SweepResult:
     final_split: str
     reused: bool
     seconds: float
+    failed: list = field(default_factory=list)  # [{"head", "error"}] of heads that could not be fitted
 
     def to_dict(self) -> dict:
-        return {"run_dir": self.run_dir, "best": self.best, "leaderboard": self.leaderboard}
+        return {"run_dir": self.run_dir, "best": self.best, "leaderboard": self.leaderboard, "failed": self.failed}
 
 
 @dataclass
@@ -246,15 +247,24 @@ class _Task:
 
 
 def _run_task(task: _Task, data, n_classes, seed, device):
-    """Fit one group; return seconds per head, probabilities on ``task.evals`` and the models."""
+    """Fit one group; return seconds per head, probabilities on ``task.evals`` and the models.
+
+    A head that cannot be fitted on these data (more PCA components than rows, more
+    neighbours than samples, ...) does not stop the sweep: the error comes back as a
+    string in place of the probabilities and the models.
+    """
     X, y = data["train"]
     if task.fit_rows is not None:
         X, y = X[task.fit_rows], y[task.fit_rows]
     start = time.perf_counter()
-    models = FITTERS[task.fitter](task.configs, X, y, seed, device)
+    try:
+        models = FITTERS[task.fitter](task.configs, X, y, seed, device)
+        probas = [{name: _proba(model, data[split][0] if rows is None else data[split][0][rows], n_classes)
+                   for name, (split, rows) in task.evals.items()} for model in models]
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return (time.perf_counter() - start) / len(task.configs), reason, None
     seconds = (time.perf_counter() - start) / len(task.configs)
-    probas = [{name: _proba(model, data[split][0] if rows is None else data[split][0][rows], n_classes)
-               for name, (split, rows) in task.evals.items()} for model in models]
     return seconds, probas, models if task.keep else None
 
 
@@ -380,7 +390,7 @@ def fit_head(
     if (run_dir / RUN_FILE).is_file():
         run = load_run(run_dir)
         return SweepResult(str(run_dir), run.best, run.leaderboard, run.meta["selection_split"],
-                           run.meta["final_split"], True, time.perf_counter() - started)
+                           run.meta["final_split"], True, time.perf_counter() - started, run.meta.get("failed", []))
 
     data = {s: store.load_features(path, s)[:2] for s in splits}
     _check_split("train", data["train"][1], classes, "fitting a head")
@@ -399,6 +409,7 @@ def fit_head(
     seconds: dict[str, float] = {c.spec: 0.0 for c in configs}
     probas: dict[str, dict[str, np.ndarray]] = {c.spec: {} for c in configs}
     models: dict[str, object] = {}
+    failed: dict[str, str] = {}  # spec -> why it could not be fitted
     n_train = len(data["train"][1])
     bar = None
     if progress:
@@ -412,6 +423,9 @@ def fit_head(
             for task, (task_seconds, task_probas, task_models) in zip(lane, lane_results):
                 for i, cfg in enumerate(task.configs):
                     seconds[cfg.spec] += task_seconds
+                    if isinstance(task_probas, str):
+                        failed.setdefault(cfg.spec, task_probas)
+                        continue
                     for name, proba in task_probas[i].items():
                         if name == "cv":
                             oof = probas[cfg.spec].setdefault("cv", np.zeros((n_train, len(classes))))
@@ -428,8 +442,13 @@ def fit_head(
     labels = {s: data[s][1] for s in splits} | {"cv": data["train"][1]}
     order = [selection, *([final] if final != selection else []),
              *(s for s in splits if s not in (selection, final))]
+    if len(failed) == len(configs):
+        spec, reason = next(iter(failed.items()))
+        raise HeadError(f"no head could be fitted on {path.name}; {spec}: {reason}")
     entries = []
     for cfg in configs:
+        if cfg.spec in failed:
+            continue
         metrics = {s: classification_metrics(labels[s], probas[cfg.spec][s], classes) for s in order}
         entries.append(_entry(cfg, metrics, selection, seconds[cfg.spec]))
     entries.sort(key=_rank_key)
@@ -439,13 +458,14 @@ def fit_head(
         "config": meta["config"], "selection_split": selection, "final_split": final, "seed": seed,
         "cv": folds_used, "class_weight": class_weight,
         "heads": [e["head"] for e in entries], "best": entries[0]["head"],
+        "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
         "seconds": round(time.perf_counter() - started, 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
     }
     by_spec = {c.spec: c for c in configs}
-    _write_run(run_dir, run_meta, entries, {s: (by_spec[s], m) for s, m in models.items()})
+    _write_run(run_dir, run_meta, entries, {s: (by_spec[s], m) for s, m in models.items() if s not in failed})
     return SweepResult(str(run_dir), run_meta["best"], entries, selection, final, False,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, run_meta["failed"])
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -552,11 +572,32 @@ def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
     return Run(run_dir, meta, leaderboard)
 
 
+def best_transferable(leaderboard: list[dict]) -> str | None:
+    """The best-ranked head of a leaderboard that converts exactly to a torch module."""
+    for entry in leaderboard:
+        htype = HEADS.get(entry["head"].partition(":")[0])
+        if htype is not None and htype.transferable:
+            return entry["head"]
+    return None
+
+
 def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.PathLike | None = None):
-    """``(fitted pipeline, head.json dict)`` of one head of a run: ``best``, a spec or a slug."""
+    """``(fitted pipeline, head.json dict)`` of one head of a run.
+
+    ``head`` is ``best`` (the top of the leaderboard), ``best-transferable`` (the best
+    head that can become a layer of a network: linear, mlp, logreg, linear-svm, ridge),
+    a spec or a slug.
+    """
     loaded = load_run(run, cache_dir)
     folders = loaded.path / "heads"
-    name = (loaded.path / "best").read_text().strip() if head == "best" else head
+    name = head
+    if head == "best":
+        name = (loaded.path / "best").read_text().strip()
+    elif head == "best-transferable":
+        name = best_transferable(loaded.leaderboard)
+        if name is None:
+            raise RunError(f"run {loaded.path.name} has no head that can become a layer of a network "
+                           "(linear, mlp, logreg, linear-svm, ridge)")
     folder = folders / name
     if not (folder / "head.json").is_file():
         folder = folders / slug(name)

@@ -151,3 +151,19 @@ def test_random_weights_warn_in_one_line(cli_runner, image_folder, tmp_path):
     assert out.exit_code == 0
     assert "Warning: mobilenet_v2 has random weights" in out.stderr
     assert "UserWarning" not in out.stderr
+
+
+def test_random_weights_are_seeded_and_leave_the_global_generator_alone(image_folder, tmp_path):
+    import torch
+
+    kwargs = {**FAST, "weights": "none"}
+    state = torch.random.get_rng_state()
+    first = featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "a"), **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(1234)  # another global state does not change the initialization
+    second = featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "b"), **kwargs)
+    assert not second.reused
+    assert store.info(first.cache)["config"]["weights"]["init_seed"] == 0
+    X1, _, _ = featurecache.load_features(first.cache, "train")
+    X2, _, _ = featurecache.load_features(second.cache, "train")
+    np.testing.assert_array_equal(X1, X2)

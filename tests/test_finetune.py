@@ -105,6 +105,16 @@ def test_a_head_that_cannot_be_a_layer_names_the_best_one_that_can(tiny_runs, cl
     assert len(lines) == 1 and lines[0].startswith("Error: ") and best in lines[0]
 
 
+@pytest.mark.slow
+def test_best_transferable_picks_the_top_head_that_can_be_a_layer(tiny_runs):
+    run_dir, _ = tiny_runs[3]
+    ranking = json.loads((Path(run_dir) / "leaderboard.json").read_text())
+    best = next(e["head"] for e in ranking if HEADS[e["head"].partition(":")[0]].transferable)
+    parts = finetuning.assemble(run_dir, "best-transferable")
+    assert parts.head_meta["head"] == best
+    assert parts.network is not None
+
+
 def test_unfreeze_selects_the_last_blocks_and_bn_stays_frozen():
     with torch.device("meta"):
         model = torchvision.models.mobilenet_v2()

@@ -61,7 +61,7 @@ def test_val_selection_leaderboard_and_run_layout(cache):
     res = featurecache.fit_head(cache, head=GRID, jobs=1)
     board = res.leaderboard
     assert len(board) == 2 + 1 + 1 + 4 + 1
-    assert set(res.to_dict()) == {"run_dir", "best", "leaderboard"}
+    assert set(res.to_dict()) == {"run_dir", "best", "leaderboard", "failed"}
     assert all(set(e) == ENTRY_KEYS for e in board)
     assert all(e["selection_split"] == "val" and list(e["metrics"]) == ["val", "test", "train"] for e in board)
     keys = [(-e["selection_accuracy"], e["metrics"]["val"]["log_loss"]) for e in board]
@@ -124,6 +124,24 @@ def test_without_held_out_split_the_output_says_so(tmp_path, cli_runner):
     cache = digits_cache(tmp_path, name="with-test")
     out = run_cli(cli_runner, "fit-head", cache, "--head", "knn", "--jobs", 1)
     assert "selected on val; test is held out" in out.output and "test acc" in out.output
+
+
+def test_a_head_that_cannot_fit_these_data_is_reported_and_the_sweep_goes_on(tmp_path, cli_runner):
+    # 40 training rows: 64 principal components and 50 neighbours cannot be fitted
+    cache = digits_cache(tmp_path, sizes=(("train", 40), ("val", 150)))
+    grid = ("logreg:C=1;pre=pca:64", "knn:n_neighbors=3,50", "nearest-centroid")
+    res = featurecache.fit_head(cache, head=grid, jobs=1)
+    assert {f["head"] for f in res.failed} == {"logreg:C=1;pre=pca:64", "knn:n_neighbors=50"}
+    assert all("ValueError" in f["error"] for f in res.failed)
+    assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid"}
+    assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == ["knn-n_neighbors=3", "nearest-centroid"]
+    assert sweep.load_run(res.run_dir).meta["failed"] == res.failed
+    out = run_cli(cli_runner, "fit-head", cache, *sum((["--head", g] for g in grid), []), "--jobs", 1)
+    assert out.exit_code == 0
+    assert "not fitted: knn:n_neighbors=50: ValueError" in out.stderr
+    # nothing fits: a one-line error
+    with pytest.raises(HeadError, match="no head could be fitted.*knn:n_neighbors=50"):
+        featurecache.fit_head(cache, head="knn:n_neighbors=50", jobs=1)
 
 
 def test_same_seed_same_leaderboard(tmp_path):
@@ -282,7 +300,8 @@ def test_cli_json_is_the_result_object(cache, cli_runner):
     out = run_cli(cli_runner, "fit-head", cache, "--head", "logreg:C=1", "--head", "knn", "--jobs", 1, "--json")
     assert out.exit_code == 0, out.output
     obj = json.loads(out.stdout)
-    assert set(obj) == {"run_dir", "best", "leaderboard"} and obj["best"] == obj["leaderboard"][0]["head"]
+    assert set(obj) == {"run_dir", "best", "leaderboard", "failed"} and obj["best"] == obj["leaderboard"][0]["head"]
+    assert obj["failed"] == []
     assert [e["head"] for e in obj["leaderboard"]] == [e["head"] for e in sweep.load_run(obj["run_dir"]).leaderboard]
     assert all(set(e) == ENTRY_KEYS for e in obj["leaderboard"])
 

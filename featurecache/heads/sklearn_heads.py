@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
@@ -70,6 +72,15 @@ class SoftmaxNearestCentroid(NearestCentroid):
     They depend on the feature scale (no temperature is fitted): soft after ``l2``,
     nearly one-hot on large raw features.
     """
+
+    def fit(self, X, y):
+        # Features that are constant within every class (dead ReLU channels of a CNN are
+        # common) make scikit-learn warn about a zero within-class spread. The spread
+        # only matters to shrinkage; without it the warning is noise.
+        with warnings.catch_warnings():
+            if self.shrink_threshold is None:
+                warnings.filterwarnings("ignore", message=".*within_class_std_dev_ has at least 1 zero")
+            return super().fit(X, y)
 
     def _decision_function(self, X) -> np.ndarray:
         check_is_fitted(self, "centroids_")
