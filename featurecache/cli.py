@@ -14,7 +14,7 @@ import warnings
 
 import click
 
-from .errors import FeatureCacheError, FeatureCacheWarning
+from .errors import FeatureCacheError, FeatureCacheWarning, plural
 
 _show_warning = warnings.showwarning
 
@@ -256,7 +256,9 @@ def weights_import(file, backbone, weights):
 
 @cli.command()
 @click.argument("run")
-@click.option("--head", default="best", show_default=True, help="The run's head to start from: best, best-transferable (the best head that can become a layer), a spec or a slug.")
+@click.option("--head", default="best-transferable", show_default=True,
+              help="The run's head to start from: best-transferable (the best-ranked head that can become a layer), "
+                   "best, a spec or a slug.")
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--unfreeze", default="all", show_default=True, help="Backbone blocks to train: all, none or last:N.")
 @click.option("--backbone-lr-mult", default=0.1, show_default=True, help="Backbone learning rate = lr x this.")
@@ -280,7 +282,7 @@ def weights_import(file, backbone, weights):
 @_cache_dir
 @_json
 def finetune(as_json, **options):
-    """Fine-tune backbone and head of a stage-two RUN (a run directory or run id).
+    """Fine-tune backbone and head of a stage-two RUN (a run directory, run id or unique prefix).
 
     The run's cache decides backbone, weights and preprocessing; the head starts where stage two
     left it, so step 0 reproduces the head's accuracy. Writes the best epoch as a self-contained
@@ -303,7 +305,7 @@ def finetune(as_json, **options):
     epochs = [{"epoch": h["epoch"], "train_loss": "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
                f"{result.split}_loss": f"{h['val_loss']:.4f}", f"{result.split}_accuracy": f"{h['val_accuracy']:.4f}",
                "seconds": f"{h['seconds']:.1f}"} for h in result.history]
-    click.echo(f"{result.model}  ({'reused' if result.reused else f'{result.epochs} epochs'}, "
+    click.echo(f"{result.model}  ({'reused' if result.reused else plural(result.epochs, 'epoch')}, "
                f"best epoch {result.best_epoch}{', stopped early' if result.stopped_early else ''})")
     click.echo(table(epochs, list(epochs[0])))
     click.echo(f"head {result.head}: {result.split} accuracy {result.head_accuracy:.4f}, "
@@ -404,7 +406,7 @@ def demo_command(set, as_json):
 @_cache_dir
 @_json
 def report_command(as_json, **options):
-    """Write the Markdown and HTML report of a stage-two RUN (a run directory or run id) under RUN/report/."""
+    """Write the Markdown and HTML report of a stage-two RUN (a run directory, run id or unique prefix) under RUN/report/."""
     from .reporting import report
 
     path = report(**options)

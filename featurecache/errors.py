@@ -1,7 +1,7 @@
 """Every error a user can cause derives from :class:`FeatureCacheError`.
 
 The CLI turns each one into a one-line message and a non-zero exit code in a
-single place (:func:`featurecache.cli.main`); library users catch the root class.
+single place (``featurecache.cli.FcGroup.invoke``); library users catch the root class.
 """
 
 from __future__ import annotations
@@ -74,3 +74,8 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
         lowered = name.lower()
         close = [c for c in choices if lowered and lowered in c.lower()][:n]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -154,7 +154,7 @@ def load_run_head(run, head: str = "best", cache_dir: str | None = None):
 
 
 def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklearn: bool = False) -> Assembly:
-    """Join the backbone of ``run``'s cache and its ``head`` (``best``, a spec or a slug)."""
+    """Join the backbone of ``run``'s cache and its ``head`` (``best``, ``best-transferable``, a spec or a slug)."""
     loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
     module = None
     if head_meta.get("transferable") or not allow_sklearn:
@@ -470,7 +470,7 @@ def _validate(unfreeze, bn, augment, optimizer, epochs, batch_size, accumulate, 
 
 def finetune(
     run: str,
-    head: str = "best",
+    head: str = "best-transferable",
     epochs: int = 5,
     unfreeze: str = "all",
     backbone_lr_mult: float = 0.1,
@@ -494,7 +494,9 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune backbone and head of a stage-two run; export the best epoch as ``model.pt``.
 
-    ``run``: a run directory or run id. ``head``: ``best``, a head spec or slug of the run.
+    ``run``: a run directory, run id or unique prefix. ``head``: ``best-transferable`` (the
+    best-ranked head that can become a layer), ``best`` (the top of the leaderboard, which
+    must be transferable), a head spec or a slug of the run.
     ``unfreeze``: ``all``, ``none`` (head only) or ``last:N`` backbone blocks; the backbone's
     learning rate is ``lr * backbone_lr_mult``. ``bn``: ``frozen`` keeps batch norm statistics
     and scales as pretrained. ``patience``: epochs without improvement on the selection split

@@ -98,7 +98,7 @@ def predict(
 
     Returns ``{"predictions": [{"path", "class", "probability", "topk": [{"class",
     "probability"}, ...]}, ...], "skipped": [{"path", "reason"}, ...]}``. ``head`` picks the
-    head of a run (``best``, a spec or a slug); an exported model has its own.
+    head of a run (``best``, ``best-transferable``, a spec or a slug); an exported model has its own.
     """
     from tqdm.auto import tqdm
 

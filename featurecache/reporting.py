@@ -29,7 +29,7 @@ import numpy as np
 
 from . import __version__, store
 from .data import TORCHVISION_PREFIX, Dataset, ImageSkipped, Record, load_rgb, open_dataset
-from .errors import RunError
+from .errors import RunError, plural
 from .metrics import SUMMARY_KEYS
 
 REPORT_DIR = "report"
@@ -254,7 +254,7 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
         result = ft["files"]["result"]
         lines.append(f"Fine-tuned {result['head']} ({ft['name']}): {result['split']} accuracy "
                      f"{_fmt(result['head_accuracy'])} with the head alone, {_fmt(result['start_accuracy'])} at "
-                     f"step 0, {_fmt(result['best_accuracy'])} after {result['epochs']} epochs "
+                     f"step 0, {_fmt(result['best_accuracy'])} after {plural(result['epochs'], 'epoch')} "
                      f"(best epoch {result['best_epoch']})")
         held_out = result["metrics"]["finetuned"].get(final_split) if final_split != result["split"] else None
         if held_out:
@@ -372,7 +372,7 @@ def _write(path: Path, data: bytes) -> None:
 def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_dir: str | None = None) -> Path:
     """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
 
-    ``run`` is a run directory or run id; ``head`` the head to detail ("best", a spec or
+    ``run`` is a run directory, run id or unique prefix; ``head`` the head to detail ("best", "best-transferable", a spec or
     a slug); ``samples`` the number of images in the sample grid (0: none).
     """
     from .sweep import load_head, load_run, resolve_run
