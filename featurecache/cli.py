@@ -108,7 +108,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic"]), default=None)
 @click.option("--draft/--no-draft", default=False, show_default=True,
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
@@ -120,6 +120,8 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.option("--max-image-pixels", type=int, default=None, help="Skip images larger than this (default: PIL's bomb limit).")
 @click.option("--lock-timeout", type=float, default=None,
               help="Seconds to wait for another run on the same cache (default: wait).")
+@click.option("--checkpoint-every", default=256, show_default=True,
+              help="Images between resumable checkpoints (there is one every 5 s too).")
 @_json
 def extract(as_json, **options):
     """Extract penultimate-layer features of DATA into the cache.

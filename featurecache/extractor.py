@@ -147,7 +147,7 @@ def extract(
     std: tuple | None = None,
     interpolation: str | None = None,
     draft: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -156,19 +156,25 @@ def extract(
     strict: bool = False,
     max_image_pixels: int | None = None,
     lock_timeout: float | None = None,
+    checkpoint_every: int = 256,
     progress: bool = True,
 ) -> ExtractResult:
     """Extract features of ``data`` with ``backbone`` into the cache, or reuse a complete match.
 
     Returns an :class:`ExtractResult`; ``result.cache`` is the HDF5 file to pass to
-    :func:`featurecache.load_features` or :func:`featurecache.fit_head`.
+    :func:`featurecache.load_features` or :func:`featurecache.fit_head`. Finished features are
+    checkpointed every ``checkpoint_every`` images and every 5 seconds; an interrupted run
+    resumes from the last checkpoint.
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise FeatureCacheError(f"unknown dtype {dtype!r}: choose float32 or float16")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FeatureCacheError("--batch-size must be at least 1")
+    if checkpoint_every < 1:
+        raise FeatureCacheError("--checkpoint-every must be at least 1")
     dev = runtime.resolve_device(device)
+    batch_size = batch_size or runtime.default_batch_size(dev)
     prec = runtime.resolve_precision(precision, dev)
     dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit)
     if strict and dataset.skipped:
@@ -222,8 +228,9 @@ def extract(
         manifest = {"key": key, "records": len(dataset.records)}
         writer = store.ShardWriter(entry, len(dataset.records), manifest)
         pending = np.flatnonzero(~writer.done())
-        n_done, seconds = _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers,
-                                     strict, max_image_pixels, progress)
+        n_done, seconds, mode = _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers,
+                                           strict, max_image_pixels, checkpoint_every, progress)
+        config["graph"] = mode
         features, ok, reasons = writer.collect(net.feature_dim, dtype)
         splits = _assemble(dataset, features, ok, reasons)
         config["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -249,9 +256,10 @@ def _weights_identity(backbone: str, weights, weights_file) -> dict:
     return {"weights": str(weights)}
 
 
-def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers, strict, max_pixels, progress):
+def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers, strict, max_pixels,
+               checkpoint_every, progress):
     if len(pending) == 0:
-        return 0, 0.0
+        return 0, 0.0, "eager"
     from tqdm.auto import tqdm
 
     workers = runtime.usable_cores() if workers is None else int(workers)
@@ -267,11 +275,13 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),  # workers' seeds; the caller's generator is left alone
     )
-    model = net.model.to(dev).to(memory_format=torch.channels_last)
+    eager = net.model.to(dev).to(memory_format=torch.channels_last)
+    model, mode = None, "eager"
     np_dtype = np.dtype(dtype)
     done = 0
     bar = tqdm(total=len(dataset.records), initial=len(dataset.records) - len(pending), unit="img",
                desc="extract", disable=not progress, dynamic_ncols=True, leave=False)
+    shard = _ShardBuffer(writer, checkpoint_every)
     start = time.perf_counter()
     with torch.inference_mode():
         for indices, batch, reasons in loader:
@@ -282,16 +292,42 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
             if ok.any():
                 x = batch[torch.from_numpy(ok)] if not ok.all() else batch
                 x = normalize_batch(x.to(dev, non_blocking=True), net.preprocess)
+                if model is None:
+                    model, mode = runtime.inference_model(eager, dev, prec, x)
                 with runtime.autocast(dev, prec):
                     feats = model(x)
                 feats = feats.float().cpu().numpy().astype(np_dtype, copy=False)
             else:
                 feats = np.zeros((0, net.feature_dim), dtype=np_dtype)
-            writer.write(indices.numpy(), feats, ok, list(reasons))
+            shard.add(indices.numpy(), feats, ok, list(reasons))
             done += len(reasons)
             bar.update(len(reasons))
+    shard.flush()
     bar.close()
-    return done, time.perf_counter() - start
+    return done, time.perf_counter() - start, mode
+
+
+class _ShardBuffer:
+    """Batches go to disk as one shard per ``rows`` images or ``seconds``, whichever comes
+    first: small forward batches (the fastest on a CPU) do not become thousands of files,
+    and a kill loses at most a few seconds of work."""
+
+    def __init__(self, writer: store.ShardWriter, rows: int = 256, seconds: float = 5.0):
+        self.writer, self.rows, self.seconds = writer, rows, seconds
+        self.parts: list[tuple] = []
+        self.since = time.monotonic()
+
+    def add(self, indices, features, ok, reasons) -> None:
+        self.parts.append((indices, features, ok, reasons))
+        if sum(len(p[0]) for p in self.parts) >= self.rows or time.monotonic() - self.since >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            indices, features, ok = (np.concatenate([p[i] for p in self.parts]) for i in range(3))
+            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]])
+        self.parts = []
+        self.since = time.monotonic()
 
 
 def _assemble(dataset: Dataset, features: np.ndarray, ok: np.ndarray, reasons: list[str]) -> dict:

@@ -18,7 +18,8 @@ from conftest import make_split_folder
 import featurecache
 from featurecache import store
 
-ARGS = ["--weights", "none", "--resize", "64", "--crop", "56", "--batch-size", "4", "--workers", "0"]
+ARGS = ["--weights", "none", "--resize", "64", "--crop", "56", "--batch-size", "4", "--workers", "0",
+        "--checkpoint-every", "4"]
 
 
 def _fc(data, cache_dir, *extra) -> subprocess.Popen:
