@@ -213,7 +213,8 @@ def cache_info(cache_ref, cache_dir, as_json):
     click.echo(f"cache     {meta['path']}")
     click.echo(f"key       {meta['key']}")
     click.echo(f"backbone  {cfg['backbone']} ({cfg['layer']}), weights {json.dumps(cfg['weights'])}")
-    click.echo(f"features  {cfg.get('feature_dim')} x {cfg['dtype']}, precision {cfg['precision']}")
+    graph = f", {cfg['graph']} on {cfg.get('device', '?')}, batch {cfg.get('batch_size', '?')}" if 'graph' in cfg else ''
+    click.echo(f"features  {cfg.get('feature_dim')} x {cfg['dtype']}, precision {cfg['precision']}{graph}")
     click.echo(f"preproc   {json.dumps(cfg['preprocess'])}")
     click.echo(f"data      {cfg['data'].get('root')} ({cfg['data'].get('kind')})")
     click.echo(f"classes   {', '.join(meta['classes'])}")

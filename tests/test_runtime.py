@@ -1,0 +1,75 @@
+"""The CPU fast path: a frozen TorchScript graph only where it is exact, and eager mode otherwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from featurecache import backbones, runtime
+
+CPU = torch.device("cpu")
+
+
+def _example(n: int = 3, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_frozen_graph_computes_the_eager_features(monkeypatch, name):
+    monkeypatch.setattr(runtime, "_COMPILE_GAIN", 0.0)  # keep the frozen graph whatever the timing
+    net = backbones.build(name, weights="none")
+    eager = net.model.to(memory_format=torch.channels_last)
+    model, mode = runtime.inference_model(eager, CPU, "fp32", _example())
+    assert mode == "torchscript-frozen"
+    other = _example(5)  # another batch size and other images than the example it was traced on
+    with torch.inference_mode():
+        got, expected = model(other).numpy(), eager(other).numpy()
+    assert got.shape == expected.shape == (5, net.feature_dim)
+    cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99999
+    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
+def test_eager_mode_when_the_frozen_graph_is_not_faster(monkeypatch):
+    monkeypatch.setattr(runtime, "_COMPILE_GAIN", float("inf"))
+    eager = backbones.build("resnet18", weights="none").model
+    assert runtime.inference_model(eager, CPU, "fp32", _example()) == (eager, "eager")
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x):
+        return {"mean": x.mean()}, "not a tensor"
+
+
+class _Wrong(nn.Module):
+    """Gives the right shape, but a traced copy would disagree with it: it stands for a graph
+    that does not compute what eager mode does."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x.flatten(1)[:, :4] * self.calls
+
+
+@pytest.mark.parametrize("module", [_Untraceable(), _Wrong()], ids=["untraceable", "disagrees"])
+def test_eager_mode_when_the_graph_cannot_be_trusted(monkeypatch, module):
+    monkeypatch.setattr(runtime, "_COMPILE_GAIN", 0.0)
+    model, mode = runtime.inference_model(module, CPU, "fp32", _example())
+    assert (model, mode) == (module, "eager")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_runs_eager(precision):
+    eager = nn.Conv2d(3, 4, 3)
+    assert runtime.inference_model(eager, CPU, precision, _example()) == (eager, "eager")
+
+
+def test_default_batch_size():
+    assert runtime.default_batch_size(CPU) == 4
+    assert runtime.default_batch_size(torch.device("cuda")) == 64
