@@ -203,7 +203,8 @@ def extract(
     def summary(path, reused, seconds, rate, dim) -> ExtractResult:
         meta = store.info(path)
         splits = {name: {"n": s["n"], "skipped": s["skipped"]} for name, s in meta["splits"].items()}
-        return ExtractResult(str(path), reused, dim or next(iter(meta["splits"].values()))["dim"], splits, rate, seconds, key)
+        dim = dim or next(iter(meta["splits"].values()))["dim"]
+        return ExtractResult(str(Path(path).resolve()), reused, dim, splits, rate, seconds, key)
 
     if store.is_complete(entry.path):
         return summary(entry.path, True, time.perf_counter() - started, 0.0, None)
