@@ -257,6 +257,10 @@ def _weights_identity(backbone: str, weights, weights_file) -> dict:
     return {"weights": str(weights)}
 
 
+# Below this many images to extract, eager mode runs: freezing would cost more than it saves.
+FREEZE_MIN_IMAGES = 128
+
+
 def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers, strict, max_pixels,
                checkpoint_every, progress):
     if len(pending) == 0:
@@ -284,7 +288,7 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
                desc="extract", disable=not progress, dynamic_ncols=True, leave=False)
     shard = _ShardBuffer(writer, checkpoint_every)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), runtime.num_threads():
         for indices, batch, reasons in loader:
             ok = np.array([r == "" for r in reasons], dtype=bool)
             if strict and not ok.all():
@@ -293,8 +297,10 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
             if ok.any():
                 x = batch[torch.from_numpy(ok)] if not ok.all() else batch
                 x = normalize_batch(x.to(dev, non_blocking=True), net.preprocess)
-                if model is None:
-                    model, mode = runtime.inference_model(eager, dev, prec, x)
+                if model is None:  # freezing costs about a second: not worth it for a few images
+                    model, mode = (runtime.inference_model(eager, dev, prec, x) if len(pending) >= FREEZE_MIN_IMAGES
+                                   else (eager, "eager"))
+                    torch.set_num_threads(runtime.model_threads(dev, workers, mode))
                 with runtime.autocast(dev, prec):
                     feats = model(x)
                 feats = feats.float().cpu().numpy().astype(np_dtype, copy=False)

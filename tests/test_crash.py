@@ -102,7 +102,8 @@ def test_sigkill_at_many_moments(dataset, reference, tmp_path):
 
 def test_two_concurrent_runs_one_waits(dataset, tmp_path):
     cache_dir = tmp_path / "conc"
-    first, second = _fc(dataset, cache_dir), _fc(dataset, cache_dir)
+    slow = ["--resize", "320", "--crop", "320"]  # the first holds the lock while the second starts
+    first, second = _fc(dataset, cache_dir, *slow), _fc(dataset, cache_dir, *slow)
     (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, (err1, err2)
     results = [json.loads(out1), json.loads(out2)]

@@ -73,3 +73,14 @@ def test_autocast_runs_eager(precision):
 def test_default_batch_size():
     assert runtime.default_batch_size(CPU) == 4
     assert runtime.default_batch_size(torch.device("cuda")) == 64
+
+
+def test_a_frozen_graph_leaves_cores_to_the_decoders(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    assert runtime.model_threads(CPU, 4, "torchscript-frozen") == 4
+    assert runtime.model_threads(CPU, 0, "torchscript-frozen") == torch.get_num_threads()
+    assert runtime.model_threads(CPU, 4, "eager") == torch.get_num_threads()
+    before = torch.get_num_threads()
+    with runtime.num_threads():
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == before
