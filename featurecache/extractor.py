@@ -288,7 +288,7 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
                desc="extract", disable=not progress, dynamic_ncols=True, leave=False)
     shard = _ShardBuffer(writer, checkpoint_every)
     start = time.perf_counter()
-    with torch.inference_mode(), runtime.num_threads():
+    with torch.inference_mode(), runtime.num_threads(), shard:
         for indices, batch, reasons in loader:
             ok = np.array([r == "" for r in reasons], dtype=bool)
             if strict and not ok.all():
@@ -309,7 +309,6 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
             shard.add(indices.numpy(), feats, ok, list(reasons))
             done += len(reasons)
             bar.update(len(reasons))
-    shard.flush()
     bar.close()
     return done, time.perf_counter() - start, mode
 
@@ -328,6 +327,12 @@ class _ShardBuffer:
         self.parts.append((indices, features, ok, reasons))
         if sum(len(p[0]) for p in self.parts) >= self.rows or time.monotonic() - self.since >= self.seconds:
             self.flush()
+
+    def __enter__(self) -> "_ShardBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()  # also on an error or Ctrl-C: the finished batches are kept for the rerun
 
     def flush(self) -> None:
         if self.parts:

@@ -167,3 +167,22 @@ def test_random_weights_are_seeded_and_leave_the_global_generator_alone(image_fo
     X1, _, _ = featurecache.load_features(first.cache, "train")
     X2, _, _ = featurecache.load_features(second.cache, "train")
     np.testing.assert_array_equal(X1, X2)
+
+
+def test_an_aborted_run_keeps_its_finished_batches(tmp_path):
+    from conftest import make_split_folder
+
+    from featurecache.errors import DataError
+
+    data = make_split_folder(tmp_path / "data", splits=(("train", 6), ("val", 4)))
+    (data / "val" / "dogs" / "zz_broken.jpg").write_bytes(b"not a jpeg")  # the last image in order
+    cache_dir = tmp_path / "c"
+    kwargs = {**FAST, "batch_size": 4, "cache_dir": str(cache_dir)}
+    with pytest.raises(DataError, match="zz_broken.jpg"):
+        featurecache.extract(str(data), strict=True, **kwargs)
+    shards = list(cache_dir.glob("*.partial/shard-*.npz"))
+    assert shards, "the batches finished before the error are kept"
+    kept = sum(len(np.load(s)["indices"]) for s in shards)
+    assert kept >= 20  # everything before the last batch
+    res = featurecache.extract(str(data), **kwargs)
+    assert res.splits["val"] == {"n": 8, "skipped": 1}
