@@ -115,6 +115,19 @@ def test_best_transferable_picks_the_top_head_that_can_be_a_layer(tiny_runs):
     assert parts.network is not None
 
 
+def test_a_random_weights_cache_rebuilds_its_backbone(tmp_path):
+    """weights=none is a seeded initialization: the rebuilt network computes the cached features."""
+    run_dir, cache = tiny_run(tmp_path, 2, ["logreg:pre=standardize"], "none")
+    parts = finetuning.assemble(run_dir, "best-transferable")
+    X, _, _ = featurecache.load_features(cache, "val")
+    data, labels = finetuning.cache_images(store.info(cache), "val")
+    images = ImageTensors(data, np.arange(len(labels)), parts.backbone.preprocess, None)
+    batch = torch.stack([images[i][1] for i in range(len(images))])
+    with torch.inference_mode():
+        got = finetuning.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()
+    assert np.abs(got - parts.pipeline.predict_proba(X)).max() < 1e-4
+
+
 def test_unfreeze_selects_the_last_blocks_and_bn_stays_frozen():
     with torch.device("meta"):
         model = torchvision.models.mobilenet_v2()
