@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .errors import DataError, suggest
 

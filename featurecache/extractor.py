@@ -77,6 +77,26 @@ class ImageTensors(torch.utils.data.Dataset):
             return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), reason
 
 
+def image_loader(images: ImageTensors, batch_size: int, workers: int, device: torch.device, order=None,
+                 drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """Batches of ``(indices, uint8 images, skip reasons)``, in ``order`` (default: as stored).
+
+    Workers decode with one thread each; batches are pinned for CUDA. The workers' seeds come
+    from a generator of their own, so the caller's random state is left alone.
+    """
+    return torch.utils.data.DataLoader(
+        images,
+        batch_size=batch_size,
+        sampler=None if order is None else list(order),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=runtime.set_worker_threads if workers else None,
+        prefetch_factor=4 if workers else None,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def normalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW -> normalized float, exactly as torchvision's ImageClassification preset does."""
     x = x.float().div_(255.0)
@@ -268,18 +288,7 @@ def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, work
     from tqdm.auto import tqdm
 
     workers = runtime.usable_cores() if workers is None else int(workers)
-    images = ImageTensors(dataset, pending, net.preprocess, max_pixels)
-    loader = torch.utils.data.DataLoader(
-        images,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=dev.type == "cuda",
-        worker_init_fn=runtime.set_worker_threads if workers else None,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(0),  # workers' seeds; the caller's generator is left alone
-    )
+    loader = image_loader(ImageTensors(dataset, pending, net.preprocess, max_pixels), batch_size, workers, dev)
     eager = net.model.to(dev).to(memory_format=torch.channels_last)
     model, mode = None, "eager"
     np_dtype = np.dtype(dtype)

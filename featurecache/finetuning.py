@@ -44,7 +44,7 @@ from torch import nn
 from . import backbones, runtime, store
 from .data import Dataset, Preprocess, Record, open_dataset
 from .errors import FinetuneError, suggest
-from .extractor import ImageTensors, normalize_batch
+from .extractor import ImageTensors, image_loader, normalize_batch
 from .metrics import classification_metrics, summary
 
 EXPORT_INFO = "featurecache.json"
@@ -225,19 +225,6 @@ class TrainImages(ImageTensors):
             return super().__getitem__(i)
 
 
-def _loader(images, order, batch_size, workers, device, drop_last=False):
-    return torch.utils.data.DataLoader(
-        images,
-        batch_size=batch_size,
-        sampler=list(order),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=runtime.set_worker_threads if workers else None,
-        drop_last=drop_last,
-        generator=torch.Generator(),  # worker seeds must not draw from the global RNG (dropout, resume)
-    )
-
-
 # --------------------------------------------------------------------------- training parts
 
 
@@ -342,7 +329,7 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
 
     network.eval()
     probs = np.zeros((len(labels), len(classes)), dtype=np.float32)
-    loader = _loader(images, range(len(images)), batch_size, workers, device)
+    loader = image_loader(images, batch_size, workers, device)
     with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img", leave=False,
                                       disable=not progress, dynamic_ncols=True) as bar:
         for index, batch, reasons in loader:
@@ -360,16 +347,19 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
 # --------------------------------------------------------------------------- checkpoints and export
 
 
-def _save(obj, path: Path) -> None:
+def _replace(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` under a temporary name, then rename it into place."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _save(obj, path: Path) -> None:
+    _replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    _replace(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
 def export(network: Network, preprocess: Preprocess, classes: list[str], path: Path, info: dict) -> Path:
@@ -388,11 +378,9 @@ def export(network: Network, preprocess: Preprocess, classes: list[str], path: P
         "output": "class probabilities, N x C, in the order of classes",
         **info,
     }
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        torch.jit.save(traced, str(tmp), _extra_files={EXPORT_INFO: json.dumps(extra, indent=2)})
-    os.replace(tmp, path)
+        _replace(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={EXPORT_INFO: json.dumps(extra, indent=2)}))
     return path
 
 
@@ -611,7 +599,8 @@ def finetune(
         started = time.perf_counter()
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         train_images.epoch = epoch
-        loader = _loader(train_images, order[state.batch * batch_size:].tolist(), batch_size, workers, dev, drop_last)
+        loader = image_loader(train_images, batch_size, workers, dev, order[state.batch * batch_size:].tolist(),
+                              drop_last)
         train_mode(net, bn)
         bar = tqdm(total=n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                    leave=False, disable=not progress, dynamic_ncols=True)

@@ -19,7 +19,7 @@ import torch
 from . import runtime
 from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
 from .errors import DataError
-from .extractor import ImageTensors, normalize_batch
+from .extractor import ImageTensors, image_loader, normalize_batch
 from .finetuning import Exported, assemble, load_exported
 
 MODEL_FILE = "model.pt"
@@ -109,11 +109,7 @@ def predict(
     dev = runtime.resolve_device(device)
     workers = runtime.usable_cores() if workers is None else int(workers)
     dataset = Dataset("", classes, [Record(os.path.abspath(f), -1, "predict") for f in files], "predict")
-    loader = torch.utils.data.DataLoader(
-        ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size=batch_size, shuffle=False,
-        num_workers=workers, worker_init_fn=runtime.set_worker_threads if workers else None,
-        pin_memory=dev.type == "cuda",
-    )
+    loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
     k = min(topk, len(classes))
     predictions, skipped = [], []
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="predict", leave=False,

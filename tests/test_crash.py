@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import make_split_folder
 
-import featurecache
 from featurecache import store
 
 ARGS = ["--weights", "none", "--resize", "64", "--crop", "56", "--batch-size", "4", "--workers", "0",
