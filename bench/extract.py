@@ -27,7 +27,7 @@ from torchvision import datasets, transforms
 import featurecache
 from featurecache import backbones, runtime
 from featurecache.data import open_dataset
-from featurecache.extractor import ImageTensors, normalize_batch
+from featurecache.images import ImageTensors, normalize_batch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
 

@@ -15,13 +15,11 @@ import json
 import os
 import random
 import shutil
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from PIL import Image
 
 from .errors import DataError, suggest
@@ -105,54 +103,6 @@ class Dataset:
         except OSError:
             return "missing"
         return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-# --------------------------------------------------------------------------- loading images
-
-
-class ImageSkipped(Exception):
-    """An image that cannot be used; the message is the recorded reason."""
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, max_pixels: int | None = None):
-    """Open, fully decode and convert one image to RGB, or raise :class:`ImageSkipped` with the reason."""
-    if dataset.loader is None:
-        try:
-            if os.path.getsize(os.path.join(dataset.root, record.path)) == 0:
-                raise ImageSkipped("empty file")
-        except OSError:
-            raise ImageSkipped("file not found") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.filterwarnings("ignore", message="Palette images with Transparency")
-            img = dataset.open(record)
-            if max_pixels and img.width * img.height > max_pixels:
-                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            return _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageSkipped(f"decompression bomb: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageSkipped("not an image (cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
 
 
 # --------------------------------------------------------------------------- sources

@@ -16,6 +16,12 @@ class FeatureCacheError(Exception):
     exit_code = 1
 
 
+class UsageError(FeatureCacheError):
+    """An option or argument has a value that cannot be used (``--batch-size 0``, an unknown device)."""
+
+    exit_code = 2
+
+
 class DataError(FeatureCacheError):
     """The images or the dataset description cannot be used."""
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from . import backbones, runtime, store
-from .data import Dataset, ImageSkipped, Preprocess, load_rgb, open_dataset
+from .data import Dataset, Preprocess, open_dataset
 from .errors import DataError, FeatureCacheError
+from .images import ImageTensors, image_loader, normalize_batch
 
 DTYPES = ("float32", "float16")
 
@@ -37,72 +36,6 @@ class ExtractResult:
         out.pop("skipped")
         out.pop("key")
         return out
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-class ImageTensors(torch.utils.data.Dataset):
-    """Decodes records into uint8 CHW tensors of the crop size; failures become reasons.
-
-    Normalization happens later on the whole batch (on the GPU when there is one), which
-    keeps worker-to-main traffic four times smaller than float tensors.
-    """
-
-    def __init__(self, dataset: Dataset, indices: np.ndarray, pre: Preprocess, max_pixels: int | None):
-        self.dataset = dataset
-        self.indices = indices
-        self.pre = pre
-        self.max_pixels = max_pixels
-        self.interpolation = InterpolationMode(pre.interpolation)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def transform(self, img) -> torch.Tensor:
-        img = TF.resize(img, [self.pre.resize], interpolation=self.interpolation, antialias=True)
-        img = TF.center_crop(img, [self.pre.crop])
-        return TF.pil_to_tensor(img)
-
-    def __getitem__(self, i: int):
-        index = int(self.indices[i])
-        record = self.dataset.records[index]
-        try:
-            img = load_rgb(self.dataset, record, self.pre.resize if self.pre.draft else None, self.max_pixels)
-            return index, self.transform(img), ""
-        except ImageSkipped as exc:
-            return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), str(exc)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip, not a crash
-            reason = f"unreadable image: {type(exc).__name__}: {exc}".splitlines()[0]
-            return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), reason
-
-
-def image_loader(images: ImageTensors, batch_size: int, workers: int, device: torch.device, order=None,
-                 drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """Batches of ``(indices, uint8 images, skip reasons)``, in ``order`` (default: as stored).
-
-    Workers decode with one thread each; batches are pinned for CUDA. The workers' seeds come
-    from a generator of their own, so the caller's random state is left alone.
-    """
-    return torch.utils.data.DataLoader(
-        images,
-        batch_size=batch_size,
-        sampler=None if order is None else list(order),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=runtime.set_worker_threads if workers else None,
-        prefetch_factor=4 if workers else None,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def normalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 NCHW -> normalized float, exactly as torchvision's ImageClassification preset does."""
-    x = x.float().div_(255.0)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------- configuration

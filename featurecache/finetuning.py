@@ -44,7 +44,7 @@ from torch import nn
 from . import backbones, runtime, store
 from .data import Dataset, Preprocess, Record, open_dataset
 from .errors import FinetuneError, suggest
-from .extractor import ImageTensors, image_loader, normalize_batch
+from .images import ImageTensors, image_loader, normalize_batch
 from .metrics import classification_metrics, summary
 
 EXPORT_INFO = "featurecache.json"
@@ -69,7 +69,7 @@ class Network(nn.Module):
 class Exported(nn.Module):
     """uint8 images (resized and center-cropped) -> class probabilities.
 
-    Normalization repeats :func:`featurecache.extractor.normalize_batch` operation for
+    Normalization repeats :func:`featurecache.images.normalize_batch` operation for
     operation, so an exported model sees exactly what extraction and training saw.
     """
 

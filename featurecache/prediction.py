@@ -19,8 +19,8 @@ import torch
 from . import runtime
 from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
 from .errors import DataError
-from .extractor import ImageTensors, image_loader, normalize_batch
 from .finetuning import Exported, assemble, load_exported
+from .images import ImageTensors, image_loader, normalize_batch
 
 MODEL_FILE = "model.pt"
 

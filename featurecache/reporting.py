@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, store
-from .data import TORCHVISION_PREFIX, Dataset, ImageSkipped, Record, load_rgb, open_dataset
+from .data import TORCHVISION_PREFIX, Dataset, Record, open_dataset
 from .errors import RunError, plural
+from .images import ImageSkipped, load_rgb
 from .metrics import SUMMARY_KEYS
 
 REPORT_DIR = "report"

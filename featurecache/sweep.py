@@ -56,8 +56,17 @@ import numpy as np
 
 from . import store
 from .errors import HeadError, RunError, suggest
-from .heads import (DEFAULT_SWEEP, HEADS, HeadConfig, fit_linear_grid, head_type, make_estimator, parse_grid,
-                    thread_limit, threads_per_job)
+from .heads import (
+    DEFAULT_SWEEP,
+    HEADS,
+    HeadConfig,
+    fit_linear_grid,
+    head_type,
+    make_estimator,
+    parse_grid,
+    thread_limit,
+    threads_per_job,
+)
 from .metrics import SUMMARY_KEYS, classification_metrics
 
 RUNS = "runs"

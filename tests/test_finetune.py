@@ -20,8 +20,8 @@ from PIL import Image
 import featurecache
 from featurecache import finetuning, store
 from featurecache.errors import FinetuneError
-from featurecache.extractor import ImageTensors
 from featurecache.heads import HEADS
+from featurecache.images import ImageTensors
 from featurecache.sweep import load_head
 
 TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]

@@ -10,8 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_split_folder, run_cli
+
 from featurecache import pipeline
 from featurecache.errors import PipelineError
 

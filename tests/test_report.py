@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, make_split_folder, run_cli
+
 from featurecache.errors import FeatureCacheError
 
 CLASSES = ("ants", "bees", "wasps")
