@@ -24,16 +24,20 @@ Every run lives in a content-addressed directory next to its cache::
 
     <cache dir>/runs/<cache stem>-<12 hex>/
         run.json  leaderboard.csv  leaderboard.json  best
-        heads/<slug>/head.json  model.joblib  [state_dict.pt]
+        heads/<slug>/head.json  pipeline.skops  [module.safetensors]
 
-``run.json`` is written last, into a temporary directory that is then renamed, so a
-complete run is a lookup and an interrupted one is redone.
+No file of a run holds a pickle (:mod:`featurecache.heads.saving`): a run directory
+someone shares cannot run code when it is loaded. ``run.json`` names the run format
+(:data:`RUN_FORMAT`) and the sha256 of every head file; loading a head checks its files
+against them. Runs of the first format (``model.joblib`` pickles) load only when the
+caller trusts them. The run directory is built under a temporary name and renamed
+into place, so a complete run is a lookup and an interrupted one is redone.
 
 Heads fit in joblib worker threads (the numeric kernels of numpy, scikit-learn and
 torch release the GIL, and threads start at once and share the features), with the
 BLAS, OpenMP and torch pools capped so that ``jobs`` workers together use the cores.
 All ``linear`` heads train in one batched pass (:func:`featurecache.heads.fit_linear_grid`);
-heads along a path of :data:`WARM_PATHS` start from their neighbour's solution.
+heads along their registered warm path start from their neighbour's solution.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ import copy
 import csv
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
-import platform
 import shutil
 import time
 import tomllib
@@ -54,14 +58,16 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from . import store
+from . import files, store
 from .errors import HeadError, RunError, suggest
 from .heads import (
     DEFAULT_SWEEP,
     HEADS,
     HeadConfig,
+    dump_head,
     fit_linear_grid,
     head_type,
+    load_head_files,
     make_estimator,
     parse_grid,
     thread_limit,
@@ -71,21 +77,11 @@ from .metrics import SUMMARY_KEYS, classification_metrics
 
 RUNS = "runs"
 RUN_FILE = "run.json"
+HEAD_FILE = "head.json"
+RUN_FORMAT = "featurecache-run/2"  # heads in skops and safetensors files, their sha256 in run.json
+PICKLE_FORMAT = "featurecache-run/1"  # heads pickled in model.joblib; a run.json without "format"
+PICKLE_FILE = "model.joblib"
 CLASS_WEIGHTS = ("balanced",)
-
-# Heads whose estimator can continue from a fit with a smaller value of one parameter:
-# logistic regression along its regularization path (ascending C, from strong to weak
-# regularization, as scikit-learn's own path solver goes), forests and boosting by
-# adding trees. A path is fitted in order, each head starting from the previous one.
-WARM_PATHS = {"logreg": "C", "random-forest": "n_estimators", "hgb": "max_iter"}
-
-# Last tie-break of the leaderboard, after accuracy and log-loss: the simpler head first.
-SIMPLICITY = {"nearest-centroid": 0, "logreg": 1, "ridge": 1, "linear-svm": 1, "linear": 1, "knn": 2,
-              "svm": 3, "mlp": 3, "random-forest": 4, "hgb": 4}
-UNRANKED = 5  # any other scikit-learn classifier
-
-# Rough relative cost of one fit, a scheduling hint only: the costly heads start first.
-COST = {"hgb": 3, "random-forest": 3, "svm": 2}
 
 
 # --------------------------------------------------------------------------- results
@@ -117,6 +113,10 @@ class Run:
     @property
     def best(self) -> str:
         return self.meta["best"]
+
+    @property
+    def format(self) -> str:
+        return self.meta.get("format", PICKLE_FORMAT)
 
 
 # --------------------------------------------------------------------------- the grid
@@ -184,24 +184,27 @@ def build_grid(head=(), sweep_file=None, class_weight: str | None = None) -> lis
 
 
 def _groups(configs: list[HeadConfig]) -> list[tuple[str, tuple[HeadConfig, ...]]]:
-    """Units of work: all ``linear`` heads in one batched pass, warm-start paths, single heads."""
+    """Units of work: all ``linear`` heads in one batched pass, warm-start paths, single heads.
+
+    Heads of one type with a registered ``warm_path`` that differ only in that parameter
+    form a path, fitted in ascending order, each head starting from the previous one.
+    """
     linear = tuple(c for c in configs if c.name == "linear")
     groups = [("linear-batch", linear)] if linear else []
     paths: dict[tuple, list[HeadConfig]] = {}
     for cfg in configs:
         if cfg.name == "linear":
             continue
-        param = WARM_PATHS.get(cfg.name)
+        param = head_type(cfg.name).warm_path
         if param is None or not isinstance(cfg.params.get(param, 0), (int, float)):
             groups.append(("single", (cfg,)))
             continue
         rest = {k: v for k, v in cfg.params.items() if k != param}
         key = (cfg.name, cfg.pre, cfg.class_weight, json.dumps(rest, sort_keys=True, default=str))
         paths.setdefault(key, []).append(cfg)
-    default = {name: head_type(name).defaults.get(param) for name, param in WARM_PATHS.items()}
     for members in paths.values():
-        param = WARM_PATHS[members[0].name]
-        members.sort(key=lambda c: c.params.get(param, default[c.name]))
+        htype = head_type(members[0].name)
+        members.sort(key=lambda c: c.params.get(htype.warm_path, htype.defaults[htype.warm_path]))
         groups.append(("warm-path" if len(members) > 1 else "single", tuple(members)))
     return groups
 
@@ -285,10 +288,10 @@ def _run_lane(lane: list[_Task], data, n_classes, seed, device, threads):
 def _lanes(tasks: list[_Task]) -> list[list[_Task]]:
     """Torch heads in one lane, in order: they draw from torch's process-wide generator
     (initialization, dropout), so running two at once would make them depend on timing.
-    Every other fit is a lane of its own; the costly ones go first."""
+    Every other fit is a lane of its own; the costly ones (by their registered cost) go first."""
     torch_lane = [t for t in tasks if head_type(t.configs[0].name).kind == "torch"]
     others = [t for t in tasks if head_type(t.configs[0].name).kind != "torch"]
-    others.sort(key=lambda t: -COST.get(t.configs[0].name, 1))
+    others.sort(key=lambda t: -head_type(t.configs[0].name).cost)
     return ([torch_lane] if torch_lane else []) + [[t] for t in others]
 
 
@@ -326,24 +329,15 @@ def slug(spec: str) -> str:
 
 def _run_id(cache: Path, key: str, specs: list[str], seed: int, cv: int, class_weight) -> str:
     payload = json.dumps({"cache_key": key, "heads": sorted(specs), "seed": seed, "cv": cv,
-                          "class_weight": class_weight}, sort_keys=True)
+                          "class_weight": class_weight, "format": RUN_FORMAT}, sort_keys=True)
     return f"{cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 def _rank_key(entry: dict):
+    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity."""
     metrics = entry["metrics"][entry["selection_split"]]
-    name = entry["head"].partition(":")[0]
-    return (-entry["selection_accuracy"], metrics["log_loss"], SIMPLICITY.get(name, UNRANKED), entry["head"])
-
-
-def _versions() -> dict:
-    import sklearn
-    import torch
-
-    from . import __version__
-
-    return {"featurecache": __version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    simplicity = head_type(entry["head"].partition(":")[0]).simplicity
+    return (-entry["selection_accuracy"], metrics["log_loss"], simplicity, entry["head"])
 
 
 def _entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float) -> dict:
@@ -353,6 +347,170 @@ def _entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float) -> di
     return {"head": cfg.spec, "params": params, "selection_split": selection,
             "selection_accuracy": metrics[selection]["accuracy"], "metrics": metrics,
             "fit_seconds": round(seconds, 4)}
+
+
+@dataclass
+class _Plan:
+    """What one sweep fits, on which cache, how it selects, and where its run goes."""
+
+    cache: Path
+    meta: dict  # store.info of the cache
+    configs: list[HeadConfig]
+    selection: str  # "val" or "cv"
+    final: str
+    cv: int | None  # folds, when selecting by cross-validation
+    seed: int
+    class_weight: str | None
+    run_dir: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+
+def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir) -> _Plan:
+    """Check the inputs and decide the grid, the selection and the run directory."""
+    from .runtime import resolve_device
+
+    path = store.resolve(cache, cache_dir).resolve()
+    meta = store.info(path)
+    configs = build_grid(head, sweep_file, class_weight)
+    resolve_device(device)
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise HeadError(f"jobs must be a positive integer, got {jobs!r}")
+    if "train" not in meta["splits"]:
+        raise HeadError(f"{path.name} has no train split (it has {', '.join(meta['splits'])})")
+    selection = "val" if "val" in meta["splits"] else "cv"
+    final = "test" if "test" in meta["splits"] else selection
+    folds = cv if selection == "cv" else None
+    run_id = _run_id(path, meta["key"], [c.spec for c in configs], seed, folds, class_weight)
+    return _Plan(path, meta, configs, selection, final, folds, seed, class_weight, path.parent / RUNS / run_id)
+
+
+def _reused(plan: _Plan, started: float) -> SweepResult | None:
+    """The saved result of the same inputs, or None."""
+    if not (plan.run_dir / RUN_FILE).is_file():
+        return None
+    run = load_run(plan.run_dir)
+    return SweepResult(str(plan.run_dir), run.best, run.leaderboard, run.meta["selection_split"],
+                       run.meta["final_split"], True, time.perf_counter() - started, run.meta.get("failed", []))
+
+
+def _read_features(plan: _Plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``split -> (X, y)`` of every split, checked for what fitting and selection need."""
+    data = {s: store.load_features(plan.cache, s)[:2] for s in plan.splits}
+    _check_split("train", data["train"][1], plan.classes, "fitting a head")
+    if plan.selection == "val":
+        _check_split("val", data["val"][1], plan.classes, "selecting a head")
+    return data
+
+
+def _tasks(plan: _Plan, data: dict, cv: int) -> list[_Task]:
+    """Every group of heads fitted on all of train (kept), and on each CV fold when selecting by CV."""
+    everything = {s: (s, None) for s in plan.splits}
+    folds = _cv_folds(data["train"][1], cv, plan.seed, plan.classes) if plan.selection == "cv" else []
+    tasks = []
+    for fitter, group in _groups(plan.configs):
+        tasks.append(_Task(fitter, group, None, everything, True))
+        tasks += [_Task(fitter, group, fit_rows, {"cv": ("train", rows)}, False) for fit_rows, rows in folds]
+    return tasks
+
+
+@dataclass
+class _Outcome:
+    """What the fits gave, per head spec."""
+
+    seconds: dict
+    probas: dict  # spec -> split -> N x C probabilities (``cv``: out of fold)
+    models: dict  # spec -> fitted pipeline (the fit on all of train)
+    failed: dict = field(default_factory=dict)  # spec -> why it could not be fitted or saved
+
+    def add(self, task: _Task, result, n_train: int, n_classes: int) -> None:
+        """Record one task's ``(seconds per head, probabilities or an error, models)``."""
+        task_seconds, task_probas, task_models = result
+        for i, cfg in enumerate(task.configs):
+            self.seconds[cfg.spec] += task_seconds
+            if isinstance(task_probas, str):
+                self.failed.setdefault(cfg.spec, task_probas)
+                continue
+            for name, proba in task_probas[i].items():
+                if name == "cv":
+                    oof = self.probas[cfg.spec].setdefault("cv", np.zeros((n_train, n_classes)))
+                    oof[task.evals["cv"][1]] = proba
+                else:
+                    self.probas[cfg.spec][name] = proba
+            if task.keep:
+                self.models[cfg.spec] = task_models[i]
+
+
+def _run_tasks(plan: _Plan, data: dict, tasks: list[_Task], jobs, device, progress: bool) -> _Outcome:
+    """Run the tasks in ``jobs`` worker threads, one lane each, and gather their outcome."""
+    from tqdm import tqdm
+
+    from .runtime import usable_cores
+
+    lanes = _lanes(tasks)
+    n_jobs = min(jobs or usable_cores(), len(lanes))
+    threads = threads_per_job(n_jobs)
+    n_train, n_classes = len(data["train"][1]), len(plan.classes)
+    outcome = _Outcome({c.spec: 0.0 for c in plan.configs}, {c.spec: {} for c in plan.configs}, {})
+    calls = (joblib.delayed(_run_lane)(lane, data, n_classes, plan.seed, device, threads) for lane in lanes)
+    with (tqdm(total=len(tasks), desc=f"fitting {len(plan.configs)} heads", unit="fit", leave=False,
+               disable=not progress) as bar,
+          thread_limit(threads)):  # the BLAS pools and torch are process-wide: cap them for all workers
+        results = joblib.Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(calls)
+        for lane, lane_results in zip(lanes, results):
+            for task, result in zip(lane, lane_results):
+                outcome.add(task, result, n_train, n_classes)
+            bar.update(len(lane))
+    return outcome
+
+
+def _dump_heads(plan: _Plan, outcome: _Outcome) -> dict:
+    """``spec -> (config, {file: bytes}, estimator record)`` of every fitted head; a head whose
+    files could not be loaded safely joins ``outcome.failed`` instead."""
+    dumped = {}
+    for cfg in plan.configs:
+        if cfg.spec in outcome.failed:
+            continue
+        try:
+            dumped[cfg.spec] = (cfg, *dump_head(outcome.models[cfg.spec], cfg))
+        except HeadError as exc:
+            outcome.failed[cfg.spec] = str(exc)
+    if not dumped:
+        spec, reason = next(iter(outcome.failed.items()))
+        raise HeadError(f"no head could be fitted on {plan.cache.name}; {spec}: {reason}")
+    return dumped
+
+
+def _rank(plan: _Plan, data: dict, outcome: _Outcome, specs) -> list[dict]:
+    """Leaderboard entries of ``specs``, best first, with metrics on every split (selection first)."""
+    labels = {s: data[s][1] for s in plan.splits} | {"cv": data["train"][1]}
+    order = [plan.selection, *([plan.final] if plan.final != plan.selection else []),
+             *(s for s in plan.splits if s not in (plan.selection, plan.final))]
+    entries = []
+    for cfg in plan.configs:
+        if cfg.spec in specs:
+            metrics = {s: classification_metrics(labels[s], outcome.probas[cfg.spec][s], plan.classes) for s in order}
+            entries.append(_entry(cfg, metrics, plan.selection, outcome.seconds[cfg.spec]))
+    return sorted(entries, key=_rank_key)
+
+
+def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) -> dict:
+    return {
+        "format": RUN_FORMAT, "run_id": plan.run_dir.name, "cache": str(plan.cache),
+        "cache_key": plan.meta["key"], "classes": plan.classes, "config": plan.meta["config"],
+        "selection_split": plan.selection, "final_split": plan.final, "seed": plan.seed, "cv": plan.cv,
+        "class_weight": plan.class_weight, "heads": [e["head"] for e in entries], "best": entries[0]["head"],
+        "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
+        "seconds": round(time.perf_counter() - started, 3),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "versions": files.versions("sklearn", "torch", "numpy", "skops", "safetensors"),
+    }
 
 
 def fit_head(
@@ -378,110 +536,22 @@ def fit_head(
     ``class_weight="balanced"`` weights every head that supports it. The same inputs
     and ``seed`` give the same leaderboard; rerunning them returns the saved run.
     """
-    from .runtime import resolve_device, usable_cores
-
     started = time.perf_counter()
-    path = store.resolve(cache, cache_dir).resolve()
-    meta = store.info(path)
-    configs = build_grid(head, sweep_file, class_weight)
-    resolve_device(device)
-    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
-        raise HeadError(f"jobs must be a positive integer, got {jobs!r}")
-    if "train" not in meta["splits"]:
-        raise HeadError(f"{path.name} has no train split (it has {', '.join(meta['splits'])})")
-    classes = meta["classes"]
-    splits = list(meta["splits"])
-    selection = "val" if "val" in splits else "cv"
-    final = "test" if "test" in splits else selection
-
-    folds_used = cv if selection == "cv" else None
-    run_dir = path.parent / RUNS / _run_id(path, meta["key"], [c.spec for c in configs], seed, folds_used, class_weight)
-    if (run_dir / RUN_FILE).is_file():
-        run = load_run(run_dir)
-        return SweepResult(str(run_dir), run.best, run.leaderboard, run.meta["selection_split"],
-                           run.meta["final_split"], True, time.perf_counter() - started, run.meta.get("failed", []))
-
-    data = {s: store.load_features(path, s)[:2] for s in splits}
-    _check_split("train", data["train"][1], classes, "fitting a head")
-    if selection == "val":
-        _check_split("val", data["val"][1], classes, "selecting a head")
-    everything = {s: (s, None) for s in splits}
-    folds = _cv_folds(data["train"][1], cv, seed, classes) if selection == "cv" else []
-    tasks = []
-    for fitter, group in _groups(configs):
-        tasks.append(_Task(fitter, group, None, everything, True))
-        tasks += [_Task(fitter, group, fit_rows, {"cv": ("train", rows)}, False) for fit_rows, rows in folds]
-    lanes = _lanes(tasks)
-    n_jobs = min(jobs or usable_cores(), len(lanes))
-    threads = threads_per_job(n_jobs)
-
-    seconds: dict[str, float] = {c.spec: 0.0 for c in configs}
-    probas: dict[str, dict[str, np.ndarray]] = {c.spec: {} for c in configs}
-    models: dict[str, object] = {}
-    failed: dict[str, str] = {}  # spec -> why it could not be fitted
-    n_train = len(data["train"][1])
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), desc=f"fitting {len(configs)} heads", unit="fit", leave=False)
-    calls = (joblib.delayed(_run_lane)(lane, data, len(classes), seed, device, threads) for lane in lanes)
-    with thread_limit(threads):  # the BLAS pools and torch are process-wide: cap them for all workers
-        results = joblib.Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(calls)
-        for lane, lane_results in zip(lanes, results):
-            for task, (task_seconds, task_probas, task_models) in zip(lane, lane_results):
-                for i, cfg in enumerate(task.configs):
-                    seconds[cfg.spec] += task_seconds
-                    if isinstance(task_probas, str):
-                        failed.setdefault(cfg.spec, task_probas)
-                        continue
-                    for name, proba in task_probas[i].items():
-                        if name == "cv":
-                            oof = probas[cfg.spec].setdefault("cv", np.zeros((n_train, len(classes))))
-                            oof[task.evals["cv"][1]] = proba
-                        else:
-                            probas[cfg.spec][name] = proba
-                    if task.keep:
-                        models[cfg.spec] = task_models[i]
-            if bar is not None:
-                bar.update(len(lane))
-    if bar is not None:
-        bar.close()
-
-    labels = {s: data[s][1] for s in splits} | {"cv": data["train"][1]}
-    order = [selection, *([final] if final != selection else []),
-             *(s for s in splits if s not in (selection, final))]
-    if len(failed) == len(configs):
-        spec, reason = next(iter(failed.items()))
-        raise HeadError(f"no head could be fitted on {path.name}; {spec}: {reason}")
-    entries = []
-    for cfg in configs:
-        if cfg.spec in failed:
-            continue
-        metrics = {s: classification_metrics(labels[s], probas[cfg.spec][s], classes) for s in order}
-        entries.append(_entry(cfg, metrics, selection, seconds[cfg.spec]))
-    entries.sort(key=_rank_key)
-
-    run_meta = {
-        "run_id": run_dir.name, "cache": str(path), "cache_key": meta["key"], "classes": classes,
-        "config": meta["config"], "selection_split": selection, "final_split": final, "seed": seed,
-        "cv": folds_used, "class_weight": class_weight,
-        "heads": [e["head"] for e in entries], "best": entries[0]["head"],
-        "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
-        "seconds": round(time.perf_counter() - started, 3),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
-    }
-    by_spec = {c.spec: c for c in configs}
-    _write_run(run_dir, run_meta, entries, {s: (by_spec[s], m) for s, m in models.items() if s not in failed})
-    return SweepResult(str(run_dir), run_meta["best"], entries, selection, final, False,
+    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir)
+    reused = _reused(plan, started)
+    if reused is not None:
+        return reused
+    data = _read_features(plan)
+    outcome = _run_tasks(plan, data, _tasks(plan, data, cv), jobs, device, progress)
+    dumped = _dump_heads(plan, outcome)
+    entries = _rank(plan, data, outcome, dumped)
+    run_meta = _run_meta(plan, entries, outcome.failed, started)
+    _write_run(plan.run_dir, run_meta, entries, dumped)
+    return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
                        time.perf_counter() - started, run_meta["failed"])
 
 
 # --------------------------------------------------------------------------- the run directory
-
-
-def _json_dump(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def csv_rows(leaderboard: list[dict]) -> list[dict]:
@@ -497,49 +567,46 @@ def csv_rows(leaderboard: list[dict]) -> list[dict]:
     return rows
 
 
-def _write_run(run_dir: Path, meta: dict, entries: list[dict], models: dict) -> None:
-    import torch
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "heads").mkdir(parents=True)
+
+def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict[str, bytes], record: dict | None) -> dict:
+    """Write one head's folder; return the sha256 of each of its files, by path relative to ``run_dir``."""
+    htype = head_type(cfg.name)
+    folder = run_dir / "heads" / slug(entry["head"])
+    folder.mkdir(parents=True)
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
+                 "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
+                 "metrics": entry["metrics"], "selection_split": entry["selection_split"],
+                 "fit_seconds": entry["fit_seconds"]}
+    if record is not None:
+        head_meta["estimator"] = record
+    files.write_json(folder / HEAD_FILE, head_meta)
+    return {p.relative_to(run_dir).as_posix(): files.sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def _write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> None:
+    """Build the run directory under a temporary name, ``run.json`` last, and rename it into place."""
+    if run_dir.exists() and not (run_dir / RUN_FILE).exists():
+        shutil.rmtree(run_dir)  # not a complete run: left by an older, interrupted featurecache
     try:
-        for entry in entries:
-            cfg, model = models[entry["head"]]
-            htype = head_type(cfg.name)
-            folder = tmp / "heads" / slug(entry["head"])
-            folder.mkdir()
-            joblib.dump(model, folder / "model.joblib")
-            head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
-                         "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
-                         "metrics": entry["metrics"], "selection_split": entry["selection_split"],
-                         "fit_seconds": entry["fit_seconds"]}
-            if htype.kind == "torch":
-                estimator = model.named_steps["head"]
-                torch.save(estimator.module_.state_dict(), folder / "state_dict.pt")
-                head_meta["estimator"] = {"class": type(estimator).__name__,
-                                          "params": estimator.get_params(deep=False),
-                                          "classes": estimator.classes_.tolist(),
-                                          "n_features_in": int(estimator.n_features_in_)}
-            _json_dump(head_meta, folder / "head.json")
-        _json_dump(entries, tmp / "leaderboard.json")
-        rows = csv_rows(entries)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(tmp / "leaderboard.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        (tmp / "best").write_text(slug(meta["best"]) + "\n")
-        _json_dump(meta, tmp / RUN_FILE)
-        if run_dir.exists() and not (run_dir / RUN_FILE).exists():
-            shutil.rmtree(run_dir)  # left by an interrupted run
-        try:
-            os.rename(tmp, run_dir)
-        except OSError:
-            if not (run_dir / RUN_FILE).exists():
-                raise  # otherwise a concurrent identical run finished first: keep its result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with files.atomic_dir(run_dir) as tmp:
+            sha256 = {}
+            for entry in entries:
+                sha256.update(_write_head(tmp, entry, *dumped[entry["head"]]))
+            files.write_json(tmp / "leaderboard.json", entries)
+            (tmp / "leaderboard.csv").write_text(_csv_text(csv_rows(entries)))
+            (tmp / "best").write_text(slug(meta["best"]) + "\n")
+            files.write_json(tmp / RUN_FILE, {**meta, "sha256": sha256})
+    except FileExistsError:
+        pass  # a concurrent identical run finished first: keep its result
 
 
 def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -550,7 +617,8 @@ def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     if path.is_dir():
         raise RunError(f"{path} is not a complete run directory (no {RUN_FILE}); re-run fc fit-head")
     root = store.default_cache_dir(cache_dir) / RUNS
-    runs = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file()) if root.is_dir() else []
+    runs = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
+        if root.is_dir() else []
     text = str(ref)
     matches = [p for p in runs if p.name.startswith(text) or p.name.rpartition("-")[2].startswith(text)]
     if len(matches) == 1:
@@ -575,10 +643,13 @@ def _check_cache(run_dir: Path, meta: dict) -> None:
 def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Run:
     """A finished run (path, id or prefix), checked against the cache it was trained on."""
     run_dir = resolve_run(run, cache_dir)
-    meta = json.loads((run_dir / RUN_FILE).read_text())
-    _check_cache(run_dir, meta)
-    leaderboard = json.loads((run_dir / "leaderboard.json").read_text())
-    return Run(run_dir, meta, leaderboard)
+    loaded = Run(run_dir, json.loads((run_dir / RUN_FILE).read_text()), [])
+    if loaded.format not in (RUN_FORMAT, PICKLE_FORMAT):
+        raise RunError(f"run {run_dir.name} has the format {loaded.format}, which this featurecache cannot read; "
+                       "upgrade featurecache or re-run fc fit-head")
+    _check_cache(run_dir, loaded.meta)
+    loaded.leaderboard = json.loads((run_dir / "leaderboard.json").read_text())
+    return loaded
 
 
 def best_transferable(leaderboard: list[dict]) -> str | None:
@@ -590,15 +661,12 @@ def best_transferable(leaderboard: list[dict]) -> str | None:
     return None
 
 
-def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.PathLike | None = None):
-    """``(fitted pipeline, head.json dict)`` of one head of a run.
+def _transferable_names() -> str:
+    return ", ".join(name for name, htype in HEADS.items() if htype.transferable)
 
-    ``head`` is ``best`` (the top of the leaderboard), ``best-transferable`` (the best
-    head that can become a layer of a network: linear, mlp, logreg, linear-svm, ridge),
-    a spec or a slug.
-    """
-    loaded = load_run(run, cache_dir)
-    folders = loaded.path / "heads"
+
+def _head_folder(loaded: Run, head: str) -> Path:
+    """The folder of a run's head: ``best``, ``best-transferable``, a spec or a slug."""
     name = head
     if head == "best":
         name = (loaded.path / "best").read_text().strip()
@@ -606,13 +674,58 @@ def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.Pa
         name = best_transferable(loaded.leaderboard)
         if name is None:
             raise RunError(f"run {loaded.path.name} has no head that can become a layer of a network "
-                           "(linear, mlp, logreg, linear-svm, ridge)")
-    folder = folders / name
-    if not (folder / "head.json").is_file():
-        folder = folders / slug(name)
-    if not (folder / "head.json").is_file():
-        raise RunError(f"run {loaded.path.name} has no head {head!r}{suggest(head, loaded.meta['heads'])}")
-    return joblib.load(folder / "model.joblib"), json.loads((folder / "head.json").read_text())
+                           f"({_transferable_names()})")
+    folders = loaded.path / "heads"
+    for folder in (folders / name, folders / slug(name)):
+        if folder.parent == folders and (folder / HEAD_FILE).is_file():
+            return folder
+    raise RunError(f"run {loaded.path.name} has no head {head!r}{suggest(head, loaded.meta['heads'])}")
+
+
+def _check_files(loaded: Run, folder: Path) -> None:
+    """Every file of a head folder is recorded in ``run.json`` with the sha256 it has now."""
+    recorded = loaded.meta.get("sha256", {})
+    prefix = folder.relative_to(loaded.path).as_posix() + "/"
+    names = {key[len(prefix):] for key in recorded if key.startswith(prefix)}
+    if not names:
+        raise RunError(f"{RUN_FILE} of run {loaded.path.name} records no files for {prefix}; re-run fc fit-head")
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(".") and path.name not in names:
+            raise RunError(f"{path} is not one of the files {RUN_FILE} records; refused")
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file() or files.sha256_file(path) != recorded[prefix + name]:
+            raise RunError(f"{path} is missing or differs from the file the run wrote (sha256 mismatch); "
+                           "refused: re-run fc fit-head")
+
+
+def _load_pickle(loaded: Run, folder: Path, trust: bool):
+    path = folder / PICKLE_FILE
+    if not trust:
+        raise RunError(f"{path} is a pickle, from a run of an older featurecache; it is refused because loading "
+                       "a pickle can run any code it holds: pass --trust (trust=True) if you made this run or "
+                       "trust its author, or re-run fc fit-head to save the heads without pickles")
+    if not path.is_file():
+        raise RunError(f"run {loaded.path.name} has no {PICKLE_FILE} for {folder.name}; re-run fc fit-head")
+    return joblib.load(path)
+
+
+def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.PathLike | None = None,
+              trust: bool = False):
+    """``(fitted pipeline, head.json dict)`` of one head of a run.
+
+    ``head`` is ``best`` (the top of the leaderboard), ``best-transferable`` (the best
+    head that can become a layer of a network), a spec or a slug. A head's files are
+    checked against the sha256 ``run.json`` records. A run of the first format holds
+    pickles, which can run code when loaded: it loads only with ``trust=True``.
+    """
+    loaded = load_run(run, cache_dir)
+    folder = _head_folder(loaded, head)
+    if loaded.format == PICKLE_FORMAT:
+        return _load_pickle(loaded, folder, trust), json.loads((folder / HEAD_FILE).read_text())
+    _check_files(loaded, folder)
+    head_meta = json.loads((folder / HEAD_FILE).read_text())
+    return load_head_files(folder, head_meta), head_meta
 
 
 # --------------------------------------------------------------------------- presentation
@@ -645,7 +758,9 @@ def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[d
 
 
 def list_head_types() -> list[dict]:
-    """The registry as rows: name, family, kind, transferable, class_weight and default parameters."""
+    """The registry as rows: name, family, kind, transferable, class_weight, default parameters and the
+    facts the sweep uses (simplicity rank, relative cost, warm-start path)."""
     return [{"name": h.name, "family": h.family, "kind": h.kind, "transferable": h.transferable,
-             "class_weight": h.class_weight, "defaults": h.defaults, "description": h.description}
+             "class_weight": h.class_weight, "defaults": h.defaults, "description": h.description,
+             "simplicity": h.simplicity, "cost": h.cost, "warm_path": h.warm_path}
             for h in HEADS.values()]

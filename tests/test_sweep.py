@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import re
@@ -76,6 +77,7 @@ def test_val_selection_leaderboard_and_run_layout(cache):
     assert meta["cache"] == str(Path(cache).resolve()) and meta["cache_key"] == store.info(cache)["key"]
     assert meta["selection_split"] == "val" and meta["final_split"] == "test" and meta["best"] == res.best
     assert {"run_id", "classes", "config", "seed", "heads", "created", "versions"} <= set(meta)
+    assert meta["format"] == "featurecache-run/2"
     assert json.loads((run / "leaderboard.json").read_text()) == board
     csv_lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(board)
@@ -85,8 +87,13 @@ def test_val_selection_leaderboard_and_run_layout(cache):
         folder = run / "heads" / sweep.slug(entry["head"])
         head_meta = json.loads((folder / "head.json").read_text())
         assert head_meta["head"] == entry["head"] and head_meta["metrics"] == entry["metrics"]
-        assert (folder / "model.joblib").is_file()
-        assert (folder / "state_dict.pt").is_file() == (head_meta["kind"] == "torch")
+        names = {"head.json", "pipeline.skops"} | ({"module.safetensors"} if head_meta["kind"] == "torch" else set())
+        assert {p.name for p in folder.iterdir()} == names  # no pickle
+        for name in names:
+            digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            assert meta["sha256"][f"heads/{folder.name}/{name}"] == digest
+    assert len(meta["sha256"]) == sum(2 + (e["head"].startswith(("linear:", "mlp:"))) for e in board)
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert sweep.slug("logreg:C=0.1;pre=standardize") == "logreg-C=0.1-pre=standardize"
 
 

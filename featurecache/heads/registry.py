@@ -1,5 +1,14 @@
 """The head registry, head specs and the estimators they build.
 
+Every fact about a kind of head is one :class:`HeadType` record, registered under
+its name by one call of :func:`register_head` (the built-in heads are in
+:mod:`featurecache.heads.builtin`)::
+
+    @register_head("lda", family="linear", simplicity=1, to_module=coef_module)
+    def lda(*, solver="svd", shrinkage=None):
+        '''Linear discriminant analysis.'''
+        return LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)
+
 A grid spec is ``NAME[:PARAM=V1,V2,...[;PARAM=V...]]``; :func:`parse_grid` expands
 it into the Cartesian product of :class:`HeadConfig` objects. ``NAME`` is a key of
 :data:`HEADS` or the dotted path of any scikit-learn classifier, e.g.
@@ -18,25 +27,26 @@ import importlib
 import inspect
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sklearn.base import BaseEstimator, is_classifier
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.linear_model import LogisticRegression, RidgeClassifier
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.svm import SVC, LinearSVC
 
 from ..errors import HeadError, suggest
 from .preprocessing import make_pre, parse_pre
-from .sklearn_heads import DecisionSoftmaxClassifier, SoftmaxNearestCentroid
-from .torch_heads import TorchLinearClassifier, TorchMLPClassifier
+from .sklearn_heads import DecisionSoftmaxClassifier
 
 RESERVED = ("pre", "class_weight")
 _CONTEXT = ("class_weight", "random_state", "device")  # supplied by the caller, not by the spec
 SPEC_FORMAT = "NAME[:PARAM=V1,V2,...[;PARAM=V...]]"
+KINDS = ("sklearn", "torch")  # how a fitted head is saved: skops, or safetensors weights plus JSON
+UNRANKED = 5  # simplicity of a head that declares none: after every ranked one
+
+
+def type_name(cls: type) -> str:
+    """The fully qualified name of a class, as skops names the types in a file."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # --------------------------------------------------------------------------- head types
@@ -44,22 +54,35 @@ SPEC_FORMAT = "NAME[:PARAM=V1,V2,...[;PARAM=V...]]"
 
 @dataclass(frozen=True)
 class HeadType:
-    """One kind of head: ``factory(**params, <context>)`` returns an unfitted estimator.
+    """Everything about one kind of head, under its name.
 
-    ``defaults`` lists every parameter a spec may set, with its default;
-    ``context`` names the arguments among class_weight, random_state and device that
-    the factory takes from the caller; ``transferable`` says :func:`to_torch` can turn
-    a fitted head into an exact ``nn.Module``.
+    ``factory(**params, <context>)`` returns an unfitted estimator; ``defaults`` lists
+    every parameter a spec may set, with its default; ``context`` names the arguments
+    among class_weight, random_state and device that the factory takes from the caller.
+    ``simplicity`` breaks leaderboard ties (lower first), ``cost`` is the relative cost
+    of one fit (the costly heads start first), ``warm_path`` the parameter along which
+    a fit can continue from its neighbour with a smaller value, ``to_module`` turns the
+    fitted head estimator into an exact ``nn.Module``, and ``trusted`` names the types
+    beyond skops' defaults that a saved fitted head holds.
     """
 
     name: str
     family: str
-    kind: str  # "torch" | "sklearn"
+    kind: str  # one of KINDS
     factory: Callable[..., BaseEstimator]
     defaults: dict
     context: tuple[str, ...]
-    transferable: bool = False
     description: str = ""
+    simplicity: int = UNRANKED
+    cost: int = 1
+    warm_path: str | None = None
+    to_module: Callable | None = None
+    trusted: tuple[str, ...] = ()
+
+    @property
+    def transferable(self) -> bool:
+        """Whether :func:`featurecache.heads.to_torch` can turn a fitted head into an exact ``nn.Module``."""
+        return self.to_module is not None
 
     @property
     def class_weight(self) -> bool:
@@ -82,85 +105,68 @@ class HeadType:
         return self.factory(**params, **{k: given[k] for k in self.context})
 
 
-def _head(name: str, family: str, kind: str, factory, transferable: bool = False) -> HeadType:
+HEADS: dict[str, HeadType] = {}
+
+
+def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | None) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]*", name):
+        raise HeadError(f"head name {name!r}: use letters, digits, -, _ and + (no dots, colons or spaces)")
+    if name in HEADS:
+        raise HeadError(f"a head named {name!r} is already registered")
+    if kind not in KINDS:
+        raise HeadError(f"head {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if warm_path is not None and warm_path not in defaults:
+        raise HeadError(f"head {name}: warm_path {warm_path!r} is not one of its parameters {', '.join(defaults)}")
+
+
+def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None, *, family: str,
+                  kind: str = "sklearn", simplicity: int = UNRANKED, cost: int = 1, warm_path: str | None = None,
+                  to_module: Callable | None = None, trusted=()):
+    """Register a head under ``name``: everything about it in one call. Returns its :class:`HeadType`.
+
+    ``factory`` takes the head's parameters as keyword arguments with defaults (those a
+    spec may set), plus any of class_weight, random_state and device it uses; its
+    docstring's first line describes the head. The other arguments are the fields of
+    :class:`HeadType`. Without ``factory``, returns a decorator that registers the
+    function it decorates and gives it back.
+    """
+    if factory is None:
+        def decorate(function):
+            register_head(name, function, family=family, kind=kind, simplicity=simplicity, cost=cost,
+                          warm_path=warm_path, to_module=to_module, trusted=trusted)
+            return function
+
+        return decorate
     signature = inspect.signature(factory).parameters
     defaults = {k: p.default for k, p in signature.items() if k not in _CONTEXT}
+    _check_registration(name, kind, defaults, warm_path)
     context = tuple(k for k in _CONTEXT if k in signature)
-    description = inspect.getdoc(factory).splitlines()[0]
-    return HeadType(name, family, kind, factory, defaults, context, transferable, description)
-
-
-def _logreg(*, C=1.0, max_iter=1000, class_weight=None, random_state=None):
-    """Multinomial logistic regression (L-BFGS)."""
-    return LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state)
-
-
-def _linear_svm(*, C=1.0, max_iter=10000, class_weight=None, random_state=None):
-    """Linear SVM (liblinear); probabilities: softmax of the decision function."""
-    return DecisionSoftmaxClassifier(
-        LinearSVC(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state))
-
-
-def _ridge(*, alpha=1.0, class_weight=None):
-    """Ridge classifier; probabilities: softmax of the decision function."""
-    return DecisionSoftmaxClassifier(RidgeClassifier(alpha=alpha, class_weight=class_weight))
-
-
-def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
-    """RBF SVM; probabilities: Platt scaling on 5 folds, then one SVC on all rows."""
-    # CalibratedClassifierCV(SVC(), ensemble=False) is what scikit-learn recommends
-    # in place of SVC(probability=True), deprecated since 1.9; both Platt-scale 5-fold scores.
-    return CalibratedClassifierCV(
-        SVC(C=C, gamma=gamma, class_weight=class_weight, random_state=random_state),
-        method="sigmoid", cv=5, ensemble=False)
-
-
-def _knn(*, n_neighbors=5, weights="uniform", metric="euclidean"):
-    """k nearest neighbours; probabilities: the (weighted) vote shares."""
-    return KNeighborsClassifier(n_neighbors=n_neighbors, weights=weights, metric=metric)
-
-
-def _nearest_centroid(*, shrink_threshold=None):
-    """Nearest (shrunken) centroid; probabilities: softmax of minus squared distances."""
-    return SoftmaxNearestCentroid(shrink_threshold=shrink_threshold)
-
-
-def _random_forest(*, n_estimators=300, max_features="sqrt", max_depth=None, min_samples_leaf=1,
-                   class_weight=None, random_state=None):
-    """Random forest; probabilities: mean of the trees' leaf class shares."""
-    return RandomForestClassifier(n_estimators=n_estimators, max_features=max_features, max_depth=max_depth,
-                                  min_samples_leaf=min_samples_leaf, class_weight=class_weight,
-                                  random_state=random_state, n_jobs=1)
-
-
-def _hgb(*, learning_rate=0.1, max_iter=100, max_leaf_nodes=31, l2_regularization=0.0, max_features=1.0,
-         class_weight=None, random_state=None):
-    """Histogram gradient boosting."""
-    return HistGradientBoostingClassifier(learning_rate=learning_rate, max_iter=max_iter,
-                                          max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization,
-                                          max_features=max_features, class_weight=class_weight,
-                                          random_state=random_state)
-
-
-HEADS: dict[str, HeadType] = {
-    h.name: h
-    for h in [
-        _head("linear", "linear", "torch", TorchLinearClassifier, transferable=True),
-        _head("mlp", "mlp", "torch", TorchMLPClassifier, transferable=True),
-        _head("logreg", "linear", "sklearn", _logreg, transferable=True),
-        _head("linear-svm", "linear", "sklearn", _linear_svm, transferable=True),
-        _head("ridge", "linear", "sklearn", _ridge, transferable=True),
-        _head("svm", "kernel", "sklearn", _svm),
-        _head("knn", "neighbors", "sklearn", _knn),
-        _head("nearest-centroid", "neighbors", "sklearn", _nearest_centroid),
-        _head("random-forest", "trees", "sklearn", _random_forest),
-        _head("hgb", "trees", "sklearn", _hgb),
-    ]
-}
+    description = (inspect.getdoc(factory) or name).splitlines()[0]
+    HEADS[name] = HeadType(name, family, kind, factory, defaults, context, description, simplicity, cost,
+                           warm_path, to_module, tuple(trusted))
+    return HEADS[name]
 
 
 def list_heads() -> list[str]:
     return list(HEADS)
+
+
+def trusted_types() -> list[str]:
+    """The allow-list of types a saved head may hold beyond skops' defaults: those the registered
+    heads declare, and the wrapper given to scikit-learn classifiers without ``predict_proba``."""
+    names = {type_name(DecisionSoftmaxClassifier)}
+    for htype in HEADS.values():
+        names.update(htype.trusted)
+    return sorted(names)
+
+
+def head_type_of(estimator) -> HeadType | None:
+    """The registered transferable head whose estimators are of ``estimator``'s kind (type and wrapped type)."""
+    def shape(est):
+        return type(est), type(getattr(est, "estimator", None))
+
+    target = shape(estimator)
+    return next((h for h in HEADS.values() if h.transferable and shape(h.build({})) == target), None)
 
 
 def _sklearn_classifier(cls, **params) -> BaseEstimator:
@@ -172,7 +178,7 @@ def _sklearn_classifier(cls, **params) -> BaseEstimator:
     raise HeadError(f"{cls.__name__} with {params} has neither predict_proba nor decision_function")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _public_classifier_paths() -> tuple[str, ...]:
     from sklearn.utils.discovery import all_estimators
 
@@ -180,8 +186,8 @@ def _public_classifier_paths() -> tuple[str, ...]:
                  for name, cls in all_estimators(type_filter="classifier"))
 
 
-@functools.lru_cache(maxsize=None)
-def _dotted_head(path: str) -> HeadType:
+def _classifier_class(path: str) -> type:
+    """The scikit-learn classifier class at a dotted path, or a HeadError with the closest paths."""
     module_name, _, class_name = path.rpartition(".")
     hint = suggest(path, _public_classifier_paths())
     try:
@@ -197,11 +203,19 @@ def _dotted_head(path: str) -> HeadType:
         raise HeadError(f"{path} needs constructor arguments a head spec cannot give ({exc})") from None
     if not is_classifier(instance):
         raise HeadError(f"{path} is not a classifier{hint}")
-    params = instance.get_params(deep=False)
+    return cls
+
+
+@functools.cache
+def _dotted_head(path: str) -> HeadType:
+    """A scikit-learn classifier named by path, with neutral facts: unranked, cost 1, no warm path,
+    not transferable."""
+    cls = _classifier_class(path)
+    params = cls().get_params(deep=False)
     defaults = {k: v for k, v in params.items() if k not in _CONTEXT}
     context = tuple(k for k in _CONTEXT if k in params)
-    return HeadType(path, module_name.split(".")[1], "sklearn", functools.partial(_sklearn_classifier, cls),
-                    defaults, context, False, (inspect.getdoc(cls) or path).splitlines()[0])
+    return HeadType(path, path.split(".")[1], "sklearn", functools.partial(_sklearn_classifier, cls),
+                    defaults, context, (inspect.getdoc(cls) or path).splitlines()[0])
 
 
 def head_type(name: str) -> HeadType:
@@ -280,12 +294,12 @@ class HeadConfig:
         return {"name": self.name, "params": params, "pre": self.pre, "class_weight": self.class_weight}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadConfig":
+    def from_dict(cls, data: dict) -> HeadConfig:
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("params", {}).items()}
         return cls(data["name"], params, parse_pre(data.get("pre")), parse_class_weight(data.get("class_weight")))
 
     @classmethod
-    def parse(cls, spec: str) -> "HeadConfig":
+    def parse(cls, spec: str) -> HeadConfig:
         """The config of a concrete (single-valued) spec."""
         configs = parse_grid(spec)
         if len(configs) != 1:
@@ -309,8 +323,6 @@ def _check(cfg: HeadConfig) -> None:
         for estimator in (head, getattr(head, "estimator", None)):
             if estimator is not None:
                 estimator._validate_params()
-        if isinstance(head, TorchMLPClassifier):
-            head._widths()
     except (InvalidParameterError, ValueError, TypeError) as exc:
         raise HeadError(f"bad value in head {cfg.spec}: {exc}") from None
 
@@ -346,23 +358,3 @@ def parse_grid(spec: str) -> list[HeadConfig]:
         _check(cfg)
         configs.setdefault(cfg.spec, cfg)
     return list(configs.values())
-
-
-# The sweep run when no head is given: 22 heads in 5 families, strong on CNN features
-# (the best reaches 0.967 on hymenoptera with MobileNetV2), about 5 s of one core on 245 rows and
-# under two minutes of one core on 3,000 rows x 1,280 features. Gradient boosting
-# runs on 64 principal components: as good there, and 15x faster than on all features.
-DEFAULT_SWEEP: list[str] = [
-    "logreg:C=0.01,0.1,1;pre=standardize",
-    "logreg:C=1,10;pre=l2",
-    "linear:lr=0.001,0.01;weight_decay=0.0001,0.05;pre=standardize",
-    "linear-svm:C=0.0001,0.001;pre=standardize",
-    "linear-svm:C=0.1;pre=l2",
-    "ridge:alpha=1000,10000;pre=standardize",
-    "mlp:hidden=512;dropout=0.3;epochs=50;pre=standardize",
-    "svm:C=1,10;pre=standardize",
-    "knn:n_neighbors=5,15;weights=distance;pre=l2",
-    "nearest-centroid:pre=l2",
-    "random-forest:n_estimators=300",
-    "hgb:pre=pca:64",
-]

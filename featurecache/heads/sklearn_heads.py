@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import numpy as np
 from scipy.special import softmax
@@ -33,7 +34,7 @@ class DecisionSoftmaxClassifier(MetaEstimatorMixin, ClassifierMixin, BaseEstimat
     this ``predict_proba``.
     """
 
-    _parameter_constraints = {"estimator": [HasMethods(["fit", "decision_function"])]}
+    _parameter_constraints: ClassVar[dict] = {"estimator": [HasMethods(["fit", "decision_function"])]}
 
     def __init__(self, estimator):
         self.estimator = estimator

@@ -15,8 +15,10 @@ softmax of those logits. Weight decay applies to every parameter.
 
 from __future__ import annotations
 
+import itertools
 import math
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,10 +58,10 @@ def derive_seed(random_state) -> int:
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """Row ranges of one epoch; a trailing batch of one row joins the previous batch
     (batch norm needs two rows, and one row carries almost no gradient anyway)."""
-    bounds = list(range(0, n, batch_size)) + [n]
+    bounds = [*range(0, n, batch_size), n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -135,7 +137,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, classes: np.ndarray, lrs, w
 class _TorchClassifier(ClassifierMixin, BaseEstimator):
     """Shared fit/predict of the torch heads; subclasses build and train ``module_``."""
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict] = {
         "lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "epochs": [Interval(Integral, 1, None, closed="left")],
@@ -169,6 +171,15 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
         logits = self._logits(X)
         return self.classes_[logits.argmax(axis=1)]
 
+    def restore(self, classes, n_features: int, state_dict: dict):
+        """Adopt a trained ``module_`` from its weights (a safetensors state dict), without refitting."""
+        module = self._empty_module(n_features, len(classes))
+        module.load_state_dict(state_dict)
+        self.classes_ = np.asarray(classes)
+        self.n_features_in_ = n_features
+        self.module_ = module.eval().requires_grad_(False)
+        return self
+
 
 class TorchLinearClassifier(_TorchClassifier):
     """Softmax regression trained with AdamW; ``module_`` is an ``nn.Linear``."""
@@ -189,12 +200,12 @@ class TorchLinearClassifier(_TorchClassifier):
             class_weight=self.class_weight, random_state=self.random_state, device=self.device)
         return linear_module(weight, bias)
 
+    def _empty_module(self, n_features: int, n_classes: int) -> nn.Linear:
+        return nn.Linear(n_features, n_classes)
+
     def _set_fitted(self, classes, weight, bias, n_features):
         """Adopt weights trained elsewhere (the batched grid trainer)."""
-        self.classes_ = classes
-        self.n_features_in_ = n_features
-        self.module_ = linear_module(weight, bias).eval().requires_grad_(False)
-        return self
+        return self.restore(classes, n_features, {"weight": weight, "bias": bias})
 
 
 def linear_module(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -212,7 +223,7 @@ class TorchMLPClassifier(_TorchClassifier):
     ``hidden`` is one width (``512``) or a tuple of widths (``(512, 256)``).
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict] = {
         **_TorchClassifier._parameter_constraints,
         "hidden": [Interval(Integral, 1, None, closed="left"), tuple, list],
         "dropout": [Interval(Real, 0, 1, closed="left")],
@@ -232,13 +243,17 @@ class TorchMLPClassifier(_TorchClassifier):
         self.random_state = random_state
         self.device = device
 
+    def _validate_params(self):
+        super()._validate_params()
+        self._widths()
+
     def _widths(self) -> tuple[int, ...]:
         widths = (self.hidden,) if isinstance(self.hidden, Integral) else tuple(self.hidden)
         if not widths or not all(isinstance(h, Integral) and h >= 1 for h in widths):
             raise ValueError(f"hidden must be a positive width or a tuple of them, got {self.hidden!r}")
         return widths
 
-    def _build(self, n_features: int, n_classes: int) -> nn.Sequential:
+    def _empty_module(self, n_features: int, n_classes: int) -> nn.Sequential:
         layers: list[nn.Module] = []
         width = n_features
         for h in self._widths():
@@ -259,7 +274,7 @@ class TorchMLPClassifier(_TorchClassifier):
         seed = derive_seed(self.random_state)
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(seed)
-            module = self._build(X.shape[1], len(self.classes_)).to(device).train()
+            module = self._empty_module(X.shape[1], len(self.classes_)).to(device).train()
             groups = [{"params": list(module.parameters()), "lr": float(self.lr),
                        "weight_decay": float(self.weight_decay)}]
             train(groups, lambda xb: module(xb).unsqueeze(0), X, y,
