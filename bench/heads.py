@@ -121,6 +121,38 @@ def tutorial_side(data: Path, epochs: int) -> dict:
             "seconds_per_epoch": per_epoch, "accuracy": best_acc, "last_accuracy": history[-1]}
 
 
+def compare_with_tutorial(data: Path, jobs: int | None, tutorial_epochs: int) -> None:
+    """Run both sides and print their times, accuracies and the speed-up."""
+    ours = featurecache_side(data, jobs)
+    print(f"fc extract + fit-head (default sweep, {ours['heads']} heads): {ours['seconds']:.1f} s "
+          f"(extract {ours['extract_seconds']:.1f} s, sweep {ours['sweep_seconds']:.1f} s); "
+          f"best {ours['best']}: {ours['selection_split']} accuracy {ours['accuracy']:.4f}")
+    print(f"tutorial fixed-feature-extractor, {tutorial_epochs} epochs ...", file=sys.stderr)
+    tut = tutorial_side(data, tutorial_epochs)
+    if tut["extrapolated"]:
+        print(f"tutorial, {TUTORIAL_EPOCHS} epochs: {tut['seconds']:.1f} s EXTRAPOLATED from {tut['epochs']} "
+              f"measured epochs ({tut['seconds_measured']:.1f} s, {tut['seconds_per_epoch']:.1f} s/epoch); "
+              f"best val accuracy after {tut['epochs']} epochs (not 25) {tut['accuracy']:.4f}")
+    else:
+        print(f"tutorial, {TUTORIAL_EPOCHS} epochs: {tut['seconds']:.1f} s "
+              f"({tut['seconds_per_epoch']:.1f} s/epoch); "
+              f"best val accuracy {tut['accuracy']:.4f} (last epoch {tut['last_accuracy']:.4f})")
+    speedup = tut["seconds"] / ours["seconds"]
+    print(f"speed-up: {speedup:.1f}x{' (against the extrapolated time)' if tut['extrapolated'] else ''}; "
+          f"val accuracy {ours['accuracy']:.4f} vs {tut['accuracy']:.4f} "
+          f"({'equal or better' if ours['accuracy'] >= tut['accuracy'] else 'worse'})")
+
+
+def report_grid(rows: int) -> None:
+    """Heads per minute of the batched linear trainer against one by one."""
+    grid = benchmark_grid(n=rows)
+    print(f"batched linear trainer, {grid['heads']} heads x {grid['epochs']} epochs on {grid['n']} x {grid['d']} "
+          f"({grid['classes']} classes, {grid['device']}): {grid['batched_seconds']:.1f} s = "
+          f"{grid['batched_heads_per_minute']:.0f} heads/min; one by one {grid['one_by_one_seconds']:.1f} s = "
+          f"{grid['one_by_one_heads_per_minute']:.0f} heads/min; ratio {grid['speedup']:.1f}x "
+          f"(best held-out accuracy {grid['best_accuracy_batched']:.4f} vs {grid['best_accuracy_one_by_one']:.4f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -135,33 +167,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the tutorial's 4 workers, as it has them
     print(f"load average before: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}")
-
     if not args.skip_tutorial:
-        ours = featurecache_side(args.data, args.jobs)
-        print(f"fc extract + fit-head (default sweep, {ours['heads']} heads): {ours['seconds']:.1f} s "
-              f"(extract {ours['extract_seconds']:.1f} s, sweep {ours['sweep_seconds']:.1f} s); "
-              f"best {ours['best']}: {ours['selection_split']} accuracy {ours['accuracy']:.4f}")
-        print(f"tutorial fixed-feature-extractor, {args.tutorial_epochs} epochs ...", file=sys.stderr)
-        tut = tutorial_side(args.data, args.tutorial_epochs)
-        if tut["extrapolated"]:
-            print(f"tutorial, {TUTORIAL_EPOCHS} epochs: {tut['seconds']:.1f} s EXTRAPOLATED from {tut['epochs']} "
-                  f"measured epochs ({tut['seconds_measured']:.1f} s, {tut['seconds_per_epoch']:.1f} s/epoch); "
-                  f"best val accuracy after {tut['epochs']} epochs (not 25) {tut['accuracy']:.4f}")
-        else:
-            print(f"tutorial, {TUTORIAL_EPOCHS} epochs: {tut['seconds']:.1f} s ({tut['seconds_per_epoch']:.1f} s/epoch); "
-                  f"best val accuracy {tut['accuracy']:.4f} (last epoch {tut['last_accuracy']:.4f})")
-        speedup = tut["seconds"] / ours["seconds"]
-        print(f"speed-up: {speedup:.1f}x{' (against the extrapolated time)' if tut['extrapolated'] else ''}; "
-              f"val accuracy {ours['accuracy']:.4f} vs {tut['accuracy']:.4f} "
-              f"({'equal or better' if ours['accuracy'] >= tut['accuracy'] else 'worse'})")
-
+        compare_with_tutorial(args.data, args.jobs, args.tutorial_epochs)
     if not args.skip_grid:
-        grid = benchmark_grid(n=args.grid_rows)
-        print(f"batched linear trainer, {grid['heads']} heads x {grid['epochs']} epochs on {grid['n']} x {grid['d']} "
-              f"({grid['classes']} classes, {grid['device']}): {grid['batched_seconds']:.1f} s = "
-              f"{grid['batched_heads_per_minute']:.0f} heads/min; one by one {grid['one_by_one_seconds']:.1f} s = "
-              f"{grid['one_by_one_heads_per_minute']:.0f} heads/min; ratio {grid['speedup']:.1f}x "
-              f"(best held-out accuracy {grid['best_accuracy_batched']:.4f} vs {grid['best_accuracy_one_by_one']:.4f})")
+        report_grid(args.grid_rows)
     print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -143,16 +143,16 @@ def test_a_head_that_cannot_fit_these_data_is_reported_and_the_sweep_goes_on(tmp
     assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid"}
     assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == ["knn-n_neighbors=3", "nearest-centroid"]
     assert sweep.load_run(res.run_dir).meta["failed"] == res.failed
-    out = run_cli(cli_runner, "fit-head", cache, *sum((["--head", g] for g in grid), []), "--jobs", 1)
+    out = run_cli(cli_runner, "fit-head", cache, *(arg for g in grid for arg in ("--head", g)), "--jobs", 1)
     assert out.exit_code == 0
     assert "not fitted: knn:n_neighbors=50: ValueError" in out.stderr
     # nothing fits: a one-line error
-    with pytest.raises(HeadError, match="no head could be fitted.*knn:n_neighbors=50"):
+    with pytest.raises(HeadError, match=r"no head could be fitted.*knn:n_neighbors=50"):
         featurecache.fit_head(cache, head="knn:n_neighbors=50", jobs=1)
 
 
 def test_same_seed_same_leaderboard(tmp_path):
-    grid = GRID + ("random-forest:n_estimators=20", "mlp:hidden=16,32;dropout=0.5;epochs=10")
+    grid = (*GRID, "random-forest:n_estimators=20", "mlp:hidden=16,32;dropout=0.5;epochs=10")
     first = featurecache.fit_head(digits_cache(tmp_path / "a"), head=grid, jobs=2, seed=3)
     second = featurecache.fit_head(digits_cache(tmp_path / "b"), head=grid, jobs=2, seed=3)
     assert not second.reused and first.run_dir != second.run_dir
@@ -279,7 +279,7 @@ def test_load_refuses_a_head_trained_on_other_features(tmp_path):
     res = featurecache.fit_head(cache, head=("knn",), jobs=1)
     digits_cache(folder, seed=1, tag="another-backbone")  # same file, other features
     for load in (sweep.load_run, sweep.load_head):
-        with pytest.raises(RunError, match="was trained on features .* but .* now holds .*; re-run fc fit-head"):
+        with pytest.raises(RunError, match=r"was trained on features .* but .* now holds .*; re-run fc fit-head"):
             load(res.run_dir)
     Path(cache).unlink()
     with pytest.raises(RunError, match="no longer exists"):
@@ -296,7 +296,7 @@ def test_resolve_run_by_path_id_and_prefix(cache):
     assert sweep.load_run(run.name, folder).best == res.best
     with pytest.raises(RunError, match="no run matches"):
         sweep.resolve_run("nope", folder)
-    with pytest.raises(RunError, match="no head 'knm'.*did you mean: knn"):
+    with pytest.raises(RunError, match=r"no head 'knm'.*did you mean: knn"):
         sweep.load_head(run, "knm")
 
 
@@ -393,3 +393,89 @@ def test_default_sweep_on_hymenoptera_reaches_094(hymenoptera_cache):
     assert len({e["head"].partition(":")[0] for e in res.leaderboard}) >= 5
     assert res.leaderboard[0]["selection_split"] == "val"
     assert res.leaderboard[0]["metrics"]["val"]["accuracy"] >= 0.94
+
+
+# --------------------------------------------------------------------------- registering a head
+
+
+@pytest.fixture
+def register():
+    """``register(name, factory, **facts)``: one register_head call, undone after the test."""
+    from featurecache.heads import HEADS, register_head
+
+    names = []
+
+    def add(name, factory, **facts):
+        names.append(name)
+        return register_head(name, factory, **facts)
+
+    yield add
+    for name in names:
+        HEADS.pop(name, None)
+
+
+def _lda(*, solver="svd", shrinkage=None):
+    """Linear discriminant analysis."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    return LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)
+
+
+def test_a_head_registered_in_one_call_is_swept_saved_listed_and_transferable(cache, register):
+    import torch
+
+    from featurecache.heads import coef_module, to_torch
+
+    htype = register("lda", _lda, family="linear", simplicity=1, cost=2, to_module=coef_module)
+    assert htype.transferable and htype.defaults == {"solver": "svd", "shrinkage": None}
+    row = next(r for r in sweep.list_head_types() if r["name"] == "lda")
+    assert row == {**row, "family": "linear", "transferable": True, "simplicity": 1, "cost": 2, "warm_path": None,
+                   "description": "Linear discriminant analysis."}
+    res = featurecache.fit_head(cache, head=("lda:solver=svd,lsqr;pre=standardize", "knn"), jobs=1)
+    assert {e["head"] for e in res.leaderboard} == {"lda:pre=standardize;solver=svd",
+                                                   "lda:pre=standardize;solver=lsqr", "knn"}
+    assert sweep.best_transferable(res.leaderboard).startswith("lda:")
+    pipeline, head_meta = sweep.load_head(res.run_dir, "best-transferable")
+    assert head_meta["name"] == "lda" and head_meta["transferable"]
+    X, _, _ = store.load_features(cache, "test")
+    with torch.no_grad():
+        logits = to_torch(pipeline, "lda")(torch.from_numpy(X)).double()
+    np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), pipeline.predict_proba(X), atol=1e-4)
+
+
+@pytest.mark.parametrize("simplicity, first", [(-1, "twin-centroid"), (9, "nearest-centroid")])
+def test_a_registered_simplicity_breaks_leaderboard_ties(cache, register, simplicity, first):
+    from featurecache.heads.sklearn_heads import SoftmaxNearestCentroid
+
+    def twin():
+        """Nearest centroid under another name."""
+        return SoftmaxNearestCentroid()
+
+    register("twin-centroid", twin, family="neighbors", simplicity=simplicity,
+             trusted=["featurecache.heads.sklearn_heads.SoftmaxNearestCentroid"])
+    board = featurecache.fit_head(cache, head=("nearest-centroid", "twin-centroid"), jobs=1).leaderboard
+    assert board[0]["metrics"] == board[1]["metrics"]  # a tie on every number
+    assert board[0]["head"] == first
+
+
+def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch):
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    def extra_trees(*, n_estimators=100, random_state=None):
+        """Extremely randomized trees."""
+        return ExtraTreesClassifier(n_estimators=n_estimators, random_state=random_state)
+
+    register("extra-trees", extra_trees, family="trees", warm_path="n_estimators", cost=3,
+             trusted=["sklearn.tree._tree.Tree"])
+    paths = []
+    real = sweep.FITTERS["warm-path"]
+
+    def spy(configs, *args):
+        paths.append([c.spec for c in configs])
+        return real(configs, *args)
+
+    monkeypatch.setitem(sweep.FITTERS, "warm-path", spy)
+    res = featurecache.fit_head(cache, head=("extra-trees:n_estimators=20,10", "knn"), jobs=1)
+    assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
+    assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}
+    assert sweep.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
