@@ -14,6 +14,7 @@ from featurecache.errors import HeadError
 from featurecache.heads import (
     DEFAULT_SWEEP,
     HEADS,
+    UNRANKED,
     HeadConfig,
     TorchLinearClassifier,
     TorchMLPClassifier,
@@ -23,6 +24,7 @@ from featurecache.heads import (
     list_heads,
     make_estimator,
     parse_grid,
+    register_head,
     thread_limit,
     to_torch,
 )
@@ -235,9 +237,56 @@ def test_to_torch_is_exact(name, pre, n_classes, digits):
 
 def test_to_torch_gives_plain_linear_layers_and_refuses_other_heads(digits):
     assert isinstance(to_torch(_fit("logreg", digits, pre="standardize")), torch.nn.Linear)
-    assert isinstance(to_torch(_fit("linear", digits, pre="pca:8")), torch.nn.Linear)
-    with pytest.raises(HeadError, match="not transferable"):
+    assert isinstance(to_torch(_fit("linear", digits, pre="pca:8"), "linear"), torch.nn.Linear)
+    only = "only linear, mlp, logreg, linear-svm, ridge heads convert to torch"
+    with pytest.raises(HeadError, match=f"head KNeighborsClassifier is not transferable: {only}"):
         to_torch(_fit("knn", digits))
+    with pytest.raises(HeadError, match=f"head knn is not transferable: {only}"):
+        to_torch(_fit("knn", digits), "knn")
+
+
+def test_to_torch_by_name_matches_the_inferred_conversion(digits):
+    X_test = torch.from_numpy(digits[2])
+    pipeline = _fit("ridge", digits, pre="l2")
+    with torch.no_grad():
+        np.testing.assert_array_equal(to_torch(pipeline, "ridge")(X_test).numpy(), to_torch(pipeline)(X_test).numpy())
+    with pytest.raises(HeadError, match=r"head sklearn\.linear_model\.RidgeClassifier is not transferable"):
+        to_torch(pipeline, "sklearn.linear_model.RidgeClassifier")  # heads named by path never are
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_every_fact_about_a_head_is_in_its_record():
+    assert [n for n, h in HEADS.items() if h.transferable] == ["linear", "mlp", "logreg", "linear-svm", "ridge"]
+    assert {n: h.warm_path for n, h in HEADS.items() if h.warm_path} == {
+        "logreg": "C", "random-forest": "n_estimators", "hgb": "max_iter"}
+    assert head_type("nearest-centroid").simplicity < head_type("logreg").simplicity < head_type("hgb").simplicity
+    assert head_type("hgb").cost > head_type("svm").cost > head_type("knn").cost
+    dotted = head_type("sklearn.ensemble.ExtraTreesClassifier")  # neutral facts
+    assert (dotted.simplicity, dotted.cost, dotted.warm_path, dotted.transferable) == (UNRANKED, 1, None, False)
+    assert UNRANKED > max(h.simplicity for h in HEADS.values())
+
+
+def _naive_bayes(*, var_smoothing=1e-9):
+    """Gaussian naive Bayes."""
+    from sklearn.naive_bayes import GaussianNB
+
+    return GaussianNB(var_smoothing=var_smoothing)
+
+
+@pytest.mark.parametrize("name, facts, message", [
+    ("logreg", {}, "a head named 'logreg' is already registered"),
+    ("sklearn.naive_bayes.GaussianNB", {}, "no dots"),
+    ("naive bayes", {}, "no dots, colons or spaces"),
+    ("naive-bayes", {"warm_path": "C"}, "warm_path 'C' is not one of its parameters var_smoothing"),
+    ("naive-bayes", {"kind": "jax"}, "kind must be one of sklearn, torch"),
+])
+def test_register_head_refuses_what_specs_and_files_cannot_handle(name, facts, message):
+    before = dict(HEADS)
+    with pytest.raises(HeadError, match=message):
+        register_head(name, _naive_bayes, family="bayes", **facts)
+    assert HEADS == before
 
 
 # --------------------------------------------------------------------------- batched linear heads
