@@ -409,10 +409,10 @@ def _read_features(plan: _Plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return data
 
 
-def _tasks(plan: _Plan, data: dict, cv: int) -> list[_Task]:
+def _tasks(plan: _Plan, data: dict) -> list[_Task]:
     """Every group of heads fitted on all of train (kept), and on each CV fold when selecting by CV."""
     everything = {s: (s, None) for s in plan.splits}
-    folds = _cv_folds(data["train"][1], cv, plan.seed, plan.classes) if plan.selection == "cv" else []
+    folds = _cv_folds(data["train"][1], plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
     tasks = []
     for fitter, group in _groups(plan.configs):
         tasks.append(_Task(fitter, group, None, everything, True))
@@ -542,7 +542,7 @@ def fit_head(
     if reused is not None:
         return reused
     data = _read_features(plan)
-    outcome = _run_tasks(plan, data, _tasks(plan, data, cv), jobs, device, progress)
+    outcome = _run_tasks(plan, data, _tasks(plan, data), jobs, device, progress)
     dumped = _dump_heads(plan, outcome)
     entries = _rank(plan, data, outcome, dumped)
     run_meta = _run_meta(plan, entries, outcome.failed, started)

@@ -479,3 +479,14 @@ def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch
     assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
     assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}
     assert sweep.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
+
+
+def test_a_concurrent_identical_run_that_finished_first_is_kept(cache, monkeypatch):
+    first = featurecache.fit_head(cache, head=("knn",), jobs=1)
+    run_json = Path(first.run_dir) / "run.json"
+    before = (run_json.stat().st_ino, run_json.read_text())
+    monkeypatch.setattr(sweep, "_reused", lambda plan, started: None)  # the other run finished after our lookup
+    second = featurecache.fit_head(cache, head=("knn",), jobs=1)
+    assert second.run_dir == first.run_dir and not second.reused and second.best == first.best
+    assert (run_json.stat().st_ino, run_json.read_text()) == before
+    assert [p.name for p in Path(first.run_dir).parent.iterdir()] == [Path(first.run_dir).name]  # nothing left over

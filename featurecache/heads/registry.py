@@ -127,8 +127,9 @@ def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None
     ``factory`` takes the head's parameters as keyword arguments with defaults (those a
     spec may set), plus any of class_weight, random_state and device it uses; its
     docstring's first line describes the head. The other arguments are the fields of
-    :class:`HeadType`. Without ``factory``, returns a decorator that registers the
-    function it decorates and gives it back.
+    :class:`HeadType`. A ``torch`` head's estimator is a featurecache torch classifier
+    (``module_`` after fit, ``restore`` to rebuild it from saved weights). Without
+    ``factory``, returns a decorator that registers the function it decorates and gives it back.
     """
     if factory is None:
         def decorate(function):
