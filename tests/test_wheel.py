@@ -8,6 +8,7 @@ way, so the editable install's finder, which would bring the checkout back, stay
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -30,8 +31,12 @@ def _run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, REPO, cwd=REPO)
+    """Built from a copy of the sources: no build/ left in the checkout, and no stale one read from it."""
+    src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "featurecache", src / "featurecache", ignore=shutil.ignore_patterns("__pycache__"))
+    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, src, cwd=src)
     (built,) = dist.glob("featurecache-*.whl")
     return built
 
