@@ -7,37 +7,23 @@ The public API mirrors the ``fc`` commands::
     X, y, paths = fc.load_features(res.cache, "train")
 
 Heavy modules (torch, h5py, scikit-learn) load on first use, so importing the
-package, and ``fc --help``, stay fast.
+package, and ``fc --help``, stay fast. The functions are listed in
+:mod:`featurecache.stages`.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from .errors import FeatureCacheError
+from .stages import BY_NAME
 
 __version__ = "0.1.0"
 
-_API = {
-    "extract": "featurecache.extractor",
-    "load_features": "featurecache.store",
-    "fit_head": "featurecache.sweep",
-    "finetune": "featurecache.finetuning",
-    "predict": "featurecache.prediction",
-    "report": "featurecache.reporting",
-    "run": "featurecache.pipeline",
-}
-
-__all__ = ["FeatureCacheError", "__version__", *_API]
+__all__ = ["FeatureCacheError", "__version__", *BY_NAME]
 
 
 def __getattr__(name: str):
-    if name in _API:
-        module = importlib.import_module(_API[name])
-        value = getattr(module, name)
+    if name in BY_NAME:
+        value = BY_NAME[name].load()
         globals()[name] = value
         return value
     raise AttributeError(f"module 'featurecache' has no attribute {name!r}")
-
-# Stage modules are named extractor, sweep, finetuning, prediction, reporting and pipeline
-# so that importing them never shadows the functions of the same name above.

@@ -1,20 +1,26 @@
-"""The ``fc`` command line: a thin layer over the Python API.
+"""The ``fc`` command line (also installed as ``featurecache``): a thin layer over the Python API.
 
 Each command turns its options into one call of a public function with the same
-parameter names. Errors derived from :class:`FeatureCacheError` become one line on
-stderr and a non-zero exit code here, in :class:`FcGroup`, and nowhere else.
-Heavy modules (torch, h5py, scikit-learn) are imported inside the commands.
+parameter names. Errors derived from :class:`FeatureCacheError`, and click's usage
+errors, become one line on stderr and a non-zero exit code here, in :class:`FcGroup`,
+and nowhere else: 2 for unusable input or options, 3 for a missing, locked or
+inconsistent cache or run. Heavy modules (torch, h5py, scikit-learn) are imported
+inside the commands.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 
 import click
 
+from . import __version__
 from .errors import FeatureCacheError, FeatureCacheWarning, plural
+
+PROG_NAMES = ("fc", "featurecache")  # the console scripts; fc is also a shell builtin (see the README)
 
 _show_warning = warnings.showwarning
 
@@ -26,13 +32,36 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         _show_warning(message, category, filename, lineno, file, line)
 
 
+class OneLineUsageError(click.ClickException):
+    """A click usage error shown as one line (``Error: ...``), without the usage text; exit code 2."""
+
+    exit_code = 2
+
+
+def _one_line(exc: click.UsageError) -> click.ClickException:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        return exc  # a group given no command: its help, as click shows it
+    hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return OneLineUsageError(exc.format_message() + hint)
+
+
 class FcGroup(click.Group):
-    """Turns library errors into one-line messages and exit codes."""
+    """Turns library errors and click's usage errors into one-line messages and exit codes."""
+
+    group_class = type  # subgroups (fc cache, fc heads, ...) are FcGroups too
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # fc --no-such-option
+            raise _one_line(exc) from None
 
     def invoke(self, ctx):
         warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a subcommand's options or arguments
+            raise _one_line(exc) from None
         except FeatureCacheError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -79,7 +108,7 @@ def _human_bytes(n: int) -> str:
 
 
 @click.group(cls=FcGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="featurecache")
+@click.version_option(__version__)
 def cli():
     """featurecache: extract features once, try many heads in seconds, fine-tune what wins."""
 
@@ -89,38 +118,49 @@ def cli():
 _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), default=None, envvar="FC_CACHE_DIR",
                           help="Where caches and runs live (default ./cache, env FC_CACHE_DIR).")
 _json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+_workers = click.option("--workers", type=click.IntRange(min=0), default=None,
+                        help="DataLoader workers (default: usable cores).")
+_device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                          show_default=True, help="auto: AMP (fp16) on CUDA, fp32 on CPU.")
+_count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 
 
 @cli.command()
 @click.argument("data")
 @click.option("--backbone", default="mobilenet_v2", show_default=True, help="Model name (fc backbones), or timm/NAME.")
-@click.option("--weights", default="DEFAULT", show_default=True, help="Weights enum name (IMAGENET1K_V1, DEFAULT, ...) or none.")
-@click.option("--weights-file", type=click.Path(dir_okay=False), default=None, help="A state dict file (needs --resize and --crop).")
-@click.option("--layer", default=None, help="Named module to read, globally average-pooled (default: the penultimate layer).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="Weights enum name (IMAGENET1K_V1, DEFAULT, ...) or none.")
+@click.option("--weights-file", type=click.Path(dir_okay=False), default=None,
+              help="A state dict file (needs --resize and --crop).")
+@click.option("--layer", default=None,
+              help="Named module to read, globally average-pooled (default: the penultimate layer).")
 @click.option("--split", default=None, help="Split fractions for a single folder or manifest, e.g. train=0.8,val=0.2.")
 @click.option("--root", default=None, help="Files of a torchvision:NAME dataset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stratified split and --limit sample.")
-@click.option("--limit", type=int, default=None, help="Use at most N images per split (a stratified sample).")
-@click.option("--resize", type=int, default=None, help="Resize the shorter side to this (default: from the weights).")
-@click.option("--crop", type=int, default=None, help="Center crop size (default: from the weights).")
+@click.option("--limit", type=_count, default=None, help="Use at most N images per split (a stratified sample).")
+@click.option("--resize", type=_count, default=None,
+              help="Resize the shorter side to this (default: from the weights).")
+@click.option("--crop", type=_count, default=None, help="Center crop size (default: from the weights).")
 @click.option("--mean", type=FloatTriple(), default=None, help="Normalization mean R,G,B.")
 @click.option("--std", type=FloatTriple(), default=None, help="Normalization std R,G,B.")
 @click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic"]), default=None)
 @click.option("--draft/--no-draft", default=False, show_default=True,
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
-              help="auto: AMP (fp16) on CUDA, fp32 on CPU.")
+@click.option("--batch-size", type=_count, default=None,
+              help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
+@_workers
+@_device
+@_precision
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage type of the features.")
 @_cache_dir
 @click.option("--strict", is_flag=True, help="Fail on the first unusable image instead of skipping it.")
-@click.option("--max-image-pixels", type=int, default=None, help="Skip images larger than this (default: PIL's bomb limit).")
-@click.option("--lock-timeout", type=float, default=None,
+@click.option("--max-image-pixels", type=_count, default=None,
+              help="Skip images larger than this (default: PIL's bomb limit).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for another run on the same cache (default: wait).")
-@click.option("--checkpoint-every", default=256, show_default=True,
+@click.option("--checkpoint-every", type=_count, default=256, show_default=True,
               help="Images between resumable checkpoints (there is one every 5 s too).")
 @_json
 def extract(as_json, **options):
@@ -213,7 +253,9 @@ def cache_info(cache_ref, cache_dir, as_json):
     click.echo(f"cache     {meta['path']}")
     click.echo(f"key       {meta['key']}")
     click.echo(f"backbone  {cfg['backbone']} ({cfg['layer']}), weights {json.dumps(cfg['weights'])}")
-    graph = f", {cfg['graph']} on {cfg.get('device', '?')}, batch {cfg.get('batch_size', '?')}" if 'graph' in cfg else ''
+    graph = ""
+    if "graph" in cfg:
+        graph = f", {cfg['graph']} on {cfg.get('device', '?')}, batch {cfg.get('batch_size', '?')}"
     click.echo(f"features  {cfg.get('feature_dim')} x {cfg['dtype']}, precision {cfg['precision']}{graph}")
     click.echo(f"preproc   {json.dumps(cfg['preprocess'])}")
     click.echo(f"data      {cfg['data'].get('root')} ({cfg['data'].get('kind')})")
@@ -262,24 +304,28 @@ def weights_import(file, backbone, weights):
 @click.option("--head", default="best-transferable", show_default=True,
               help="The run's head to start from: best-transferable (the best-ranked head that can become a layer), "
                    "best, a spec or a slug.")
-@click.option("--epochs", default=5, show_default=True)
+@click.option("--epochs", type=_count, default=5, show_default=True)
 @click.option("--unfreeze", default="all", show_default=True, help="Backbone blocks to train: all, none or last:N.")
-@click.option("--backbone-lr-mult", default=0.1, show_default=True, help="Backbone learning rate = lr x this.")
+@click.option("--backbone-lr-mult", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Backbone learning rate = lr x this.")
 @click.option("--bn", default="frozen", show_default=True, help="Batch norm: frozen (pretrained statistics) or train.")
 @click.option("--augment", default="light", show_default=True,
               help="none, light (random resized crop, flip) or strong (+ TrivialAugment).")
 @click.option("--optimizer", default="adamw", show_default=True, help="adamw or sgd.")
-@click.option("--lr", type=float, default=None, help="Head learning rate (default: 1e-4 adamw, 0.003 sgd).")
-@click.option("--weight-decay", type=float, default=None, help="Default: 0.05 adamw, 1e-4 sgd.")
-@click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warmup, then cosine decay.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--accumulate", default=1, show_default=True, help="Batches per optimizer step.")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
-              help="auto: AMP (fp16) on CUDA, fp32 on CPU.")
-@click.option("--patience", default=3, show_default=True, help="Epochs without improvement before stopping (0: never).")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Optimizer steps between mid-epoch checkpoints.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Head learning rate (default: 1e-4 adamw, 0.003 sgd).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: 0.05 adamw, 1e-4 sgd.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Linear warmup, then cosine decay.")
+@click.option("--batch-size", type=_count, default=32, show_default=True)
+@click.option("--accumulate", type=_count, default=1, show_default=True, help="Batches per optimizer step.")
+@_workers
+@_device
+@_precision
+@click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Epochs without improvement before stopping (0: never).")
+@click.option("--checkpoint-every", type=_count, default=50, show_default=True,
+              help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
 @click.option("--seed", default=0, show_default=True)
 @_cache_dir
@@ -319,11 +365,12 @@ def finetune(as_json, **options):
 @cli.command()
 @click.argument("model")
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True)
-@click.option("--topk", default=5, show_default=True)
-@click.option("--head", default="best", show_default=True, help="With a run: which head (best, best-transferable, a spec or a slug).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: usable cores).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--topk", type=_count, default=5, show_default=True)
+@click.option("--head", default="best", show_default=True,
+              help="With a run: which head (best, best-transferable, a spec or a slug).")
+@click.option("--batch-size", type=_count, default=32, show_default=True)
+@_workers
+@_device
 @_cache_dir
 @_json
 def predict(as_json, **options):
@@ -392,7 +439,7 @@ def run_command(pipeline, set, as_json):
 @_set
 @_json
 def demo_command(set, as_json):
-    """Run the offline demo (pipelines/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
+    """Run the offline demo (featurecache/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
     from .demo import demo
 
     result = demo(set=set, progress=not as_json)
@@ -404,12 +451,17 @@ def demo_command(set, as_json):
 
 @cli.command("report")
 @click.argument("run")
-@click.option("--head", default="best", show_default=True, help="The head to detail: best, best-transferable, a spec or a slug.")
-@click.option("--samples", default=16, show_default=True, help="Images in the grid of sample predictions (0: none).")
+@click.option("--head", default="best", show_default=True,
+              help="The head to detail: best, best-transferable, a spec or a slug.")
+@click.option("--samples", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Images in the grid of sample predictions (0: none).")
 @_cache_dir
 @_json
 def report_command(as_json, **options):
-    """Write the Markdown and HTML report of a stage-two RUN (a run directory, run id or unique prefix) under RUN/report/."""
+    """Write the Markdown and HTML report of a stage-two RUN under RUN/report/.
+
+    RUN is a run directory, run id or unique prefix.
+    """
     from .reporting import report
 
     path = report(**options)
@@ -436,11 +488,12 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
               help="Grid spec NAME[:PARAM=V1,V2,...[;PARAM=V...]], e.g. 'logreg:C=0.1,1;pre=standardize' (repeatable).")
 @click.option("--sweep-file", type=click.Path(dir_okay=False), default=None,
               help="A TOML file of [[head]] tables (name = ..., PARAM = [values]).")
-@click.option("--jobs", type=int, default=None, help="Heads fitted in parallel (default: usable cores).")
+@click.option("--jobs", type=_count, default=None, help="Heads fitted in parallel (default: usable cores).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
               help="Weight classes inversely to their frequency (heads that support it).")
-@click.option("--cv", default=5, show_default=True, help="Folds of the cross-validation on train when there is no val split.")
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Folds of the cross-validation on train when there is no val split.")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
 @_cache_dir
 @_json
@@ -505,7 +558,8 @@ def heads_show(run, cache_dir, as_json):
     click.echo(f"run       {loaded.path}")
     click.echo(f"cache     {meta['cache']}")
     weights = (cfg.get("weights") or {}).get("weights", "")
-    click.echo(f"features  {meta['cache_key'][:16]}  {cfg.get('backbone', '')} {weights} {cfg.get('layer', '')}".rstrip())
+    features = f"{meta['cache_key'][:16]}  {cfg.get('backbone', '')} {weights} {cfg.get('layer', '')}"
+    click.echo(f"features  {features.rstrip()}")
     click.echo(f"classes   {', '.join(meta['classes'])}")
     click.echo(f"seed      {meta['seed']}, class_weight {meta.get('class_weight')}, created {meta['created']}")
     _echo_leaderboard(loaded.leaderboard, meta["selection_split"], meta["final_split"], meta.get("cv"))
@@ -520,7 +574,9 @@ def heads_show(run, cache_dir, as_json):
 
 
 def main() -> None:
-    cli(prog_name="fc")
+    """The console scripts ``fc`` and ``featurecache``, and ``python -m featurecache``."""
+    called = os.path.basename(sys.argv[0]) if sys.argv else ""
+    cli(prog_name=called if called in PROG_NAMES else "fc")
 
 
 if __name__ == "__main__":

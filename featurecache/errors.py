@@ -1,13 +1,16 @@
 """Every error a user can cause derives from :class:`FeatureCacheError`.
 
-The CLI turns each one into a one-line message and a non-zero exit code in a
+The CLI turns each one into a one-line message and the exit code of its class in a
 single place (``featurecache.cli.FcGroup.invoke``); library users catch the root class.
+The codes: 2 for unusable input or options, 3 for a missing, locked or inconsistent
+cache or run. Raise a subclass: the root class itself exits with 1, the code of an
+unexpected error.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class FeatureCacheError(Exception):

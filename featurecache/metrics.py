@@ -32,7 +32,7 @@ def classification_metrics(y_true, proba, classes: list[str] | None = None) -> d
     labels = np.arange(n_classes)
     names = list(classes) if classes is not None else [str(i) for i in labels]
     y_pred = proba.argmax(axis=1)
-    out: dict = {"n": int(len(y_true))}
+    out: dict = {"n": len(y_true)}
     if len(y_true) == 0:
         return out
     out["accuracy"] = float((y_pred == y_true).mean())

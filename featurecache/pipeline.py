@@ -18,57 +18,54 @@ file, the CLI and the API cannot drift apart. A list where the parameter takes o
 value gives one branch per value (several lists: every combination). ``{cache_dir}`` in
 ``data`` stands for the cache directory; other relative paths start from the current
 directory. ``--set KEY=VALUE`` overrides a key (``STAGE.KEY`` inside a table; the value
-is read as TOML, else as a string) and ``--set STAGE=false`` skips a stage. Every stage is content-addressed (caches, runs, fine-tuned
-models and reports are found by the hash of what made them), so running an unchanged
-pipeline again only looks its results up.
+is read as TOML, else as a string) and ``--set STAGE=false`` skips a stage. Every stage
+is content-addressed (caches, runs, fine-tuned models and reports are found by the hash
+of what made them), so running an unchanged pipeline again only looks its results up.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import os
 import shutil
 import sys
+import tempfile
 import time
+import tomllib
 import types
 import typing
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
-    import tomli as tomllib
+import numpy as np
 
 from . import store
 from .data import TORCHVISION_PREFIX
 from .errors import PipelineError, suggest
+from .files import atomic_dir
+from .stages import BY_COMMAND
 
 # --------------------------------------------------------------------------- stages
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a pipeline: the public function it calls and how it is wired."""
+    """One step of a pipeline: how the public function of its ``fc`` command is wired to the others."""
 
     name: str  # the table name, the same as the ``fc`` command
-    target: str  # "module:function"
     input: str  # the parameter the pipeline fills in
     needs: str | None  # the stage whose output feeds ``input`` (None: the top-level ``data``)
     provides: str | None  # the key of ``result.to_dict()`` handed to the stages that need this one
     why: str  # what ``needs`` is for, for the error message
 
     def function(self):
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
+        return BY_COMMAND[self.name].load()
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The keys its table accepts: the function's parameters the pipeline does not fill itself."""
@@ -83,13 +80,10 @@ class Stage:
 STAGES = {
     stage.name: stage
     for stage in (
-        Stage("extract", "featurecache.extractor:extract", "data", None, "cache", ""),
-        Stage("fit-head", "featurecache.sweep:fit_head", "cache", "extract", "run_dir",
-              "it fits heads on the features [extract] writes"),
-        Stage("finetune", "featurecache.finetuning:finetune", "run", "fit-head", None,
-              "it fine-tunes the backbone with a head of a [fit-head] run"),
-        Stage("report", "featurecache.reporting:report", "run", "fit-head", None,
-              "it reports on a [fit-head] run"),
+        Stage("extract", "data", None, "cache", ""),
+        Stage("fit-head", "cache", "extract", "run_dir", "it fits heads on the features [extract] writes"),
+        Stage("finetune", "run", "fit-head", None, "it fine-tunes the backbone with a head of a [fit-head] run"),
+        Stage("report", "run", "fit-head", None, "it reports on a [fit-head] run"),
     )
 }
 # Parameters the pipeline passes to every stage that takes them: cache_dir from the
@@ -209,38 +203,50 @@ def _where(path: Path, key: str, overridden: set) -> str:
 
 
 def _check(doc: dict, path: Path, overridden: set) -> Plan:
+    top, tables = _split_document(doc, path, overridden)
+    _check_needs(tables, path)
+    data = top.get("data")
+    if "extract" in tables:
+        data = _check_data(path, data, top.get("fetch"), top.get("cache_dir"), overridden)
+    fixed, axes = _stage_options(tables, path, overridden)
+    branches, labels = _branches(fixed, axes)
+    return Plan(path, data, top.get("fetch"), top.get("cache_dir"), list(fixed), branches, labels)
+
+
+def _split_document(doc: dict, path: Path, overridden: set) -> tuple[dict, dict]:
+    """The top-level keys and the stage tables of a pipeline file (a stage set to false left out)."""
     top, tables = {}, {}
     for key, value in doc.items():
-        stage = _canonical_stage(key)
+        stage, where = _canonical_stage(key), _where(path, key, overridden)
         if stage in STAGES:
             if stage in tables:
-                raise PipelineError(f"{_where(path, key, overridden)}: [{stage}] is given twice")
+                raise PipelineError(f"{where}: [{stage}] is given twice")
             if value is False:
                 continue  # a stage switched off, e.g. --set finetune=false
             if not isinstance(value, dict):
-                raise PipelineError(f"{_where(path, key, overridden)}: expected a table ([{stage}]) "
-                                    f"or false, got {value!r}")
+                raise PipelineError(f"{where}: expected a table ([{stage}]) or false, got {value!r}")
             tables[stage] = value
         elif key in TOP_LEVEL:
             if not isinstance(value, TOP_LEVEL[key]):
-                raise PipelineError(f"{_where(path, key, overridden)}: expected "
-                                    f"{_KIND_WORDS[_TOML_KINDS[TOP_LEVEL[key]]]}, got {value!r}")
+                raise PipelineError(f"{where}: expected {_KIND_WORDS[_TOML_KINDS[TOP_LEVEL[key]]]}, got {value!r}")
             top[key] = value
         else:
-            raise PipelineError(f"{_where(path, key, overridden)}: unknown key"
-                                + (suggest(key, [*TOP_LEVEL, *STAGES]) or
-                                   f" (expected one of: {', '.join([*TOP_LEVEL, *STAGES])})"))
+            raise PipelineError(f"{where}: unknown key" + (suggest(key, [*TOP_LEVEL, *STAGES]) or
+                                                          f" (expected one of: {', '.join([*TOP_LEVEL, *STAGES])})"))
+    return top, tables
+
+
+def _check_needs(tables: dict, path: Path) -> None:
     if not tables:
         raise PipelineError(f"{path}: no stage to run; add at least one of " + ", ".join(f"[{s}]" for s in STAGES))
     for name in tables:
         needs = STAGES[name].needs
         if needs and needs not in tables:
             raise PipelineError(f"{path}: [{name}] needs [{needs}]: {STAGES[name].why}; add a [{needs}] table")
-    cache_dir = top.get("cache_dir")
-    data = top.get("data")
-    fetch = top.get("fetch")
-    if "extract" in tables:
-        data = _check_data(path, data, fetch, cache_dir, overridden)
+
+
+def _stage_options(tables: dict, path: Path, overridden: set) -> tuple[dict, list]:
+    """Each stage's fixed options, and the (stage, option, values) axes that make branches."""
     axes: list[tuple[str, str, list]] = []
     fixed: dict[str, dict] = {}
     for name in (s for s in STAGES if s in tables):
@@ -259,6 +265,11 @@ def _check(doc: dict, path: Path, overridden: set) -> Plan:
                 fixed[name][option] = value
             else:
                 axes.append((name, option, values))
+    return fixed, axes
+
+
+def _branches(fixed: dict, axes: list) -> tuple[list[dict], list[str]]:
+    """One option set per combination of the axes' values, and the label that tells it apart."""
     branches, labels = [], []
     for combo in itertools.product(*(values for _, _, values in axes)):
         options = {name: dict(opts) for name, opts in fixed.items()}
@@ -266,7 +277,7 @@ def _check(doc: dict, path: Path, overridden: set) -> Plan:
             options[name][option] = value
         branches.append(options)
         labels.append(", ".join(f"{name}.{option}={value}" for (name, option, _), value in zip(axes, combo)))
-    return Plan(path, data, fetch, cache_dir, list(fixed), branches, labels)
+    return branches, labels
 
 
 def _check_value(where: str, param: inspect.Parameter, value) -> list | None:
@@ -306,41 +317,85 @@ def _check_data(path: Path, data, fetch, cache_dir, overridden) -> str:
 
 # --------------------------------------------------------------------------- fetching data
 
+DIGITS_SPLIT = {"train": 0.6, "val": 0.2, "test": 0.2}
+DIGITS_SIZE = 32
+DIGITS_COMPLETE = ".complete"
 
-def _write_digits(dest: Path) -> None:
-    from .demo import write_digits
 
-    write_digits(dest)
+def write_digits(dest: str | os.PathLike, size: int = DIGITS_SIZE, seed: int = 0) -> Path:
+    """Write scikit-learn's 1,797 8x8 digits as ``dest/<split>/<digit>/<index>.png``.
+
+    The images are ``size`` x ``size`` grayscale, laid out as the PyTorch transfer-learning
+    tutorial expects, with a seeded stratified 60/20/20 split: the same seed gives the same
+    files. The folder is built under a temporary name and renamed when complete; a complete
+    ``dest`` is returned as it is, so its fingerprint, and the cache made from it, stay valid.
+    """
+    dest = Path(dest)
+    if (dest / DIGITS_COMPLETE).exists():
+        return dest
+    if dest.exists() and any(dest.iterdir()):
+        raise PipelineError(f"{dest} exists but is not a complete digits folder; remove it or choose another path")
+    try:
+        with atomic_dir(dest) as tmp:
+            _write_digit_images(tmp, size, seed)
+    except FileExistsError:
+        if (dest / DIGITS_COMPLETE).exists():  # another process wrote the same digits first
+            return dest
+        raise PipelineError(f"{dest} appeared while the digits were written; remove it or use another path") from None
+    return dest
+
+
+def _write_digit_images(folder: Path, size: int, seed: int) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from .data import stratified_assign
+
+    digits = load_digits()
+    labels = [int(t) for t in digits.target]
+    splits = stratified_assign(labels, DIGITS_SPLIT, seed)
+    pixels = np.clip(digits.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    for i, (img, label, split) in enumerate(zip(pixels, labels, splits)):
+        (folder / split / str(label)).mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(img, "L").resize((size, size), Image.Resampling.BILINEAR)
+        image.save(folder / split / str(label) / f"{i:04d}.png")
+    (folder / DIGITS_COMPLETE).write_text(f"sklearn digits, {len(labels)} images, {size}x{size}, seed {seed}\n")
 
 
 def fetch_zip(url: str, dest: str | os.PathLike) -> Path:
     """Download a zip archive and unpack it as ``dest`` (its single top folder, if it has one)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
-    try:
-        archive = work / "archive.zip"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as fh:
-                shutil.copyfileobj(response, fh)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise PipelineError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
-        unpacked = work / "unpacked"
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(unpacked)  # zipfile drops absolute paths and '..' components
-        except zipfile.BadZipFile as exc:
-            raise PipelineError(f"{url} is not a zip file: {exc}") from None
-        top = [p for p in unpacked.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-        source = top[0] if len(top) == 1 and top[0].is_dir() else unpacked
-        os.replace(source, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.download-", dir=dest.parent) as work, \
+            atomic_dir(dest) as tmp:
+        archive = Path(work) / "archive.zip"
+        _download(url, archive)
+        _unpack(url, archive, Path(work) / "unpacked", tmp)
     return dest
 
 
-FETCHERS = {"sklearn:digits": _write_digits}
+def _download(url: str, archive: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PipelineError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _unpack(url: str, archive: Path, unpacked: Path, dest: Path) -> None:
+    """Unpack into ``unpacked``, then move the archive's single top folder (or all of it) into ``dest``."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(unpacked)  # zipfile drops absolute paths and '..' components
+    except zipfile.BadZipFile as exc:
+        raise PipelineError(f"{url} is not a zip file: {exc}") from None
+    top = [p for p in unpacked.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    source = top[0] if len(top) == 1 and top[0].is_dir() else unpacked
+    for item in source.iterdir():
+        os.replace(item, dest / item.name)
+
+
+FETCHERS = {"sklearn:digits": write_digits}
 
 
 def _fetch(data: str, fetch: str, echo) -> None:
@@ -397,24 +452,27 @@ def run(pipeline: str | os.PathLike, set: tuple[str, ...] = (), progress: bool =
 
     if plan.fetch and plan.data:
         _fetch(plan.data, plan.fetch, echo)
-    bars = progress and sys.stderr.isatty()
     branches = []
     for label, options in zip(plan.labels, plan.branches):
         if label:
             echo(f"branch    {label}")
-        outputs: dict[str, object] = {}
-        for name in plan.stages:
-            stage = STAGES[name]
-            fn = stage.function()
-            accepted = inspect.signature(fn).parameters
-            kwargs = dict(options[name])
-            kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
-            if "cache_dir" in accepted:
-                kwargs["cache_dir"] = plan.cache_dir
-            if "progress" in accepted:
-                kwargs["progress"] = bars
-            t0 = time.perf_counter()
-            outputs[name] = _output(fn(**kwargs))
-            echo(f"{name:<9} {DESCRIBE[name](outputs[name])}  [{time.perf_counter() - t0:.1f} s]")
+        outputs = _run_branch(plan, options, echo, bars=progress and sys.stderr.isatty())
         branches.append({"label": label, "options": options, "stages": outputs})
     return {"pipeline": str(plan.path), "seconds": round(time.perf_counter() - started, 3), "branches": branches}
+
+
+def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
+    """Run one branch's stages in order, each fed with the output of the stage it needs."""
+    outputs: dict[str, object] = {}
+    for name in plan.stages:
+        stage = STAGES[name]
+        fn = stage.function()
+        accepted = inspect.signature(fn).parameters
+        kwargs = dict(options[name])
+        kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
+        wired = {"cache_dir": plan.cache_dir, "progress": bars}
+        kwargs.update({key: value for key, value in wired.items() if key in accepted})
+        t0 = time.perf_counter()
+        outputs[name] = _output(fn(**kwargs))
+        echo(f"{name:<9} {DESCRIBE[name](outputs[name])}  [{time.perf_counter() - t0:.1f} s]")
+    return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def hymenoptera_cache(tmp_path_factory, hymenoptera, real_weights) -> str:
 def cli_runner():
     from click.testing import CliRunner
 
+    # click before 8.2 mixes stderr into the output unless told not to; later ones always keep it apart.
+    if "mix_stderr" in inspect.signature(CliRunner).parameters:
+        return CliRunner(mix_stderr=False)
     return CliRunner()
 
 

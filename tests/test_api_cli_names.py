@@ -13,15 +13,12 @@ import click
 import pytest
 
 from featurecache.cli import cli
+from featurecache.stages import BY_COMMAND, FUNCTIONS
 
-# command path -> "module:function" it is a thin layer over
+# command path -> "module:function" it is a thin layer over: the public functions' commands
+# (featurecache/stages.py), then the commands that wrap a helper of their own.
 COMMANDS = {
-    "extract": "featurecache.extractor:extract",
-    "fit-head": "featurecache.sweep:fit_head",
-    "finetune": "featurecache.finetuning:finetune",
-    "predict": "featurecache.prediction:predict",
-    "report": "featurecache.reporting:report",
-    "run": "featurecache.pipeline:run",
+    **{command: function.target for command, function in BY_COMMAND.items()},
     "demo": "featurecache.demo:demo",
     "heads": "featurecache.sweep:list_head_types",
     "heads show": "featurecache.sweep:load_run",
@@ -68,6 +65,20 @@ def test_command_options_are_the_function_parameters(path):
 def test_public_api_names():
     import featurecache
 
-    for name in ("extract", "fit_head", "finetune", "predict", "report", "run"):
-        function = getattr(featurecache, name)
-        assert callable(function) and function.__name__ == name
+    assert {"extract", "load_features", "fit_head", "finetune", "predict", "report", "run"} <= set(featurecache.__all__)
+    for function in FUNCTIONS:
+        value = getattr(featurecache, function.name)
+        assert callable(value) and value.__name__ == function.name and value.__module__ == function.module
+
+
+def test_import_and_help_load_no_heavy_module():
+    """``import featurecache`` and ``fc --help`` import neither torch nor h5py nor scikit-learn."""
+    import subprocess
+    import sys
+
+    code = ("import sys, featurecache, featurecache.cli\n"
+            "from click.testing import CliRunner\n"
+            "assert CliRunner().invoke(featurecache.cli.cli, ['--help']).exit_code == 0\n"
+            "print(' '.join(m for m in ('torch', 'h5py', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
