@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, plural
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,7 +51,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     if not _DEVICE_TYPES[dev.type]():
         raise UsageError(f"device {device} asked for, but this machine has no {dev.type.upper()} device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device} asked for, but there are {torch.cuda.device_count()} GPUs")
+        raise UsageError(f"device {device} asked for, but this machine has {plural(torch.cuda.device_count(), 'GPU')}")
     return dev
 
 
