@@ -71,17 +71,21 @@ def _empty_weights():
         nn.Module.register_parameter = original
 
 
+def _input_width(module: nn.Module | None) -> int | None:
+    """What a layer that can classify reads: a ``Linear``'s features, a ``Conv2d``'s channels; else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    return None
+
+
 def find_classifier(model: nn.Module) -> tuple[str, int]:
     """Name and input width of the final ``Linear``/``Conv2d`` (the classifier)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            last = (name, module)
-    if last is None:
+    layers = [(name, width) for name, module in model.named_modules() if (width := _input_width(module)) is not None]
+    if not layers:
         raise BackboneError("cannot find a classifier layer (Linear or Conv2d) in this model; pass --layer")
-    name, module = last
-    width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    return name, width
+    return layers[-1]
 
 
 def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -328,13 +332,9 @@ class TimmSource(BackboneSource):
 
     def classifier(self, model: nn.Module) -> tuple[str, int]:
         """The classifier timm names in the model's configuration, else the last Linear/Conv2d."""
-        name = getattr(model, "pretrained_cfg", {}).get("classifier")
-        module = model.get_submodule(name) if isinstance(name, str) else None
-        if isinstance(module, nn.Linear):
-            return name, module.in_features
-        if isinstance(module, nn.Conv2d):
-            return name, module.in_channels
-        return find_classifier(model)
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        width = _input_width(model.get_submodule(name)) if isinstance(name, str) else None
+        return (name, width) if width is not None else find_classifier(model)
 
 
 # The seed of every random initialization (weights=none): it is part of the cache key.
