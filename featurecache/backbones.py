@@ -246,9 +246,14 @@ class TorchvisionSource(BackboneSource):
                 f"unknown weights {weights!r} for {name}; choose one of: " + ", ".join([*enum.__members__, "none"])
             ) from None
 
+    @staticmethod
+    def label(member) -> str:
+        """``MobileNet_V2_Weights.IMAGENET1K_V2``: an enum member as it is recorded."""
+        return f"{type(member).__name__}.{member.name}"
+
     def weights_identity(self, name: str, weights: str) -> dict:
         member = self.resolve_weights(name, weights)
-        return {"weights": f"{type(member).__name__}.{member.name}", "url": member.url}
+        return {"weights": self.label(member), "url": member.url}
 
     def default_preprocess(self, name: str, weights: str | None) -> Preprocess:
         member = self.resolve_weights(name, weights or "DEFAULT")
@@ -274,14 +279,14 @@ class TorchvisionSource(BackboneSource):
         except (OSError, RuntimeError) as exc:
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise BackboneError(
-                f"weights {type(member).__name__}.{member.name} are not in {hub} and could not be "
+                f"weights {self.label(member)} are not in {hub} and could not be "
                 f"downloaded ({type(exc).__name__}); on an offline machine copy {os.path.basename(member.url)} there "
                 f"with `fc weights import FILE --backbone {name} --weights {member.name}`"
             ) from None
 
     def hub_file(self, name: str, weights: str) -> tuple[str, str]:
         member = self.resolve_weights(name, weights)
-        return f"{type(member).__name__}.{member.name}", os.path.basename(member.url)
+        return self.label(member), os.path.basename(member.url)
 
 
 class TimmSource(BackboneSource):
