@@ -63,7 +63,7 @@ def tutorial_loop(data: Path, backbone: str, weights: str) -> tuple[float, int]:
     return n / (time.perf_counter() - start), n
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--backbone", default="mobilenet_v2")
@@ -72,36 +72,48 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="passes of the pure forward loops")
     parser.add_argument("--skip-tutorial", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def forward_limits(args: argparse.Namespace, batch_size: int) -> tuple[float, float]:
+    """Images/s of the pure forward pass: the usual loop, and fc's form of the backbone."""
     cpu = torch.device("cpu")
-    batch_size = args.batch_size or runtime.default_batch_size(cpu)
-    print(f"torch {torch.__version__}, {runtime.usable_cores()} cores, {torch.get_num_threads()} threads")
     net = backbones.build(args.backbone, weights=args.weights)
     dataset = open_dataset(args.data)
     images = ImageTensors(dataset, list(range(len(dataset.records))), net.preprocess, None)
     tensors = [t for _, t, reason in (images[i] for i in range(len(images))) if not reason]
-
     eager = net.model.to(memory_format=torch.channels_last)
     usual = pure_forward(eager, tensors, net.preprocess, 32, args.repeats)
-    print(f"pure forward, usual     {usual:7.1f} images/s  ({len(tensors)} pre-decoded images, eager, batch 32, channels_last)")
+    print(f"pure forward, usual     {usual:7.1f} images/s  "
+          f"({len(tensors)} pre-decoded images, eager, batch 32, channels_last)")
     example = normalize_batch(torch.stack(tensors[:batch_size]), net.preprocess)
     model, mode = runtime.inference_model(eager, cpu, "fp32", example)
     limit = pure_forward(model, tensors, net.preprocess, batch_size, args.repeats)
     print(f"pure forward, fc's form {limit:7.1f} images/s  ({mode}, batch {batch_size})")
+    return usual, limit
 
+
+def main() -> None:
+    args = _arguments()
+    batch_size = args.batch_size or runtime.default_batch_size(torch.device("cpu"))
+    print(f"torch {torch.__version__}, {runtime.usable_cores()} cores, {torch.get_num_threads()} threads")
+    usual, limit = forward_limits(args, batch_size)
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
         res = featurecache.extract(str(args.data), backbone=args.backbone, weights=args.weights,
-                                   batch_size=args.batch_size, workers=args.workers, cache_dir=cache_dir, progress=False)
+                                   batch_size=args.batch_size, workers=args.workers, cache_dir=cache_dir,
+                                   progress=False)
         wall = time.perf_counter() - start
     n = sum(s["n"] + s["skipped"] for s in res.splits.values())
     end_to_end = n / wall
-    print(f"fc extract              {end_to_end:7.1f} images/s  end to end ({n} images in {wall:.1f} s, incl. start-up and writing)")
-    print(f"                        {res.images_per_s:7.1f} images/s  extraction loop (compile + decode + forward + shard writes)")
-    print(f"ratio to fc's form      {end_to_end / limit:.2f} end to end, {res.images_per_s / limit:.2f} extraction loop  (goal >= 0.85)")
-    print(f"ratio to usual forward  {end_to_end / usual:.2f} end to end, {res.images_per_s / usual:.2f} extraction loop")
-
+    print(f"fc extract              {end_to_end:7.1f} images/s  end to end "
+          f"({n} images in {wall:.1f} s, incl. start-up and writing)")
+    print(f"                        {res.images_per_s:7.1f} images/s  "
+          "extraction loop (compile + decode + forward + shard writes)")
+    print(f"ratio to fc's form      {end_to_end / limit:.2f} end to end, "
+          f"{res.images_per_s / limit:.2f} extraction loop  (goal >= 0.85)")
+    print(f"ratio to usual forward  {end_to_end / usual:.2f} end to end, "
+          f"{res.images_per_s / usual:.2f} extraction loop")
     if not args.skip_tutorial:
         tutorial, n_tut = tutorial_loop(args.data, args.backbone, args.weights)
         print(f"tutorial loop           {tutorial:7.1f} images/s  (batch 4, 4 workers, default layout, {n_tut} images)")

@@ -1,31 +1,35 @@
 """Backbones addressable by name: torchvision classification models and, optionally, timm.
 
-``build(name, weights=..., weights_file=..., layer=..., preprocess=...)`` returns a
-:class:`Backbone` whose ``model`` maps a normalized image batch to features.
+Each family of models is a :class:`BackboneSource` registered in :data:`SOURCES` under a
+name prefix (``timm/``; torchvision's is empty). ``build(name, weights=..., weights_file=...,
+layer=..., preprocess=...)`` returns a :class:`Backbone` whose ``model`` maps a normalized
+image batch to features; :func:`weights_identity` and :func:`resolve_preprocess` say what
+identifies its weights and how images are prepared for it, without building it.
 
-The penultimate layer is found generically: the classifier is the last ``Linear``
-or ``Conv2d`` module of the network (``fc``, ``classifier.1``, ``heads.head``,
-SqueezeNet's final 1x1 convolution ...). It is replaced by ``nn.Identity``, so
-the model returns what the classifier would have read.
+The penultimate layer is found generically: the classifier is the layer the source names
+(timm's configuration) or else the last ``Linear`` or ``Conv2d`` module of the network
+(``fc``, ``classifier.1``, ``heads.head``, SqueezeNet's final 1x1 convolution ...). It is
+replaced by ``nn.Identity``, so the model returns what the classifier would have read.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
-import hashlib
+import functools
 import os
 import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .data import Preprocess
 from .errors import BackboneError, FeatureCacheWarning, suggest
+from .files import atomic_write, sha256_file
 
 TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,17 +71,21 @@ def _empty_weights():
         nn.Module.register_parameter = original
 
 
+def _input_width(module: nn.Module | None) -> int | None:
+    """What a layer that can classify reads: a ``Linear``'s features, a ``Conv2d``'s channels; else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    return None
+
+
 def find_classifier(model: nn.Module) -> tuple[str, int]:
     """Name and input width of the final ``Linear``/``Conv2d`` (the classifier)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            last = (name, module)
-    if last is None:
+    layers = [(name, width) for name, module in model.named_modules() if (width := _input_width(module)) is not None]
+    if not layers:
         raise BackboneError("cannot find a classifier layer (Linear or Conv2d) in this model; pass --layer")
-    name, module = last
-    width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    return name, width
+    return layers[-1]
 
 
 def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -126,18 +134,8 @@ class LayerTap(nn.Module):
         return global_pool(captured[0])
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state_dict_file(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"weights file not found: {path}")
+    path = _weights_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, ...
@@ -168,7 +166,60 @@ def _load_without_classifier(model: nn.Module, state: dict, classifier: str | No
 # --------------------------------------------------------------------------- sources
 
 
-class TorchvisionSource:
+class BackboneSource(abc.ABC):
+    """A family of backbones addressed by name.
+
+    ``SOURCES[prefix]`` serves every backbone name that starts with ``prefix`` (the longest
+    registered prefix wins; ``""`` is torchvision). A new source is a subclass registered
+    there: it lists its names and weights, creates a model with its classifier still on,
+    says what identifies named weights and how they expect images to be preprocessed.
+    Finding and removing the classifier, seeding a random initialization, weights files,
+    ``--layer`` and the feature dimension are the same for every source.
+
+    ``weights`` is always a name the source lists (``DEFAULT``, ``IMAGENET1K_V1``, ...) or
+    None for a random initialization; the caller seeds the latter.
+    """
+
+    prefix: str = ""
+    #: An optional dependency: ``fc backbones`` lists it only when asked (``--timm``).
+    optional: bool = False
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Every backbone name of this source, prefix included."""
+
+    @abc.abstractmethod
+    def weight_names(self, name: str) -> list[str]:
+        """The weights a user can ask for by name, ``none`` aside."""
+
+    @abc.abstractmethod
+    def weights_identity(self, name: str, weights: str) -> dict:
+        """What identifies named weights in a cache key; a BackboneError for unknown weights."""
+
+    @abc.abstractmethod
+    def default_preprocess(self, name: str, weights: str | None) -> Preprocess:
+        """The preprocessing the weights were trained with (for None: that of the default weights)."""
+
+    @abc.abstractmethod
+    def create(self, name: str, weights: str | None) -> nn.Module:
+        """The whole network, classifier included, in any mode."""
+
+    def classifier(self, model: nn.Module) -> tuple[str, int]:
+        """Dotted name and input width of the layer that maps features to classes."""
+        return find_classifier(model)
+
+    def feature_dim(self, name: str) -> int:
+        """The width of the penultimate features, from the network's shapes alone."""
+        with _empty_weights():
+            model = self.create(name, None)
+        return self.classifier(model)[1]
+
+    def hub_file(self, name: str, weights: str) -> tuple[str, str]:
+        """``(identity label, file name)`` of named weights in torch.hub's cache, for fc weights import."""
+        raise BackboneError(f"fc weights import handles torchvision weights; {name} keeps its weights elsewhere")
+
+
+class TorchvisionSource(BackboneSource):
     """Every classification model of ``torchvision.models``."""
 
     prefix = ""
@@ -192,19 +243,20 @@ class TorchvisionSource:
             return enum[weights]
         except KeyError:
             raise BackboneError(
-                f"unknown weights {weights!r} for {name}; choose one of: "
-                + ", ".join(list(enum.__members__) + ["none"])
+                f"unknown weights {weights!r} for {name}; choose one of: " + ", ".join([*enum.__members__, "none"])
             ) from None
 
-    def feature_dim(self, name: str) -> int:
-        import torchvision
+    @staticmethod
+    def label(member) -> str:
+        """``MobileNet_V2_Weights.IMAGENET1K_V2``: an enum member as it is recorded."""
+        return f"{type(member).__name__}.{member.name}"
 
-        with _empty_weights():
-            model = torchvision.models.get_model(name)
-        return find_classifier(model)[1]
+    def weights_identity(self, name: str, weights: str) -> dict:
+        member = self.resolve_weights(name, weights)
+        return {"weights": self.label(member), "url": member.url}
 
-    def default_preprocess(self, name: str, weights_enum_member) -> Preprocess:
-        member = weights_enum_member or self.weights_enum(name).DEFAULT
+    def default_preprocess(self, name: str, weights: str | None) -> Preprocess:
+        member = self.resolve_weights(name, weights or "DEFAULT")
         t = member.transforms()
         return Preprocess(
             resize=int(t.resize_size[0]),
@@ -214,39 +266,34 @@ class TorchvisionSource:
             interpolation=t.interpolation.value,
         )
 
-    def create(self, name: str, weights: str | None, weights_file: str | None):
-        """Return ``(model, default_preprocess or None, identity)``."""
+    def create(self, name: str, weights: str | None) -> nn.Module:
         import torchvision
 
-        if weights_file:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = torchvision.models.get_model(name, weights=None)
-            return model, None, {"weights_file": str(Path(weights_file).resolve())}
         if weights is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = torchvision.models.get_model(name, weights=None)
-            return model, self.default_preprocess(name, None), {"weights": "none"}
+                return torchvision.models.get_model(name, weights=None)
         member = self.resolve_weights(name, weights)
         try:
-            model = torchvision.models.get_model(name, weights=member)
+            return torchvision.models.get_model(name, weights=member)
         except (OSError, RuntimeError) as exc:
-            filename = os.path.basename(member.url)
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise BackboneError(
-                f"weights {type(member).__name__}.{member.name} are not in {hub} and could not be "
-                f"downloaded ({type(exc).__name__}); on an offline machine copy {filename} there with "
-                f"`fc weights import FILE --backbone {name} --weights {member.name}`"
+                f"weights {self.label(member)} are not in {hub} and could not be "
+                f"downloaded ({type(exc).__name__}); on an offline machine copy {os.path.basename(member.url)} there "
+                f"with `fc weights import FILE --backbone {name} --weights {member.name}`"
             ) from None
-        identity = {"weights": f"{type(member).__name__}.{member.name}", "url": member.url}
-        return model, self.default_preprocess(name, member), identity
+
+    def hub_file(self, name: str, weights: str) -> tuple[str, str]:
+        member = self.resolve_weights(name, weights)
+        return self.label(member), os.path.basename(member.url)
 
 
-class TimmSource:
+class TimmSource(BackboneSource):
     """timm models as ``timm/NAME`` (optional: ``pip install featurecache[timm]``)."""
 
     prefix = TIMM_PREFIX
+    optional = True
 
     def _timm(self):
         try:
@@ -256,77 +303,64 @@ class TimmSource:
         return timm
 
     def names(self) -> list[str]:
-        try:
-            import timm
-        except ImportError:
-            return []
-        return [TIMM_PREFIX + n for n in timm.list_models()]
+        return [TIMM_PREFIX + n for n in self._timm().list_models()]
 
     def weight_names(self, name: str) -> list[str]:
-        return ["DEFAULT", "none"]
+        return ["DEFAULT"]
 
-    def feature_dim(self, name: str) -> int:
-        timm = self._timm()
-        with _empty_weights():
-            model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
-        return int(model.num_features)
+    def weights_identity(self, name: str, weights: str) -> dict:
+        if weights != "DEFAULT":
+            raise BackboneError(f"unknown weights {weights!r} for {name}; choose one of: DEFAULT, none")
+        return {"weights": "timm:DEFAULT", "timm": self._timm().__version__}
 
-    def _preprocess(self, model) -> Preprocess:
+    def default_preprocess(self, name: str, weights: str | None) -> Preprocess:
         timm = self._timm()
-        cfg = timm.data.resolve_data_config({}, model=model)
-        crop = int(cfg["input_size"][-1])
-        crop_pct = float(cfg.get("crop_pct") or 0.875)
+        cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        if cfg is None:
+            return Preprocess()
+        data = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+        crop = int(data["input_size"][-1])
         return Preprocess(
-            resize=int(round(crop / crop_pct)),
+            resize=round(crop / float(data.get("crop_pct") or 0.875)),
             crop=crop,
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-            interpolation=str(cfg.get("interpolation", "bilinear")),
+            mean=data["mean"],
+            std=data["std"],
+            interpolation=str(data.get("interpolation") or "bilinear"),
         )
 
-    def create(self, name: str, weights: str | None, weights_file: str | None):
+    def create(self, name: str, weights: str | None) -> nn.Module:
         timm = self._timm()
-        short = name[len(TIMM_PREFIX):]
-        if weights not in (None, "DEFAULT") and not weights_file:
-            raise BackboneError(f"unknown weights {weights!r} for {name}; choose one of: DEFAULT, none")
-        pretrained = weights == "DEFAULT" and not weights_file
         try:
-            model = timm.create_model(short, pretrained=pretrained)
-        except Exception as exc:
+            return timm.create_model(name[len(TIMM_PREFIX):], pretrained=weights is not None)
+        except Exception as exc:  # timm raises anything for a missing download or a bad name
             raise BackboneError(f"cannot create {name}: {exc}".splitlines()[0]) from None
-        if weights_file:
-            identity = {"weights_file": str(Path(weights_file).resolve())}
-        else:
-            identity = {"weights": "timm:DEFAULT" if pretrained else "none", "timm": timm.__version__}
-        return model, self._preprocess(model), identity
+
+    def classifier(self, model: nn.Module) -> tuple[str, int]:
+        """The classifier timm names in the model's configuration, else the last Linear/Conv2d."""
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        width = _input_width(model.get_submodule(name)) if isinstance(name, str) else None
+        return (name, width) if width is not None else find_classifier(model)
 
 
 # The seed of every random initialization (weights=none): it is part of the cache key.
 RANDOM_INIT_SEED = 0
 
-SOURCES: dict[str, Any] = {TIMM_PREFIX: TimmSource(), "": TorchvisionSource()}
+#: Backbone sources by name prefix; see :class:`BackboneSource`.
+SOURCES: dict[str, BackboneSource] = {"": TorchvisionSource(), TIMM_PREFIX: TimmSource()}
 
 
-def _source_for(name: str):
-    for prefix, source in SOURCES.items():
-        if prefix and name.startswith(prefix):
-            return source
-    return SOURCES[""]
+def _source_for(name: str) -> BackboneSource:
+    return SOURCES[max((p for p in SOURCES if name.startswith(p)), key=len)]
 
 
 def list_backbones(include_timm: bool = False) -> list[str]:
-    names = SOURCES[""].names()
-    if include_timm:
-        names += SOURCES[TIMM_PREFIX].names()
-    return names
+    """Every backbone name; those of optional sources (timm) only with ``include_timm``."""
+    return [n for source in SOURCES.values() if include_timm or not source.optional for n in source.names()]
 
 
 def check_name(name: str) -> None:
-    source = _source_for(name)
-    names = source.names()
+    names = _source_for(name).names()
     if name not in names:
-        if source is SOURCES[TIMM_PREFIX] and not names:
-            source._timm()
         raise BackboneError(f"unknown backbone {name!r}" + suggest(name, names))
 
 
@@ -340,6 +374,98 @@ def weight_names(name: str) -> list[str]:
     return _source_for(name).weight_names(name)
 
 
+# --------------------------------------------------------------------------- identity and preprocessing
+
+
+def _weights_name(weights: str | None) -> str | None:
+    """``none`` (any case) and None mean a random initialization."""
+    return None if weights is None or str(weights).lower() == "none" else str(weights)
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)  # size and mtime are part of the memo's key: a changed file is hashed again
+
+
+def weights_identity(name: str, weights: str | None = "DEFAULT", weights_file: str | os.PathLike | None = None) -> dict:
+    """What identifies a backbone's weights, in its cache key and in the cache's record.
+
+    A weights file: its sha256 (where the file lies is not part of it). Random weights
+    (``none``): ``none`` and the seed of the initialization. Named weights: what the
+    source says (torchvision: the enum member and its URL).
+    """
+    if weights_file:
+        path = _weights_path(weights_file).resolve()
+        stat = path.stat()
+        return {"sha256": _file_digest(str(path), stat.st_size, stat.st_mtime_ns)}
+    weights = _weights_name(weights)
+    if weights is None:
+        return {"weights": "none", "init_seed": RANDOM_INIT_SEED}
+    check_name(name)
+    return _source_for(name).weights_identity(name, weights)
+
+
+def resolve_preprocess(
+    name: str,
+    weights: str | None = "DEFAULT",
+    weights_file: str | os.PathLike | None = None,
+    draft: bool = False,
+    **given,
+) -> Preprocess:
+    """The weights' own preprocessing with the stated fields (``resize``, ``crop``, ``mean``,
+    ``std``, ``interpolation``; None: not stated) put over it.
+
+    A weights file says nothing about its preprocessing: it needs at least ``resize`` and
+    ``crop`` stated, and the rest defaults to ImageNet's.
+    """
+    check_name(name)
+    given = {k: v for k, v in given.items() if v is not None}
+    if weights_file and not {"resize", "crop"} <= set(given):
+        raise BackboneError("a weights file needs its preprocessing stated: pass --resize and --crop "
+                            "(and --mean, --std)")
+    base = Preprocess() if weights_file else _source_for(name).default_preprocess(name, _weights_name(weights))
+    return Preprocess(**{**base.to_dict(), **given, "draft": bool(draft)})
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _create(name: str, weights: str | None, warn: bool) -> nn.Module:
+    """The source's network; a random initialization is seeded, leaving the caller's random state alone."""
+    source = _source_for(name)
+    if weights is not None:
+        return source.create(name, weights)
+    if warn:
+        warnings.warn(f"{name} has random weights (weights=none): its features carry no pretrained knowledge",
+                      FeatureCacheWarning, stacklevel=3)
+    # The same features every time, and a backbone that fine-tuning can rebuild.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return source.create(name, None)
+
+
+def _features_model(model: nn.Module, name: str, layer: str | None, classifier: str, width: int,
+                    preprocess: Preprocess) -> tuple[nn.Module, int]:
+    """The frozen network that returns features, and their width: the classifier's input, or ``layer`` pooled."""
+    model.eval().requires_grad_(False)
+    if not layer:
+        _replace_module(model, classifier, nn.Identity())
+        return model, int(width)
+    names = [n for n, _ in model.named_modules() if n]
+    if layer not in names:
+        raise BackboneError(f"unknown layer {layer!r} for {name}" + suggest(layer, names))
+    tap = LayerTap(model, layer).eval()
+    with torch.inference_mode():
+        return tap, int(tap(torch.zeros(1, 3, preprocess.crop, preprocess.crop)).shape[1])
+
+
 def build(
     name: str,
     weights: str | None = "DEFAULT",
@@ -349,66 +475,25 @@ def build(
 ) -> Backbone:
     """Instantiate a frozen backbone in eval mode that returns features.
 
-    ``weights``: an enum member name (``IMAGENET1K_V1``, ``DEFAULT``), or ``"none"``/None for a
-    random initialization (with a warning). ``weights_file``: a state dict (loaded with
-    ``weights_only=True``); it needs ``preprocess`` stated. ``layer``: any named module, pooled.
+    ``weights``: a name of the source's weights (``IMAGENET1K_V1``, ``DEFAULT``), or ``"none"``/None
+    for a seeded random initialization (with a warning). ``weights_file``: a state dict (loaded
+    with ``weights_only=True``); it needs ``preprocess`` stated. ``layer``: any named module, pooled.
     """
     check_name(name)
-    if isinstance(weights, str) and weights.lower() == "none":
-        weights = None
-    if weights_file and preprocess is None:
-        raise BackboneError(
-            "a weights file needs its preprocessing stated: pass --resize, --crop (and --mean, --std)"
-        )
-    if weights is None and not weights_file:
-        warnings.warn(f"{name} has random weights (weights=none): its features carry no pretrained knowledge",
-                      FeatureCacheWarning, stacklevel=2)
-    source = _source_for(name)
-    if weights is None and not weights_file:
-        # A seeded random initialization: the same features every time, and a backbone
-        # that fine-tuning can rebuild. The caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model, default_pre, identity = source.create(name, weights, weights_file)
-        identity["init_seed"] = RANDOM_INIT_SEED
-    else:
-        model, default_pre, identity = source.create(name, weights, weights_file)
-    classifier, width = (None, None)
-    if isinstance(source, TimmSource):
-        model.reset_classifier(0)
-    else:
-        classifier, width = find_classifier(model)
+    weights = None if weights_file else _weights_name(weights)
+    if preprocess is None:
+        preprocess = resolve_preprocess(name, weights, weights_file)
+    elif isinstance(preprocess, dict):
+        preprocess = Preprocess(**preprocess)
+    identity = {"backbone": name, **weights_identity(name, weights, weights_file)}
+    model = _create(name, weights, warn=not weights_file)
+    classifier, width = _source_for(name).classifier(model)
     if weights_file:
         _load_without_classifier(model, load_state_dict_file(weights_file), classifier, f"weights file {weights_file}")
-        identity["sha256"] = sha256_file(weights_file)
-    if isinstance(preprocess, dict):
-        preprocess = Preprocess(**preprocess)
-    pre = preprocess or default_pre
-    if layer:
-        names = [n for n, _ in model.named_modules() if n]
-        if layer not in names:
-            raise BackboneError(f"unknown layer {layer!r} for {name}" + suggest(layer, names))
-        model = LayerTap(model, layer)
-    elif classifier is not None:
-        _replace_module(model, classifier, nn.Identity())
-    model.eval().requires_grad_(False)
-    if layer:
-        with torch.inference_mode():
-            dim = int(model(torch.zeros(1, 3, pre.crop, pre.crop)).shape[1])
-    elif isinstance(source, TimmSource):
-        dim = int(model.num_features)
-    else:
-        dim = int(width)
-    identity = {"backbone": name, **identity}
-    return Backbone(
-        name=name,
-        model=model,
-        preprocess=pre,
-        feature_dim=dim,
-        layer=layer or "penultimate",
-        identity=identity,
-        classifier=classifier,
-    )
+        identity["weights_file"] = str(Path(weights_file).resolve())
+    model, dim = _features_model(model, name, layer, classifier, width, preprocess)
+    return Backbone(name=name, model=model, preprocess=preprocess, feature_dim=dim, layer=layer or "penultimate",
+                    identity=identity, classifier=classifier)
 
 
 # --------------------------------------------------------------------------- offline weights
@@ -419,26 +504,15 @@ _HASH_RE = re.compile(r"-([a-f0-9]*)\.")
 def import_weights(file: str, backbone: str, weights: str = "DEFAULT") -> dict:
     """Check ``file`` against torchvision's expected hash prefix and copy it into the hub cache."""
     check_name(backbone)
-    source = _source_for(backbone)
-    if not isinstance(source, TorchvisionSource):
-        raise BackboneError("fc weights import handles torchvision weights; use timm's own cache for timm models")
-    member = source.resolve_weights(backbone, weights)
-    src = Path(file)
-    if not src.is_file():
-        raise BackboneError(f"weights file not found: {src}")
-    filename = os.path.basename(member.url)
+    label, filename = _source_for(backbone).hub_file(backbone, weights)
+    src = _weights_path(file)
     match = _HASH_RE.search(filename)
     digest = sha256_file(src)
     if match and not digest.startswith(match.group(1)):
         raise BackboneError(
             f"{src} is not {filename}: its sha256 starts with {digest[:8]}, torchvision expects {match.group(1)}"
         )
-    dest_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / filename
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not (dest.is_file() and sha256_file(dest) == digest):
-        tmp = dest.with_suffix(dest.suffix + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    return {"path": str(dest), "weights": f"{type(member).__name__}.{member.name}", "sha256": digest}
-
+        atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+    return {"path": str(dest), "weights": label, "sha256": digest}

@@ -9,6 +9,7 @@ Nothing here knows about models.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import json
@@ -16,13 +17,14 @@ import os
 import random
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
-from .errors import DataError, suggest
+from .errors import DataError, UsageError, suggest
+from .files import atomic_write
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -109,7 +111,7 @@ class Dataset:
 
 
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__")
+    return name.startswith((".", "__"))
 
 
 def _scan_class_folder(root: Path, folder: Path, split: str):
@@ -172,13 +174,27 @@ def stratified_assign(labels: list[int], fractions: dict[str, float], seed: int)
         bounds, acc = [], 0.0
         for name in names:
             acc += fractions[name]
-            bounds.append(int(round(acc * n)))
+            bounds.append(round(acc * n))
         start = 0
         for name, end in zip(names, bounds):
             for i in items[start:end]:
                 out[i] = name
             start = end
     return out
+
+
+def _split_order(record: Record) -> tuple:
+    """train, val, test, then any other split by name; by path within a split."""
+    return (SPLITS.index(record.split) if record.split in SPLITS else len(SPLITS), record.split, record.path)
+
+
+def _assign_splits(records: list[Record], spec: str, seed: int, description: dict) -> list[Record]:
+    """``records`` spread over the splits of ``spec`` (``train=0.8,val=0.2``), stratified and
+    seeded, in :func:`_split_order`; ``description`` records how."""
+    fractions = _parse_split_fractions(spec)
+    assigned = stratified_assign([r.label for r in records], fractions, seed)
+    description.update(split=fractions, seed=seed)
+    return sorted((Record(r.path, r.label, s) for r, s in zip(records, assigned)), key=_split_order)
 
 
 def _folder_source(root: Path, split: str | None, seed: int) -> Dataset:
@@ -198,11 +214,7 @@ def _folder_source(root: Path, split: str | None, seed: int) -> Dataset:
         raise DataError(f"no images found in {root}: {len(skipped)} files, none with an image extension")
     description = {"kind": kind}
     if kind == "folder" and split:
-        fractions = _parse_split_fractions(split)
-        assigned = stratified_assign([r.label for r in records], fractions, seed)
-        records = [Record(r.path, r.label, s) for r, s in zip(records, assigned)]
-        records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
-        description.update(split=fractions, seed=seed)
+        records = _assign_splits(records, split, seed, description)
     return Dataset(str(root), classes, records, kind, skipped, description=description)
 
 
@@ -238,13 +250,13 @@ def _csv_source(path: Path, split: str | None, seed: int) -> Dataset:
     if not records:
         raise DataError(f"manifest {path} lists no images")
     description = {"kind": "csv", "manifest": path.name}
-    if split:
-        fractions = _parse_split_fractions(split)
-        assigned = stratified_assign([r.label for r in records], fractions, seed)
-        records = [Record(r.path, r.label, s) for r, s in zip(records, assigned)]
-        description.update(split=fractions, seed=seed)
-    records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
+    records = _assign_splits(records, split, seed, description) if split else sorted(records, key=_split_order)
     return Dataset(str(root), classes, records, "csv", skipped, description=description)
+
+
+def _gunzip(src: Path, dest: Path) -> None:
+    with gzip.open(src, "rb") as fin, open(dest, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 def _stage_idx_files(name: str, root: Path) -> Path:
@@ -265,11 +277,37 @@ def _stage_idx_files(name: str, root: Path) -> Path:
     for src in gz:
         dest = raw / src.name[:-3]
         if not dest.exists() or dest.stat().st_mtime < src.stat().st_mtime:
-            tmp = dest.with_suffix(".tmp")
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            os.replace(tmp, dest)
+            atomic_write(dest, functools.partial(_gunzip, src))
     return stage
+
+
+def _torchvision_parts(cls, spec: str, root: Path, staged: Path) -> dict:
+    """The train and test parts of a torchvision dataset class, whichever way it names them."""
+    parts = {}
+    for split_name, kwargs in (("train", {"train": True}), ("test", {"train": False})):
+        try:
+            try:
+                parts[split_name] = cls(str(staged), download=False, **kwargs)
+            except TypeError:
+                parts[split_name] = cls(str(staged), download=False, split=split_name)
+        except Exception as exc:  # dataset classes raise anything
+            raise DataError(f"cannot open {spec} in {root}: {exc}".splitlines()[0]) from None
+    return parts
+
+
+def _torchvision_records(parts: dict) -> tuple[list[str], list[Record]]:
+    """Sorted class names and records ``SPLIT/INDEX`` whose labels index them."""
+    classes = list(getattr(parts["train"], "classes", []))
+    targets = {s: [int(t) for t in ds.targets] for s, ds in parts.items()}
+    if not classes:
+        classes = [str(i) for i in sorted({t for ts in targets.values() for t in ts})]
+    order = sorted(range(len(classes)), key=lambda i: classes[i])
+    remap = {old: new for new, old in enumerate(order)}
+    records = []
+    for split_name, ts in targets.items():
+        width = len(str(len(ts)))
+        records += [Record(f"{split_name}/{i:0{width}d}", remap[t], split_name) for i, t in enumerate(ts)]
+    return [classes[i] for i in order], records
 
 
 def _torchvision_source(spec: str, root: str | None, split: str | None, seed: int) -> Dataset:
@@ -286,54 +324,28 @@ def _torchvision_source(spec: str, root: str | None, split: str | None, seed: in
     if not root_path.is_dir():
         raise DataError(f"--root {root_path} is not a directory")
     staged = _stage_idx_files(name, root_path)
-    parts = {}
-    for split_name, kwargs in (("train", {"train": True}), ("test", {"train": False})):
-        try:
-            parts[split_name] = cls(str(staged), download=False, **kwargs)
-        except TypeError:
-            try:
-                parts[split_name] = cls(str(staged), download=False, split=split_name)
-            except Exception as exc:  # noqa: BLE001 - dataset classes raise anything
-                raise DataError(f"cannot open {spec} in {root_path}: {exc}".splitlines()[0]) from None
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"cannot open {spec} in {root_path}: {exc}".splitlines()[0]) from None
-    first = parts["train"]
-    classes = list(getattr(first, "classes", []))
-    targets = {s: [int(t) for t in getattr(ds, "targets")] for s, ds in parts.items()}
-    if not classes:
-        classes = [str(i) for i in sorted({t for ts in targets.values() for t in ts})]
-    # class indices follow sorted class names
-    order = sorted(range(len(classes)), key=lambda i: classes[i])
-    remap = {old: new for new, old in enumerate(order)}
-    sorted_classes = [classes[i] for i in order]
-    records = []
-    for split_name, ts in targets.items():
-        width = len(str(len(ts)))
-        records += [Record(f"{split_name}/{i:0{width}d}", remap[t], split_name) for i, t in enumerate(ts)]
+    parts = _torchvision_parts(cls, spec, root_path, staged)
+    classes, records = _torchvision_records(parts)
+    files = sorted(p for p in Path(staged).rglob("*") if p.is_file())
+    description = {"kind": "torchvision", "dataset": name,
+                   "files": [(p.relative_to(staged).as_posix(), p.stat().st_size) for p in files]}
     if split:
-        fractions = _parse_split_fractions(split)
         train = [r for r in records if r.split == "train"]
-        assigned = stratified_assign([r.label for r in train], fractions, seed)
-        records = [Record(r.path, r.label, s) for r, s in zip(train, assigned)] + [r for r in records if r.split != "train"]
-        records.sort(key=lambda r: (SPLITS.index(r.split) if r.split in SPLITS else 9, r.split, r.path))
+        records = sorted(_assign_splits(train, split, seed, description) + [r for r in records if r.split != "train"],
+                         key=_split_order)
 
     def loader(record: Record) -> Image.Image:
         part, idx = record.path.split("/")
         img, _ = parts[part][int(idx)]
         return img
 
-    files = sorted(p for p in Path(staged).rglob("*") if p.is_file())
-    file_stats = [(p.relative_to(staged).as_posix(), p.stat().st_size) for p in files]
-    description = {"kind": "torchvision", "dataset": name, "files": file_stats}
-    if split:
-        description.update(split=_parse_split_fractions(split), seed=seed)
-    return Dataset(str(root_path), sorted_classes, records, spec, [], loader=loader, description=description)
+    return Dataset(str(root_path), classes, records, spec, [], loader=loader, description=description)
 
 
 def limit_records(dataset: Dataset, limit: int, seed: int) -> Dataset:
     """Keep at most ``limit`` records per split, a stratified sample, in the original order."""
     if limit < 1:
-        raise DataError("--limit must be at least 1")
+        raise UsageError(f"--limit must be at least 1, not {limit}")
     keep: set[int] = set()
     for split in dataset.splits:
         idx = [i for i, r in enumerate(dataset.records) if r.split == split]
@@ -374,4 +386,4 @@ def open_dataset(
             raise DataError(f"data folder is empty: {path}")
         else:
             dataset = _folder_source(path, split, seed)
-    return limit_records(dataset, limit, seed) if limit else dataset
+    return dataset if limit is None else limit_records(dataset, limit, seed)

@@ -1,9 +1,13 @@
-"""Stage one: run a frozen backbone over a dataset and write its features to the cache."""
+"""Stage one: run a frozen backbone over a dataset and write its features to the cache.
+
+:func:`extract` checks its options, resolves the preprocessing and the cache key, looks
+the key up, and otherwise runs the model over the images that have no features yet
+(finished batches are checkpointed as shards) and writes the cache file.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,11 +17,14 @@ import numpy as np
 import torch
 
 from . import backbones, runtime, store
-from .data import Dataset, Preprocess, open_dataset
-from .errors import DataError, FeatureCacheError
+from .data import Dataset, open_dataset
+from .errors import DataError, UsageError
+from .files import versions
 from .images import ImageTensors, image_loader, normalize_batch
 
 DTYPES = ("float32", "float16")
+# Below this many images to extract, eager mode runs: freezing would cost more than it saves.
+FREEZE_MIN_IMAGES = 128
 
 
 @dataclass
@@ -38,47 +45,19 @@ class ExtractResult:
         return out
 
 
-# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class _Run:
+    """How the model runs over the images: every option of the loop, checked and resolved."""
 
-
-def _preprocess(backbone: str, weights, weights_file, resize, crop, mean, std, interpolation, draft) -> Preprocess | None:
-    given = {k: v for k, v in dict(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation).items() if v is not None}
-    if not given and not draft:
-        return None
-    if weights_file and not {"resize", "crop"} <= set(given):
-        raise FeatureCacheError("a weights file needs its preprocessing stated: pass at least --resize and --crop")
-    base = None if weights_file else _default_preprocess(backbone, weights)
-    fields = base.to_dict() if base else Preprocess().to_dict()
-    fields.update(given)
-    fields["draft"] = bool(draft)
-    return Preprocess(**fields)
-
-
-def _default_preprocess(backbone: str, weights) -> Preprocess:
-    source = backbones._source_for(backbone)
-    backbones.check_name(backbone)
-    if isinstance(source, backbones.TorchvisionSource):
-        member = None if weights in (None, "none") else source.resolve_weights(backbone, weights)
-        return source.default_preprocess(backbone, member)
-    return Preprocess()
-
-
-def _versions() -> dict:
-    import h5py
-    import PIL
-    import torchvision
-
-    from . import __version__
-
-    return {
-        "featurecache": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "h5py": h5py.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-    }
+    device: torch.device
+    precision: str
+    dtype: str
+    batch_size: int
+    workers: int
+    strict: bool
+    max_image_pixels: int | None
+    checkpoint_every: int
+    progress: bool
 
 
 # --------------------------------------------------------------------------- the stage
@@ -120,139 +99,182 @@ def extract(
     resumes from the last checkpoint.
     """
     started = time.perf_counter()
+    run = _settings(device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
+                    progress)
+    if lock_timeout is not None and lock_timeout < 0:
+        raise UsageError(f"--lock-timeout must be 0 or more seconds, not {lock_timeout}")
+    dataset = _open_data(data, split, root, seed, limit, strict)
+    pre = backbones.resolve_preprocess(backbone, weights, weights_file, draft, resize=resize, crop=crop, mean=mean,
+                                       std=std, interpolation=interpolation)
+    key_config = _key_config(backbone, weights, weights_file, layer, pre.to_dict(), run, dataset)
+    key = store.cache_key(key_config)
+    entry = store.Entry.locate(store.default_cache_dir(cache_dir), _label(backbone, dataset), key)
+    if not store.is_complete(entry.path):
+        with store.locked(entry, wait=lock_timeout, on_wait=_waiting(entry)):
+            if not store.is_complete(entry.path):  # else another process finished it while this one waited
+                net = backbones.build(backbone, weights=weights, weights_file=weights_file, layer=layer,
+                                      preprocess=pre)
+                return _compute(net, dataset, entry, key_config, run, started)
+    store.clear_leftovers(entry)
+    return _summary(entry.path, key, True, started)
+
+
+# --------------------------------------------------------------------------- its steps
+
+
+def _settings(device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
+              progress) -> _Run:
+    """The loop's options, checked (a UsageError for a value that cannot be used) and resolved."""
     if dtype not in DTYPES:
-        raise FeatureCacheError(f"unknown dtype {dtype!r}: choose float32 or float16")
-    if batch_size is not None and batch_size < 1:
-        raise FeatureCacheError("--batch-size must be at least 1")
-    if checkpoint_every < 1:
-        raise FeatureCacheError("--checkpoint-every must be at least 1")
+        raise UsageError(f"unknown dtype {dtype!r}: choose float32 or float16")
+    for option, value in (("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
+                          ("--max-image-pixels", max_image_pixels)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be at least 1, not {value}")
     dev = runtime.resolve_device(device)
-    batch_size = batch_size or runtime.default_batch_size(dev)
-    prec = runtime.resolve_precision(precision, dev)
+    return _Run(device=dev, precision=runtime.resolve_precision(precision, dev), dtype=dtype,
+                batch_size=batch_size or runtime.default_batch_size(dev), workers=runtime.resolve_workers(workers),
+                strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
+                progress=progress)
+
+
+def _strict_error(path: str, reason: str) -> DataError:
+    return DataError(f"{path}: {reason} (--strict)")
+
+
+def _open_data(data, split, root, seed, limit, strict) -> Dataset:
     dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit)
     if strict and dataset.skipped:
-        split_name, path, reason = dataset.skipped[0]
-        raise DataError(f"{path}: {reason} (--strict)")
-    pre = _preprocess(backbone, weights, weights_file, resize, crop, mean, std, interpolation, draft)
-    if pre is None:
-        pre = _default_preprocess(backbone, weights) if not weights_file else None
-    if weights_file and pre is None:
-        raise FeatureCacheError("a weights file needs its preprocessing stated: pass at least --resize and --crop")
-    weights_id = _weights_identity(backbone, weights, weights_file)
-    key_config = {
+        _, path, reason = dataset.skipped[0]
+        raise _strict_error(path, reason)
+    return dataset
+
+
+def _key_config(backbone, weights, weights_file, layer, preprocess: dict, run: _Run, dataset: Dataset) -> dict:
+    """Everything that changes the features: its hash is the cache key."""
+    return {
         "backbone": backbone,
-        "weights": weights_id,
-        "preprocess": pre.to_dict(),
+        "weights": backbones.weights_identity(backbone, weights, weights_file),
+        "preprocess": preprocess,
         "layer": layer or "penultimate",
-        "precision": prec,
-        "dtype": dtype,
-        "max_image_pixels": max_image_pixels,
+        "precision": run.precision,
+        "dtype": run.dtype,
+        "max_image_pixels": run.max_image_pixels,
         "dataset": dataset.fingerprint(),
     }
-    key = store.cache_key(key_config)
-    label = f"{backbone.replace('/', '-')}-{Path(dataset.root).name if not dataset.loader else dataset.source.split(':')[-1]}"
-    entry = store.Entry.locate(store.default_cache_dir(cache_dir), label, key)
 
-    def summary(path, reused, seconds, rate, dim) -> ExtractResult:
-        meta = store.info(path)
-        splits = {name: {"n": s["n"], "skipped": s["skipped"]} for name, s in meta["splits"].items()}
-        dim = dim or next(iter(meta["splits"].values()))["dim"]
-        return ExtractResult(str(Path(path).resolve()), reused, dim, splits, rate, seconds, key)
 
-    if store.is_complete(entry.path):
-        return summary(entry.path, True, time.perf_counter() - started, 0.0, None)
+def _label(backbone: str, dataset: Dataset) -> str:
+    """The readable part of the cache file's name: backbone and data."""
+    data = dataset.source.split(":")[-1] if dataset.loader else Path(dataset.root).name
+    return f"{backbone.replace('/', '-')}-{data}"
 
-    def waiting(pid):
+
+def _waiting(entry: store.Entry):
+    def say(pid: str) -> None:
         print(f"waiting for another extraction of {entry.path.name} (pid {pid}) ...", file=sys.stderr)
 
-    with store.locked(entry, wait=lock_timeout, on_wait=waiting):
-        if store.is_complete(entry.path):  # the other process finished it while we waited
-            return summary(entry.path, True, time.perf_counter() - started, 0.0, None)
-        net = backbones.build(backbone, weights=weights, weights_file=weights_file, layer=layer, preprocess=pre)
-        config = {
-            **key_config,
-            "weights": {**net.identity, **weights_id},
-            "feature_dim": net.feature_dim,
-            "data": {"root": str(Path(dataset.root).resolve()), "source": dataset.source, **dataset.description,
-                     "fingerprint": key_config["dataset"]},
-            "device": str(dev),
-            "batch_size": batch_size,
-            "versions": _versions(),
-        }
-        manifest = {"key": key, "records": len(dataset.records)}
-        writer = store.ShardWriter(entry, len(dataset.records), manifest)
-        pending = np.flatnonzero(~writer.done())
-        n_done, seconds, mode = _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers,
-                                           strict, max_image_pixels, checkpoint_every, progress)
-        config["graph"] = mode
-        features, ok, reasons = writer.collect(net.feature_dim, dtype)
-        splits = _assemble(dataset, features, ok, reasons)
-        config["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        store.write_cache(entry.path, dataset.classes, config, splits, key=key)
-        writer.remove()
-    rate = n_done / seconds if seconds > 0 else 0.0
-    result = summary(entry.path, False, time.perf_counter() - started, rate, net.feature_dim)
+    return say
+
+
+def _summary(path, key: str, reused: bool, started: float, rate: float = 0.0) -> ExtractResult:
+    meta = store.info(path)
+    splits = {name: {"n": s["n"], "skipped": s["skipped"]} for name, s in meta["splits"].items()}
+    dim = next(iter(meta["splits"].values()))["dim"]
+    return ExtractResult(str(Path(path).resolve()), reused, dim, splits, rate, time.perf_counter() - started, key)
+
+
+def _compute(net: backbones.Backbone, dataset: Dataset, entry: store.Entry, key_config: dict, run: _Run,
+             started: float) -> ExtractResult:
+    """Run the model over the images without features yet, then write the cache (the entry is locked)."""
+    key = store.cache_key(key_config)
+    writer = store.ShardWriter(entry, len(dataset.records), {"key": key, "records": len(dataset.records)})
+    pending = np.flatnonzero(~writer.done())
+    seconds, mode = _run_model(net, dataset, pending, writer, run)
+    features, ok, reasons = writer.collect(net.feature_dim, run.dtype)
+    splits = _assemble(dataset, features, ok, reasons)
+    store.write_cache(entry.path, dataset.classes, _provenance(net, dataset, key_config, run, mode), splits, key=key)
+    writer.remove()
+    result = _summary(entry.path, key, False, started, len(pending) / seconds if seconds > 0 else 0.0)
     result.skipped = [(s, p, r) for s, part in splits.items() for p, r in part["skipped"]]
     return result
 
 
-def _weights_identity(backbone: str, weights, weights_file) -> dict:
-    """What identifies the weights in the cache key: the enum member, or the file's hash."""
-    if weights_file:
-        return {"sha256": backbones.sha256_file(weights_file) if Path(weights_file).is_file() else weights_file}
-    if weights in (None, "none"):
-        return {"weights": "none"}
-    source = backbones._source_for(backbone)
-    backbones.check_name(backbone)
-    if isinstance(source, backbones.TorchvisionSource):
-        member = source.resolve_weights(backbone, weights)
-        return {"weights": f"{type(member).__name__}.{member.name}"}
-    return {"weights": str(weights)}
+def _provenance(net: backbones.Backbone, dataset: Dataset, key_config: dict, run: _Run, mode: str) -> dict:
+    """The cache's record of what made it: the key's parts and how it ran."""
+    return {
+        **key_config,
+        "weights": net.identity,
+        "feature_dim": net.feature_dim,
+        "data": {"root": str(Path(dataset.root).resolve()), "source": dataset.source, **dataset.description,
+                 "fingerprint": key_config["dataset"]},
+        "device": str(run.device),
+        "batch_size": run.batch_size,
+        "graph": mode,
+        "versions": {**versions("torch", "torchvision", "numpy", "PIL"), "h5py": store.h5py_version()},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
-# Below this many images to extract, eager mode runs: freezing would cost more than it saves.
-FREEZE_MIN_IMAGES = 128
+# --------------------------------------------------------------------------- the loop
 
 
-def _run_model(net, dataset, pending, writer, dev, prec, dtype, batch_size, workers, strict, max_pixels,
-               checkpoint_every, progress):
+class _Features:
+    """The backbone on its device, turning a batch of uint8 images into feature rows.
+
+    On the first batch it becomes the faster of eager mode and a frozen graph
+    (:func:`runtime.inference_model`), unless there are too few images to pay for freezing.
+    """
+
+    def __init__(self, net: backbones.Backbone, run: _Run, n_images: int):
+        self.net, self.run, self.n_images = net, run, n_images
+        self.eager = net.model.to(run.device).to(memory_format=torch.channels_last)
+        self.model, self.mode = None, "eager"
+        self.dtype = np.dtype(run.dtype)
+
+    def _choose(self, x: torch.Tensor) -> None:
+        if self.n_images >= FREEZE_MIN_IMAGES:  # freezing costs about a second: not worth it for a few images
+            self.model, self.mode = runtime.inference_model(self.eager, self.run.device, self.run.precision, x)
+        else:
+            self.model = self.eager
+        torch.set_num_threads(runtime.model_threads(self.run.device, self.run.workers, self.mode))
+
+    def __call__(self, batch: torch.Tensor, ok: np.ndarray) -> np.ndarray:
+        """Rows for the ``ok`` images of ``batch``."""
+        if not ok.any():
+            return np.zeros((0, self.net.feature_dim), dtype=self.dtype)
+        x = batch if ok.all() else batch[torch.from_numpy(ok)]
+        x = normalize_batch(x.to(self.run.device, non_blocking=True), self.net.preprocess)
+        if self.model is None:
+            self._choose(x)
+        with runtime.autocast(self.run.device, self.run.precision):
+            features = self.model(x)
+        return features.float().cpu().numpy().astype(self.dtype, copy=False)
+
+
+def _run_model(net: backbones.Backbone, dataset: Dataset, pending: np.ndarray, writer: store.ShardWriter,
+               run: _Run) -> tuple[float, str]:
+    """Features of the ``pending`` records into ``writer``'s shards: ``(seconds, graph mode)``."""
     if len(pending) == 0:
-        return 0, 0.0, "eager"
+        return 0.0, "eager"
     from tqdm.auto import tqdm
 
-    workers = runtime.usable_cores() if workers is None else int(workers)
-    loader = image_loader(ImageTensors(dataset, pending, net.preprocess, max_pixels), batch_size, workers, dev)
-    eager = net.model.to(dev).to(memory_format=torch.channels_last)
-    model, mode = None, "eager"
-    np_dtype = np.dtype(dtype)
-    done = 0
-    bar = tqdm(total=len(dataset.records), initial=len(dataset.records) - len(pending), unit="img",
-               desc="extract", disable=not progress, dynamic_ncols=True, leave=False)
-    shard = _ShardBuffer(writer, checkpoint_every)
+    images = ImageTensors(dataset, pending, net.preprocess, run.max_image_pixels)
+    loader = image_loader(images, run.batch_size, run.workers, run.device)
+    features = _Features(net, run, len(pending))
+    total = len(dataset.records)
+    bar = tqdm(total=total, initial=total - len(pending), unit="img", desc="extract", disable=not run.progress,
+               dynamic_ncols=True, leave=False)
     start = time.perf_counter()
-    with torch.inference_mode(), runtime.num_threads(), shard:
+    with torch.inference_mode(), runtime.num_threads(), _ShardBuffer(writer, run.checkpoint_every) as shard, bar:
         for indices, batch, reasons in loader:
             ok = np.array([r == "" for r in reasons], dtype=bool)
-            if strict and not ok.all():
+            if run.strict and not ok.all():
                 bad = int(np.flatnonzero(~ok)[0])
-                raise DataError(f"{dataset.records[int(indices[bad])].path}: {reasons[bad]} (--strict)")
-            if ok.any():
-                x = batch[torch.from_numpy(ok)] if not ok.all() else batch
-                x = normalize_batch(x.to(dev, non_blocking=True), net.preprocess)
-                if model is None:  # freezing costs about a second: not worth it for a few images
-                    model, mode = (runtime.inference_model(eager, dev, prec, x) if len(pending) >= FREEZE_MIN_IMAGES
-                                   else (eager, "eager"))
-                    torch.set_num_threads(runtime.model_threads(dev, workers, mode))
-                with runtime.autocast(dev, prec):
-                    feats = model(x)
-                feats = feats.float().cpu().numpy().astype(np_dtype, copy=False)
-            else:
-                feats = np.zeros((0, net.feature_dim), dtype=np_dtype)
-            shard.add(indices.numpy(), feats, ok, list(reasons))
-            done += len(reasons)
+                raise _strict_error(dataset.records[int(indices[bad])].path, reasons[bad])
+            shard.add(indices.numpy(), features(batch, ok), ok, list(reasons))
             bar.update(len(reasons))
-    bar.close()
-    return done, time.perf_counter() - start, mode
+    return time.perf_counter() - start, features.mode
 
 
 class _ShardBuffer:
@@ -270,7 +292,7 @@ class _ShardBuffer:
         if sum(len(p[0]) for p in self.parts) >= self.rows or time.monotonic() - self.since >= self.seconds:
             self.flush()
 
-    def __enter__(self) -> "_ShardBuffer":
+    def __enter__(self) -> _ShardBuffer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -101,7 +101,7 @@ class ImageTensors(torch.utils.data.Dataset):
             return index, self.transform(img), ""
         except ImageSkipped as exc:
             return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), str(exc)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip, not a crash
+        except Exception as exc:  # any decoder failure is a skip, not a crash
             reason = f"unreadable image: {type(exc).__name__}: {exc}".splitlines()[0]
             return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), reason
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import FeatureCacheError
+from .errors import UsageError, plural
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -20,27 +20,45 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when there is one, else MPS, else the CPU."""
+def resolve_workers(workers: int | None = None) -> int:
+    """DataLoader worker processes that decode images: the usable cores when not given."""
+    if workers is None:
+        return usable_cores()
+    if int(workers) < 0:
+        raise UsageError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
+    return int(workers)
+
+
+# Device types by name, with whether this machine has one.
+_DEVICE_TYPES = {
+    "cpu": lambda: True,
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+}
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
+    ``mps`` name one. A UsageError for any other name or a device this machine lacks."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise FeatureCacheError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatureCacheError(f"device {device} asked for, but CUDA is not available here")
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if not _DEVICE_TYPES[dev.type]():
+        raise UsageError(f"device {device} asked for, but this machine has no {dev.type.upper()} device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise FeatureCacheError(f"device {device} asked for, but there are {torch.cuda.device_count()} GPUs")
+        raise UsageError(f"device {device} asked for, but this machine has {plural(torch.cuda.device_count(), 'GPU')}")
     return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: mixed precision (fp16) on CUDA, fp32 elsewhere (bf16 autocast is slow on most CPUs)."""
     if precision not in PRECISIONS:
-        raise FeatureCacheError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision

@@ -9,10 +9,12 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
 
 While an extraction runs, finished batches are written as small ``.npz`` shards into
-``<name>.partial/`` (each one written under a temporary name, then renamed). A killed
-run leaves only whole shards behind, and a rerun computes the missing rows alone.
-When every row is there, the HDF5 file is written under a temporary name, marked
-``complete``, flushed and renamed into place: a reader never sees a half-written cache.
+``<name>.partial/`` (each one written under a temporary name, then renamed, with
+:func:`featurecache.files.atomic_write`). A killed run leaves only whole shards behind,
+and a rerun computes the missing rows alone. When every row is there, the HDF5 file is
+written under a temporary name, marked ``complete``, flushed to the disk and renamed into
+place: a reader never sees a half-written cache. The temporary files a killed run leaves
+are removed by the next run of the same entry.
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
 from .errors import CacheError, CacheLockedError
+from .files import atomic_write, is_temp_name
 
 FORMAT = "featurecache/1"
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
+
+
+def h5py_version() -> str:
+    """The version of the HDF5 library binding the caches are written with, for provenance."""
+    return h5py.__version__
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -61,7 +69,7 @@ class Entry:
     path: Path  # the final HDF5 file
 
     @classmethod
-    def locate(cls, cache_dir: Path, label: str, key: str) -> "Entry":
+    def locate(cls, cache_dir: Path, label: str, key: str) -> Entry:
         return cls(Path(cache_dir) / f"{_slug(label)}-{key[:16]}{SUFFIX}")
 
     @property
@@ -71,6 +79,10 @@ class Entry:
     @property
     def lock_path(self) -> Path:
         return self.path.with_name("." + self.path.name + ".lock")
+
+    def temp_files(self) -> list[Path]:
+        """Temporary cache files of this entry that a killed run left behind."""
+        return [p for p in self.path.parent.glob(f".{self.path.name}.tmp-*") if is_temp_name(p)]
 
 
 # --------------------------------------------------------------------------- locking
@@ -118,20 +130,18 @@ class ShardWriter:
     """Collects finished batches as atomic ``.npz`` shards under ``entry.partial``."""
 
     def __init__(self, entry: Entry, n_records: int, manifest: dict):
+        """Open ``entry``'s shards (the caller holds its lock); shards of another ``manifest`` are dropped."""
         self.dir = entry.partial
         self.n = n_records
-        self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "manifest.json"
         text = json.dumps(manifest, sort_keys=True)
-        if meta.exists():
-            if meta.read_text() != text:  # same key, different records: start over
-                shutil.rmtree(self.dir)
-                self.dir.mkdir(parents=True)
-        if not meta.exists():
-            tmp = meta.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, meta)
-        for stale in self.dir.glob("*.tmp*"):
+        if meta.is_file() and meta.read_text() != text:  # same key, different records: start over
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not meta.is_file():
+            atomic_write(meta, text)
+        # What a killed run was writing: shards and cache files under temporary names.
+        for stale in [p for p in self.dir.iterdir() if is_temp_name(p)] + entry.temp_files():
             stale.unlink(missing_ok=True)
 
     def _shards(self) -> list[Path]:
@@ -149,11 +159,13 @@ class ShardWriter:
         """Store one batch: ``features`` holds rows for the ``ok`` images only."""
         indices = np.asarray(indices, dtype=np.int64)
         name = f"shard-{int(indices.min()):012d}-{uuid.uuid4().hex[:8]}.npz"
-        tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, indices=indices, features=features, ok=np.asarray(ok, bool),
-                     reasons=np.asarray(reasons, dtype=str))
-        os.replace(tmp, self.dir / name)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to a temporary name
+                np.savez(fh, indices=indices, features=features, ok=np.asarray(ok, bool),
+                         reasons=np.asarray(reasons, dtype=str))
+
+        atomic_write(self.dir / name, save)
 
     def collect(self, dim: int | None, dtype: str):
         """Assemble all shards into ``(features, ok, reasons)`` indexed by record."""
@@ -210,10 +222,8 @@ def write_cache(
     ``splits`` maps a split name to ``{"features": N x D, "labels": N, "paths": N,
     "skipped": [(path, reason), ...]}``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["key"] = key or cache_key(config)
@@ -221,24 +231,21 @@ def write_cache(
             f.attrs["config"] = json.dumps(config, sort_keys=True)
             f.attrs["complete"] = False
             for name, part in splits.items():
-                g = f.create_group(name)
-                feats = np.asarray(part["features"])
-                n = feats.shape[0]
-                chunks = (max(1, min(chunk_rows, n)), feats.shape[1]) if n and feats.shape[1] else None
-                g.create_dataset("features", data=feats, chunks=chunks)
-                g.create_dataset("labels", data=np.asarray(part["labels"], dtype=np.int64))
-                _str_dataset(g, "paths", list(part["paths"]))
-                skipped = list(part.get("skipped", []))
-                _str_dataset(g, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
+                _write_split(f.create_group(name), part, chunk_rows)
             f.attrs["complete"] = True
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write, fsync=True)
+
+
+def _write_split(group, part: dict, chunk_rows: int) -> None:
+    features = np.asarray(part["features"])
+    n = features.shape[0]
+    chunks = (max(1, min(chunk_rows, n)), features.shape[1]) if n and features.shape[1] else None
+    group.create_dataset("features", data=features, chunks=chunks)
+    group.create_dataset("labels", data=np.asarray(part["labels"], dtype=np.int64))
+    _str_dataset(group, "paths", list(part["paths"]))
+    skipped = list(part.get("skipped", []))
+    _str_dataset(group, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
 
 
 # --------------------------------------------------------------------------- reading
@@ -304,14 +311,6 @@ def load_skipped(path: str | os.PathLike, split: str) -> list[tuple[str, str]]:
         return [tuple(row) for row in f[split]["skipped"].asstr()[...].tolist()]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def list_caches(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """Every cache file in ``cache_dir``: complete ones with their info, others marked incomplete."""
     root = default_cache_dir(cache_dir)
@@ -324,7 +323,8 @@ def list_caches(cache_dir: str | os.PathLike | None = None) -> list[dict]:
         except CacheError:
             out.append({"complete": False, "path": str(path), "bytes": path.stat().st_size})
     for partial in sorted(root.glob("*.partial")):
-        out.append({"complete": False, "path": str(partial), "bytes": sum(p.stat().st_size for p in partial.iterdir())})
+        size = sum(p.stat().st_size for p in partial.iterdir())
+        out.append({"complete": False, "path": str(partial), "bytes": size})
     return out
 
 
@@ -334,7 +334,7 @@ def resolve(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) 
     if path.exists():
         return path
     root = default_cache_dir(cache_dir)
-    matches = [p for p in root.glob(f"*{SUFFIX}") if p.name == str(ref) or p.stem.endswith(str(ref)) or str(ref) in p.stem]
+    matches = [p for p in root.glob(f"*{SUFFIX}") if p.name == str(ref) or str(ref) in p.stem]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -342,11 +342,23 @@ def resolve(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) 
     raise CacheError(f"{ref!r} matches {len(matches)} caches in {root}: " + ", ".join(p.name for p in matches))
 
 
+def clear_leftovers(entry: Entry) -> None:
+    """Remove the shards and temporary files of a complete cache's entry: what a run killed
+    after its cache was complete left. Nothing is touched while another process holds the entry."""
+    if not (entry.partial.exists() or entry.temp_files()):
+        return
+    with contextlib.suppress(CacheLockedError), locked(entry, wait=0):
+        if is_complete(entry.path):
+            shutil.rmtree(entry.partial, ignore_errors=True)
+            for stale in entry.temp_files():
+                stale.unlink(missing_ok=True)
+
+
 def remove(path: str | os.PathLike) -> list[str]:
-    """Delete a cache file with its partial shards and lock file."""
+    """Delete a cache file with its partial shards, temporary files and lock file."""
     entry = Entry(Path(path))
     removed = []
-    for p in (entry.path, entry.partial, entry.lock_path):
+    for p in (entry.path, entry.partial, *entry.temp_files(), entry.lock_path):
         if p.is_dir():
             shutil.rmtree(p)
             removed.append(str(p))

@@ -32,7 +32,7 @@ def test_extract_layout_and_provenance(image_folder, tmp_path):
         assert key in cfg
     assert cfg["precision"] == "fp32" and cfg["preprocess"]["crop"] == 40
     assert cfg["versions"]["torch"]
-    X, y, p = featurecache.load_features(res.cache, "val")
+    X, y, _ = featurecache.load_features(res.cache, "val")
     assert X.shape == (8, 1280) and X.dtype == np.float32 and list(y) == [0] * 4 + [1] * 4
 
 
@@ -178,7 +178,7 @@ def test_an_aborted_run_keeps_its_finished_batches(tmp_path):
     (data / "val" / "dogs" / "zz_broken.jpg").write_bytes(b"not a jpeg")  # the last image in order
     cache_dir = tmp_path / "c"
     kwargs = {**FAST, "batch_size": 4, "cache_dir": str(cache_dir)}
-    with pytest.raises(DataError, match="zz_broken.jpg"):
+    with pytest.raises(DataError, match=r"zz_broken\.jpg"):
         featurecache.extract(str(data), strict=True, **kwargs)
     shards = list(cache_dir.glob("*.partial/shard-*.npz"))
     assert shards, "the batches finished before the error are kept"

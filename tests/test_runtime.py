@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from featurecache import backbones, runtime
+from featurecache.errors import UsageError
 
 CPU = torch.device("cpu")
 
@@ -84,3 +85,30 @@ def test_a_frozen_graph_leaves_cores_to_the_decoders(monkeypatch):
     with runtime.num_threads():
         torch.set_num_threads(1)
     assert torch.get_num_threads() == before
+
+
+def test_devices_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.resolve_device("auto") == runtime.resolve_device("cpu") == CPU
+    for bad in ("tpu", "meta", "cuda:x", "gpu"):
+        with pytest.raises(UsageError, match="unknown device"):
+            runtime.resolve_device(bad)
+    with pytest.raises(UsageError, match="this machine has no CUDA device"):
+        runtime.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.resolve_device("auto") == torch.device("cuda")
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match=r"device cuda:1 asked for, but this machine has 1 GPU$"):
+        runtime.resolve_device("cuda:1")
+
+
+def test_precision_and_workers():
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
+    with pytest.raises(UsageError, match="unknown precision 'fp8'"):
+        runtime.resolve_precision("fp8", CPU)
+    assert runtime.resolve_workers(None) == runtime.usable_cores()
+    assert runtime.resolve_workers(0) == 0
+    with pytest.raises(UsageError, match="--workers must be 0"):
+        runtime.resolve_workers(-1)
