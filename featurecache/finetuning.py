@@ -528,8 +528,8 @@ class _Trainer:
         with tqdm(total=self.n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
                   leave=False, disable=not self.job.progress, dynamic_ncols=True) as bar:
             for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
-                self.batch(state, index, batch, reasons, min(s.accumulate, self.n_batches - b // s.accumulate
-                                                             * s.accumulate))
+                group = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
+                self.batch(state, index, batch, reasons, group)
                 if (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches:
                     self.optimizer_step(state, b + 1)
                 bar.update(1)
