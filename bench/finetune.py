@@ -110,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*worker.*")  # the tutorial's 4 workers on a smaller machine
 
-    print(f"data {args.data}, {args.epochs} epochs, fc finetune batch size {args.batch_size or 'default'}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"data {args.data}, {args.epochs} epochs, fc finetune batch size {args.batch_size or 'default'}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
     ours = featurecache_side(args.data, args.epochs, args.batch_size)
     print(f"featurecache: extract + fit-head logreg {ours['prepare_seconds']:.1f} s (once); "
           f"fc finetune wall time {ours['wall_seconds']:.1f} s; load average {os.getloadavg()[0]:.2f}", flush=True)

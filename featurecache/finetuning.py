@@ -1,167 +1,69 @@
 """Stage three: fine-tune the backbone together with the head a stage-two run selected.
 
-The network is assembled from the run alone. The run's cache config names the backbone,
-its weights, the layer and the preprocessing; the chosen head becomes a torch module through
-:func:`featurecache.heads.to_torch`, its preprocessing folded in. At step 0 the network
-therefore predicts what the head predicted on the cached features. That is measured on the
-selection split before any update and reported as ``start_accuracy`` next to the head's
-recorded ``head_accuracy`` (LP-FT: fine-tuning starts from the best linear probe, not from a
-random head that would damage the pretrained features).
+The network is assembled from the run alone (:mod:`featurecache.model`): at step 0 it
+predicts what the head predicted on the cached features. That is measured on the selection
+split before any update and reported as ``start_accuracy`` next to the head's recorded
+``head_accuracy`` (LP-FT: fine-tuning starts from the best linear probe, not from a random
+head that would damage the pretrained features).
 
 Output, content-addressed under the run directory::
 
     <run_dir>/finetune/<hash>/
-        config.json    what was asked, the run and head it starts from
-        last.pt        model, optimizer, scheduler, scaler, RNG, epoch and batch (for --resume);
-                       written after every epoch and every ``checkpoint_every`` optimizer steps
-        best.pt        the weights of the best epoch on the selection split (epoch 0: the head)
-        history.json   per epoch: train_loss, val_loss, val_accuracy, seconds, lr
-        model.pt       TorchScript, uint8 N x 3 x crop x crop -> class probabilities, with the class
-                       names and preprocessing as JSON in its extra file ``featurecache.json``
-        result.json    written last: the fine-tuning is complete
+        config.json        what was asked, the run and head it starts from
+        last.pt            model, optimizer, scheduler, scaler, RNG, epoch and batch (for --resume);
+                           written after every epoch and every ``checkpoint_every`` optimizer steps
+        best.pt            the weights of the best epoch on the selection split (epoch 0: the head)
+        history.json       per epoch: train_loss, val_loss, val_accuracy, seconds, lr
+        model.safetensors  the best epoch's network as plain tensors; its sha256 is in result.json
+        model.pt           TorchScript, uint8 N x 3 x crop x crop -> class probabilities, with the class
+                           names and preprocessing as JSON in its extra file ``featurecache.json``
+        result.json        written last: the fine-tuning is complete
+
+``last.pt`` and ``best.pt`` are private to the run and are read with
+``torch.load(weights_only=True)``, which never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backbones, runtime, store
+from . import runtime, store
 from .data import Dataset, Preprocess, Record, open_dataset
-from .errors import FinetuneError, suggest
+from .errors import FinetuneError, UsageError, suggest
+from .files import atomic_write, write_json
 from .images import ImageTensors, image_loader, normalize_batch
 from .metrics import classification_metrics, summary
+from .model import (
+    CONFIG_FILE,
+    FINETUNE_DIR,
+    HISTORY_FILE,
+    MODEL_FILE,
+    RESULT_FILE,
+    WEIGHTS_FILE,
+    Network,
+    export,
+    head_module,
+    load_backbone,
+    load_run_head,
+    save_weights,
+)
 
-EXPORT_INFO = "featurecache.json"
-EXPORT_FORMAT = "featurecache-model/1"
-
-
-# --------------------------------------------------------------------------- the network
-
-
-class Network(nn.Module):
-    """Backbone and head: normalized images -> logits."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-class Exported(nn.Module):
-    """uint8 images (resized and center-cropped) -> class probabilities.
-
-    Normalization repeats :func:`featurecache.images.normalize_batch` operation for
-    operation, so an exported model sees exactly what extraction and training saw.
-    """
-
-    def __init__(self, network: nn.Module, preprocess: Preprocess):
-        super().__init__()
-        self.network = network
-        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div(255.0).sub(self.mean).div(self.std).contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.network(x).float(), dim=1)
-
-
-def weights_argument(identity: dict) -> str:
-    """The ``weights=`` value for :func:`backbones.build` from a cache's recorded weights identity."""
-    recorded = str(identity.get("weights", "none"))
-    return recorded.rpartition(".")[2].removeprefix("timm:")
-
-
-def load_backbone(config: dict) -> backbones.Backbone:
-    """Rebuild the exact backbone a cache was extracted with, from its config alone."""
-    identity = config["weights"]
-    weights_file = identity.get("weights_file")
-    if identity.get("weights") == "none" and not weights_file and "init_seed" not in identity:
-        raise FinetuneError(
-            f"the cache was extracted with unseeded random weights (weights=none) for {config['backbone']}; "
-            "they cannot be rebuilt: re-run fc extract"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = backbones.build(
-            config["backbone"],
-            weights=None if weights_file else weights_argument(identity),
-            weights_file=weights_file,
-            layer=None if config.get("layer") in (None, "penultimate") else config["layer"],
-            preprocess=Preprocess(**config["preprocess"]),
-        )
-    for key in ("weights", "sha256", "init_seed"):
-        if key in identity and net.identity.get(key) not in (None, identity[key]):
-            raise FinetuneError(
-                f"the backbone weights changed since extraction: the cache used {key} {identity[key]}, "
-                f"now {net.identity[key]}; re-run fc extract and fc fit-head"
-            )
-    return net
-
-
-def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
-    """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
-    from .heads import to_torch
-    from .sweep import best_transferable
-
-    if not head_meta.get("transferable"):
-        alternative = best_transferable(leaderboard)
-        hint = (f"; the best head that can is {alternative} (--head '{alternative}')" if alternative
-                else "; the run has no head that can (linear, mlp, logreg, linear-svm, ridge)")
-        raise FinetuneError(f"head {head_meta['head']} cannot become a layer of the network{hint}")
-    return to_torch(pipeline).float()
-
-
-@dataclass
-class Assembly:
-    """A run's backbone and one of its heads, joined into a network (``network`` is None for a
-    head that is not transferable, which ``allow_sklearn`` lets through for prediction)."""
-
-    run_dir: Path
-    meta: dict
-    leaderboard: list
-    pipeline: object
-    head_meta: dict
-    backbone: backbones.Backbone
-    network: Network | None
-
-
-def load_run_head(run, head: str = "best", cache_dir: str | None = None):
-    """``(run, fitted pipeline, head.json)`` of a stage-two run (path or id) and one of its heads."""
-    from .sweep import load_head, load_run, resolve_run
-
-    loaded = load_run(resolve_run(run, cache_dir))
-    pipeline, head_meta = load_head(loaded.path, head)
-    return loaded, pipeline, head_meta
-
-
-def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklearn: bool = False) -> Assembly:
-    """Join the backbone of ``run``'s cache and its ``head`` (``best``, ``best-transferable``, a spec or a slug)."""
-    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
-    module = None
-    if head_meta.get("transferable") or not allow_sklearn:
-        module = head_module(pipeline, head_meta, loaded.leaderboard)
-    backbone = load_backbone(loaded.meta["config"])
-    network = Network(backbone.model, module) if module is not None else None
-    return Assembly(Path(loaded.path), loaded.meta, loaded.leaderboard, pipeline, head_meta, backbone, network)
+LAST_FILE = "last.pt"
+BEST_FILE = "best.pt"
 
 
 # --------------------------------------------------------------------------- images
@@ -237,7 +139,8 @@ class OptimizerType:
 
 OPTIMIZERS = {
     "adamw": OptimizerType(lambda groups: torch.optim.AdamW(groups), lr=1e-4, weight_decay=0.05),
-    "sgd": OptimizerType(lambda groups: torch.optim.SGD(groups, momentum=0.9, nesterov=True), lr=0.003, weight_decay=1e-4),
+    "sgd": OptimizerType(lambda groups: torch.optim.SGD(groups, momentum=0.9, nesterov=True), lr=0.003,
+                         weight_decay=1e-4),
 }
 
 # --unfreeze NAME[:N] -> the backbone blocks to train
@@ -269,9 +172,9 @@ def parameter_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
 def trainable_blocks(model: nn.Module, unfreeze: str) -> list[list[nn.Parameter]]:
     name, _, arg = unfreeze.partition(":")
     if name not in UNFREEZE:
-        raise FinetuneError(f"unknown --unfreeze {unfreeze!r}: use all, none or last:N" + suggest(name, UNFREEZE))
+        raise UsageError(f"unknown --unfreeze {unfreeze!r}: use all, none or last:N" + suggest(name, UNFREEZE))
     if (name == "last") != bool(arg) or (arg and not (arg.isdigit() and int(arg) >= 1)):
-        raise FinetuneError(f"bad --unfreeze {unfreeze!r}: use all, none or last:N with N >= 1")
+        raise UsageError(f"bad --unfreeze {unfreeze!r}: use all, none or last:N with N >= 1")
     return UNFREEZE[name](parameter_blocks(model), int(arg) if arg else None)
 
 
@@ -304,7 +207,8 @@ def train_mode(network: Network, bn: str) -> None:
 def param_groups(network: Network, backbone_params, lr, weight_decay, backbone_lr_mult) -> list[dict]:
     """Discriminative learning rates; no weight decay on biases and normalization scales."""
     groups = []
-    for params, rate in (([p for p in network.head.parameters() if p.requires_grad], lr), (backbone_params, lr * backbone_lr_mult)):
+    head_params = [p for p in network.head.parameters() if p.requires_grad]
+    for params, rate in ((head_params, lr), (backbone_params, lr * backbone_lr_mult)):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups += [{"params": ps, "lr": rate, "weight_decay": wd}
@@ -335,67 +239,14 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
         for index, batch, reasons in loader:
             bad = [r for r in reasons if r]
             if bad:
-                raise FinetuneError(f"{images.dataset.records[int(index[0])].path}: {bad[0]} (it was readable at extraction)")
+                path = images.dataset.records[int(index[0])].path
+                raise FinetuneError(f"{path}: {bad[0]} (it was readable at extraction)")
             x = normalize_batch(batch.to(device, non_blocking=True), images.pre)
             with runtime.autocast(device, precision):
                 logits = network(x)
             probs[index.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
             bar.update(len(index))
     return classification_metrics(labels, probs, classes)
-
-
-# --------------------------------------------------------------------------- checkpoints and export
-
-
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _save(obj, path: Path) -> None:
-    _replace(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _write_json(obj, path: Path) -> None:
-    _replace(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
-
-
-def export(network: Network, preprocess: Preprocess, classes: list[str], path: Path, info: dict) -> Path:
-    """Trace ``network`` with its normalization into a TorchScript file that needs only torch."""
-    model = Exported(copy.deepcopy(network).float().cpu(), preprocess).eval().requires_grad_(False)
-    example = torch.zeros(2, 3, preprocess.crop, preprocess.crop, dtype=torch.uint8)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example)
-    extra = {
-        "format": EXPORT_FORMAT,
-        "classes": list(classes),
-        "preprocess": preprocess.to_dict(),
-        "input": f"uint8 RGB images, N x 3 x {preprocess.crop} x {preprocess.crop}: the shorter side resized to "
-                 f"{preprocess.resize} ({preprocess.interpolation}, antialiased), then center-cropped",
-        "output": "class probabilities, N x C, in the order of classes",
-        **info,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        _replace(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={EXPORT_INFO: json.dumps(extra, indent=2)}))
-    return path
-
-
-def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """An exported model and its JSON info (classes, preprocess, ...)."""
-    files = {EXPORT_INFO: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(str(path), map_location=device, _extra_files=files)
-    except (RuntimeError, ValueError) as exc:
-        raise FinetuneError(f"{path} is not an exported featurecache model: {exc}".splitlines()[0]) from None
-    if not files[EXPORT_INFO]:
-        raise FinetuneError(f"{path} is a TorchScript file without featurecache's class names and preprocessing")
-    return model.eval(), json.loads(files[EXPORT_INFO])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -417,6 +268,7 @@ class FinetuneResult:
     resumed_from: dict | None = None  # {"epoch", "batch", "step"} of the checkpoint a resume started from
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # {"head": {split: metrics}, "finetuned": {split: metrics}}
+    weights: dict = field(default_factory=dict)  # {"file": "model.safetensors", "sha256": ...}
 
     def to_dict(self) -> dict:
         keys = ("model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split")
@@ -442,18 +294,340 @@ class _State:
     history: list = field(default_factory=list)
 
 
-def _validate(unfreeze, bn, augment, optimizer, epochs, batch_size, accumulate, warmup_epochs, backbone_lr_mult,
-              patience, checkpoint_every):
-    trainable_blocks(nn.Linear(1, 1), unfreeze)  # checks the spelling
-    for value, name, choices in ((bn, "bn", BN_MODES), (augment, "augment", AUGMENTS), (optimizer, "optimizer", OPTIMIZERS)):
+@dataclass(frozen=True)
+class _Settings:
+    """The options that change the outcome; with the run and the head they name the output folder."""
+
+    epochs: int
+    unfreeze: str
+    backbone_lr_mult: float
+    bn: str
+    augment: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    batch_size: int
+    accumulate: int
+    precision: str
+    patience: int
+    seed: int
+
+
+@dataclass
+class _Job:
+    """One fine-tuning: the run and head it starts from, its settings, where it runs and writes."""
+
+    loaded: object  # sweep.Run
+    pipeline: object
+    head_meta: dict
+    cache_meta: dict
+    settings: _Settings
+    device: torch.device
+    workers: int
+    checkpoint_every: int
+    progress: bool
+
+    @property
+    def config(self) -> dict:
+        meta = self.loaded.meta
+        return {"run_id": meta["run_id"], "cache_key": meta["cache_key"], "head": self.head_meta["head"],
+                **asdict(self.settings)}
+
+    @property
+    def out(self) -> Path:
+        return Path(self.loaded.path) / FINETUNE_DIR / store.cache_key(self.config)[:12]
+
+    @property
+    def split(self) -> str:
+        return self.loaded.meta["selection_split"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.loaded.meta["classes"])
+
+    @property
+    def head_accuracy(self) -> float:
+        return float(self.head_meta["metrics"][self.split]["accuracy"])
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _validate(settings: _Settings, workers: int | None, checkpoint_every: int) -> None:
+    """A UsageError for the first option value that cannot be used."""
+    trainable_blocks(nn.Linear(1, 1), settings.unfreeze)  # checks the spelling
+    for name, choices in (("bn", BN_MODES), ("augment", AUGMENTS), ("optimizer", OPTIMIZERS)):
+        value = getattr(settings, name)
         if value not in choices:
-            raise FinetuneError(f"unknown --{name} {value!r}: choose one of {', '.join(choices)}" + suggest(value, choices))
-    for value, name in ((epochs, "epochs"), (batch_size, "batch-size"), (accumulate, "accumulate"),
-                        (checkpoint_every, "checkpoint-every")):
+            raise UsageError(f"unknown --{name} {value!r}: choose one of {', '.join(choices)}"
+                             + suggest(value, choices))
+    counts = {"epochs": settings.epochs, "batch-size": settings.batch_size, "accumulate": settings.accumulate,
+              "checkpoint-every": checkpoint_every}
+    for name, value in counts.items():
         if value < 1:
-            raise FinetuneError(f"--{name} must be at least 1")
-    if warmup_epochs < 0 or backbone_lr_mult < 0 or patience < 0:
-        raise FinetuneError("--warmup-epochs, --backbone-lr-mult and --patience cannot be negative")
+            raise UsageError(f"--{name} must be at least 1")
+    amounts = {"warmup-epochs": settings.warmup_epochs, "backbone-lr-mult": settings.backbone_lr_mult,
+               "patience": settings.patience, "workers": workers or 0, "lr": settings.lr,
+               "weight-decay": settings.weight_decay}
+    for name, value in amounts.items():
+        if value < 0:
+            raise UsageError(f"--{name} cannot be negative")
+
+
+def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.device, workers: int | None,
+              checkpoint_every: int, progress: bool) -> _Job:
+    """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
+    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
+    meta = loaded.meta
+    cache_meta = store.info(meta["cache"])
+    split = meta["selection_split"]
+    if split not in cache_meta["splits"] or "train" not in cache_meta["splits"]:
+        raise FinetuneError(
+            f"fine-tuning needs a train split and held-out images to stop on, but {Path(meta['cache']).name} has "
+            f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); "
+            "re-extract with --split train=0.8,val=0.2"
+        )
+    workers = runtime.usable_cores() if workers is None else int(workers)
+    return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, checkpoint_every, progress)
+
+
+def _reused(job: _Job) -> FinetuneResult | None:
+    """The result of the same fine-tuning done before, if it finished (with its safetensors weights)."""
+    path = job.out / RESULT_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if not done.get("weights"):
+        return None  # fine-tuned before model.safetensors was written: train again
+    return FinetuneResult(**{**done, "reused": True})
+
+
+class _Trainer:
+    """The network, optimizer, schedule and images of one job; each method is one step of the loop."""
+
+    def __init__(self, job: _Job, backbone, head: nn.Module):
+        s = self.s = job.settings
+        self.job, self.dev, self.out = job, job.device, job.out
+        self.backbone, self.pre = backbone, backbone.preprocess
+        self.max_pixels = job.cache_meta["config"].get("max_image_pixels")
+        self.val_images, self.val_labels = self.images(job.split)
+        train_data, self.train_labels = cache_images(job.cache_meta, "train")
+        self.train_images = TrainImages(train_data, self.pre, s.augment, s.seed, self.max_pixels)
+        torch.manual_seed(s.seed)
+        self.net = Network(backbone.model, head).to(self.dev).to(memory_format=torch.channels_last)
+        groups = param_groups(self.net, prepare(self.net, s.unfreeze, s.bn), s.lr, s.weight_decay,
+                              s.backbone_lr_mult)
+        self.opt = OPTIMIZERS[s.optimizer].factory(groups)
+        n = len(self.train_labels)
+        self.drop_last = s.bn == "train" and n > s.batch_size
+        self.n_batches = n // s.batch_size if self.drop_last else math.ceil(n / s.batch_size)
+        steps = math.ceil(self.n_batches / s.accumulate)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, cosine_with_warmup(s.epochs * steps, round(s.warmup_epochs * steps)))
+        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=s.precision == "fp16")
+        self.started = time.perf_counter()
+
+    def images(self, split: str) -> tuple[ImageTensors, np.ndarray]:
+        data, labels = cache_images(self.job.cache_meta, split)
+        return ImageTensors(data, np.arange(len(labels)), self.pre, self.max_pixels), labels
+
+    def evaluate(self, images: ImageTensors, labels: np.ndarray, desc: str) -> dict:
+        return evaluate(self.net, images, labels, self.job.classes, self.dev, self.s.precision, self.s.batch_size,
+                        self.job.workers, self.job.progress, desc)
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def checkpoint(self, state: _State) -> None:
+        cuda_rng = torch.cuda.get_rng_state_all() if self.dev.type == "cuda" else []
+        saved = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                 "state": asdict(state), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+        atomic_write(self.out / LAST_FILE, partial(torch.save, saved))
+
+    def record_best(self, state: _State, metrics: dict) -> None:
+        state.best_accuracy, state.best_loss = metrics["accuracy"], metrics["log_loss"]
+        state.best_metrics, state.best_epoch, state.stale = metrics, state.epoch, 0
+        atomic_write(self.out / BEST_FILE, partial(torch.save, {"model": self.net.state_dict(), "epoch": state.epoch}))
+
+    def load_best(self) -> None:
+        saved = torch.load(self.out / BEST_FILE, map_location=self.dev, weights_only=True)
+        self.net.load_state_dict(saved["model"])
+
+    def resume(self) -> _State:
+        """Model, optimizer, schedule, scaler, random state and loop state of ``last.pt``."""
+        saved = torch.load(self.out / LAST_FILE, map_location=self.dev, weights_only=True)
+        self.net.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"].cpu())
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in saved["cuda_rng"]])
+        state = _State(**saved["state"])
+        _log(f"resuming {self.out.name} from epoch {state.epoch} batch {state.batch} (step {state.step})")
+        return state
+
+    def start(self) -> _State:
+        """Step 0: the network before any update, evaluated on the selection split and recorded as best."""
+        started = time.perf_counter()
+        metrics = self.evaluate(self.val_images, self.val_labels, "step 0")
+        state = _State(start_accuracy=metrics["accuracy"])
+        state.history.append({"epoch": 0, "train_loss": None, "val_loss": metrics["log_loss"],
+                              "val_accuracy": metrics["accuracy"], "seconds": time.perf_counter() - started,
+                              "lr": 0.0, "val": summary(metrics)})
+        self.record_best(state, metrics)
+        if metrics["accuracy"] != self.job.head_accuracy:
+            _log(f"warning: at step 0 the network reaches {metrics['accuracy']:.4f} on {self.job.split}, the head "
+                 f"{self.job.head_accuracy:.4f}: the images or the backbone differ from extraction")
+        self.checkpoint(state)
+        write_json(self.out / HISTORY_FILE, state.history)
+        return state
+
+    # ----------------------------------------------------------------------- training
+
+    def batch(self, state: _State, index: torch.Tensor, batch: torch.Tensor, reasons, group: int) -> None:
+        """Forward and backward on the images of a batch that decoded; the loss is scaled for accumulation."""
+        ok = torch.tensor([not r for r in reasons])
+        if not ok.any():
+            return
+        x = normalize_batch(batch[ok].to(self.dev, non_blocking=True), self.pre)
+        y = torch.from_numpy(self.train_labels[index[ok].numpy()]).to(self.dev)
+        with runtime.autocast(self.dev, self.s.precision):
+            loss = F.cross_entropy(self.net(x).float(), y)
+        self.scaler.scale(loss / group).backward()
+        state.loss_sum += float(loss.detach()) * int(ok.sum())
+        state.seen += int(ok.sum())
+
+    def optimizer_step(self, state: _State, done: int) -> None:
+        """One update after ``done`` batches of the epoch; a mid-epoch checkpoint every ``checkpoint_every``."""
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.schedule.step()
+        state.step += 1
+        state.batch = done
+        if state.step % self.job.checkpoint_every == 0 and state.batch < self.n_batches:
+            now = time.perf_counter()
+            state.seconds += now - self.started
+            self.started = now
+            self.checkpoint(state)
+
+    def train_epoch(self, state: _State) -> None:
+        """The rest of epoch ``state.epoch``, from batch ``state.batch`` on, in a seeded order."""
+        from tqdm.auto import tqdm
+
+        s, epoch = self.s, state.epoch
+        self.started = time.perf_counter()
+        order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
+        self.train_images.epoch = epoch
+        loader = image_loader(self.train_images, s.batch_size, self.job.workers, self.dev,
+                              order[state.batch * s.batch_size:].tolist(), self.drop_last)
+        train_mode(self.net, s.bn)
+        with tqdm(total=self.n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
+                  leave=False, disable=not self.job.progress, dynamic_ncols=True) as bar:
+            for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
+                group = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
+                self.batch(state, index, batch, reasons, group)
+                if (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches:
+                    self.optimizer_step(state, b + 1)
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.loss_sum / max(1, state.seen):.4f}")
+
+    def end_epoch(self, state: _State) -> bool:
+        """Evaluate, record the epoch and the best so far, checkpoint; whether the epoch improved."""
+        metrics = self.evaluate(self.val_images, self.val_labels, f"eval {state.epoch + 1}")
+        state.epoch, state.batch = state.epoch + 1, 0
+        entry = {"epoch": state.epoch, "train_loss": state.loss_sum / max(1, state.seen),
+                 "val_loss": metrics["log_loss"], "val_accuracy": metrics["accuracy"],
+                 "seconds": state.seconds + time.perf_counter() - self.started,
+                 "lr": self.schedule.get_last_lr()[0], "val": summary(metrics)}
+        state.history.append(entry)
+        state.loss_sum, state.seen, state.seconds = 0.0, 0, 0.0
+        improved = (metrics["accuracy"], -metrics["log_loss"]) > (state.best_accuracy, -state.best_loss)
+        if improved:
+            self.record_best(state, metrics)
+        else:
+            state.stale += 1
+        self.checkpoint(state)
+        write_json(self.out / HISTORY_FILE, state.history)
+        if self.job.progress:
+            _log(f"epoch {state.epoch}/{self.s.epochs}  train_loss {entry['train_loss']:.4f}  "
+                 f"val_loss {entry['val_loss']:.4f}  val_accuracy {entry['val_accuracy']:.4f}"
+                 f"{'  (best)' if improved else ''}  {entry['seconds']:.1f} s")
+        return improved
+
+
+def _begin(trainer: _Trainer, resume: bool) -> tuple[_State, dict | None]:
+    """The loop state to go on from, and where a resume started (None when it starts at step 0)."""
+    if resume and (trainer.out / LAST_FILE).is_file():
+        state = trainer.resume()
+        return state, {"epoch": state.epoch, "batch": state.batch, "step": state.step}
+    if (trainer.out / LAST_FILE).is_file():
+        _log(f"an interrupted fine-tuning of this configuration is in {trainer.out}; starting over "
+             "(--resume continues it)")
+    return trainer.start(), None
+
+
+def _train(trainer: _Trainer, state: _State) -> bool:
+    """Epochs until ``epochs`` or ``patience`` epochs without improvement; whether it stopped early."""
+    patience = trainer.s.patience
+
+    def stop() -> bool:
+        return bool(patience) and state.stale >= patience
+
+    while state.epoch < trainer.s.epochs and not stop():
+        trainer.train_epoch(state)
+        trainer.end_epoch(state)
+    return stop()
+
+
+def _final_metrics(job: _Job, trainer: _Trainer, state: _State) -> dict:
+    """The head's recorded metrics and the best epoch's, on the selection split and the held-out one."""
+    metrics = {"head": dict(job.head_meta["metrics"]), "finetuned": {job.split: state.best_metrics}}
+    final = job.loaded.meta.get("final_split", job.split)
+    if final != job.split and final in job.cache_meta["splits"]:
+        images, labels = trainer.images(final)
+        metrics["finetuned"][final] = trainer.evaluate(images, labels, final)
+    return metrics
+
+
+def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) -> FinetuneResult:
+    """Save the best epoch as safetensors and TorchScript, then ``result.json``, which marks it complete."""
+    trainer.load_best()
+    metrics = _final_metrics(job, trainer, state)
+    weights = save_weights(trainer.net, job.out / WEIGHTS_FILE)
+    meta = job.loaded.meta
+    info = {"backbone": trainer.backbone.identity, "layer": trainer.backbone.layer, "head": job.head_meta["head"],
+            "run_id": meta["run_id"], "cache_key": meta["cache_key"], "finetune": job.config,
+            "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()}}
+    model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info)
+    result = FinetuneResult(
+        model=str(model_path), head=job.head_meta["head"], head_accuracy=job.head_accuracy,
+        start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=job.split,
+        output_dir=str(job.out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
+        metrics=metrics, weights=weights,
+    )
+    saved = asdict(result)
+    saved.pop("reused")
+    saved.pop("resumed_from")
+    write_json(job.out / RESULT_FILE, saved)
+    return result
+
+
+def _run(job: _Job, resume: bool) -> FinetuneResult:
+    """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
+    trainer = _Trainer(job, load_backbone(job.loaded.meta["config"]),
+                       head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
+    write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
+    state, resumed_from = _begin(trainer, resume)
+    if job.progress:
+        _log(f"{job.head_meta['head']}: head {job.head_accuracy:.4f}, step 0 {state.start_accuracy:.4f} on {job.split}")
+    stopped_early = _train(trainer, state)
+    result = _finish(job, trainer, state, stopped_early)
+    result.resumed_from = resumed_from
+    return result
 
 
 def finetune(
@@ -480,7 +654,7 @@ def finetune(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune backbone and head of a stage-two run; export the best epoch as ``model.pt``.
+    """Fine-tune backbone and head of a stage-two run; export the best epoch as ``model.pt`` and ``model.safetensors``.
 
     ``run``: a run directory, run id or unique prefix. ``head``: ``best-transferable`` (the
     best-ranked head that can become a layer), ``best`` (the top of the leaderboard, which
@@ -491,185 +665,14 @@ def finetune(
     before stopping (0: never). ``checkpoint_every``: optimizer steps between mid-epoch
     checkpoints. ``resume``: continue from the last checkpoint of the same configuration.
     """
-    _validate(unfreeze, bn, augment, optimizer, epochs, batch_size, accumulate, warmup_epochs, backbone_lr_mult,
-              patience, checkpoint_every)
+    defaults = OPTIMIZERS.get(optimizer, OPTIMIZERS["adamw"])
     dev = runtime.resolve_device(device)
-    prec = runtime.resolve_precision(precision, dev)
-    workers = runtime.usable_cores() if workers is None else int(workers)
-    opt_type = OPTIMIZERS[optimizer]
-    lr = opt_type.lr if lr is None else float(lr)
-    weight_decay = opt_type.weight_decay if weight_decay is None else float(weight_decay)
-
-    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
-    meta, run_dir = loaded.meta, Path(loaded.path)
-    cache_meta = store.info(meta["cache"])
-    classes = list(meta["classes"])
-    split = meta["selection_split"]
-    if split not in cache_meta["splits"] or "train" not in cache_meta["splits"]:
-        raise FinetuneError(
-            f"fine-tuning needs a train split and held-out images to stop on, but {Path(meta['cache']).name} has "
-            f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); re-extract with --split train=0.8,val=0.2"
-        )
-    head_accuracy = float(head_meta["metrics"][split]["accuracy"])
-    config = {
-        "run_id": meta["run_id"], "cache_key": meta["cache_key"], "head": head_meta["head"], "epochs": epochs,
-        "unfreeze": unfreeze, "backbone_lr_mult": backbone_lr_mult, "bn": bn, "augment": augment,
-        "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
-        "batch_size": batch_size, "accumulate": accumulate, "precision": prec, "patience": patience, "seed": seed,
-    }
-    out = run_dir / "finetune" / store.cache_key(config)[:12]
-    if (out / "result.json").is_file():
-        done = json.loads((out / "result.json").read_text())
-        return FinetuneResult(**{**done, "reused": True})
-    module = head_module(pipeline, head_meta, loaded.leaderboard)
-    backbone = load_backbone(meta["config"])
-    net = Network(backbone.model, module)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json({**config, "run_dir": str(run_dir)}, out / "config.json")
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    pre = backbone.preprocess
-    max_pixels = cache_meta["config"].get("max_image_pixels")
-    val_data, val_labels = cache_images(cache_meta, split)
-    val_images = ImageTensors(val_data, np.arange(len(val_labels)), pre, max_pixels)
-    train_data, train_labels = cache_images(cache_meta, "train")
-    train_images = TrainImages(train_data, pre, augment, seed, max_pixels)
-
-    torch.manual_seed(seed)
-    net = net.to(dev).to(memory_format=torch.channels_last)
-    backbone_params = prepare(net, unfreeze, bn)
-    opt = opt_type.factory(param_groups(net, backbone_params, lr, weight_decay, backbone_lr_mult))
-    drop_last = bn == "train" and len(train_labels) > batch_size
-    n_batches = len(train_labels) // batch_size if drop_last else math.ceil(len(train_labels) / batch_size)
-    steps_per_epoch = math.ceil(n_batches / accumulate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)))
-    scaler = torch.amp.GradScaler(dev.type, enabled=prec == "fp16")
-    eval_args = dict(classes=classes, device=dev, precision=prec, batch_size=batch_size, workers=workers,
-                     progress=progress)
-
-    def checkpoint(state: _State) -> None:
-        _save({"model": net.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-               "scaler": scaler.state_dict(), "state": asdict(state), "rng": torch.get_rng_state(),
-               "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}, out / "last.pt")
-
-    def record_best(state: _State, metrics: dict) -> None:
-        state.best_accuracy, state.best_loss = metrics["accuracy"], metrics["log_loss"]
-        state.best_metrics, state.best_epoch, state.stale = metrics, state.epoch, 0
-        _save({"model": net.state_dict(), "epoch": state.epoch}, out / "best.pt")
-
-    resumed_from = None
-    if resume and (out / "last.pt").is_file():
-        saved = torch.load(out / "last.pt", map_location=dev, weights_only=True)
-        net.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"].cpu())
-        if saved["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in saved["cuda_rng"]])
-        state = _State(**saved["state"])
-        resumed_from = {"epoch": state.epoch, "batch": state.batch, "step": state.step}
-        log(f"resuming {out.name} from epoch {state.epoch} batch {state.batch} (step {state.step})")
-    else:
-        if (out / "last.pt").is_file():
-            log(f"an interrupted fine-tuning of this configuration is in {out}; starting over (--resume continues it)")
-        started = time.perf_counter()
-        metrics = evaluate(net, val_images, val_labels, desc="step 0", **eval_args)
-        state = _State(start_accuracy=metrics["accuracy"])
-        state.history.append({"epoch": 0, "train_loss": None, "val_loss": metrics["log_loss"],
-                              "val_accuracy": metrics["accuracy"], "seconds": time.perf_counter() - started,
-                              "lr": 0.0, "val": summary(metrics)})
-        record_best(state, metrics)
-        if metrics["accuracy"] != head_accuracy:
-            log(f"warning: at step 0 the network reaches {metrics['accuracy']:.4f} on {split}, the head "
-                f"{head_accuracy:.4f}: the images or the backbone differ from extraction")
-        checkpoint(state)
-        _write_json(state.history, out / "history.json")
-    if progress:
-        log(f"{head_meta['head']}: head {head_accuracy:.4f}, step 0 {state.start_accuracy:.4f} on {split}")
-
-    from tqdm.auto import tqdm
-
-    stopped_early = bool(patience) and state.stale >= patience
-    while state.epoch < epochs and not stopped_early:
-        epoch = state.epoch
-        started = time.perf_counter()
-        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        train_images.epoch = epoch
-        loader = image_loader(train_images, batch_size, workers, dev, order[state.batch * batch_size:].tolist(),
-                              drop_last)
-        train_mode(net, bn)
-        bar = tqdm(total=n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                   leave=False, disable=not progress, dynamic_ncols=True)
-        for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
-            ok = torch.tensor([not r for r in reasons])
-            group = min(accumulate, n_batches - (b // accumulate) * accumulate)
-            if ok.any():
-                x = normalize_batch(batch[ok].to(dev, non_blocking=True), pre)
-                y = torch.from_numpy(train_labels[index[ok].numpy()]).to(dev)
-                with runtime.autocast(dev, prec):
-                    loss = F.cross_entropy(net(x).float(), y)
-                scaler.scale(loss / group).backward()
-                state.loss_sum += float(loss.detach()) * int(ok.sum())
-                state.seen += int(ok.sum())
-            if (b + 1) % accumulate == 0 or b + 1 == n_batches:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                schedule.step()
-                state.step += 1
-                state.batch = b + 1
-                if state.step % checkpoint_every == 0 and state.batch < n_batches:
-                    state.seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    checkpoint(state)
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.loss_sum / max(1, state.seen):.4f}")
-        bar.close()
-        metrics = evaluate(net, val_images, val_labels, desc=f"eval {epoch + 1}", **eval_args)
-        state.epoch, state.batch = epoch + 1, 0
-        entry = {"epoch": state.epoch, "train_loss": state.loss_sum / max(1, state.seen),
-                 "val_loss": metrics["log_loss"], "val_accuracy": metrics["accuracy"],
-                 "seconds": state.seconds + time.perf_counter() - started,
-                 "lr": schedule.get_last_lr()[0], "val": summary(metrics)}
-        state.history.append(entry)
-        state.loss_sum, state.seen, state.seconds = 0.0, 0, 0.0
-        improved = (metrics["accuracy"], -metrics["log_loss"]) > (state.best_accuracy, -state.best_loss)
-        if improved:
-            record_best(state, metrics)
-        else:
-            state.stale += 1
-        stopped_early = bool(patience) and state.stale >= patience
-        checkpoint(state)
-        _write_json(state.history, out / "history.json")
-        if progress:
-            log(f"epoch {state.epoch}/{epochs}  train_loss {entry['train_loss']:.4f}  val_loss {entry['val_loss']:.4f}  "
-                f"val_accuracy {entry['val_accuracy']:.4f}{'  (best)' if improved else ''}  {entry['seconds']:.1f} s")
-
-    net.load_state_dict(torch.load(out / "best.pt", map_location=dev, weights_only=True)["model"])
-    metrics = {"head": dict(head_meta["metrics"]), "finetuned": {split: state.best_metrics}}
-    final = meta.get("final_split", split)
-    if final != split and final in cache_meta["splits"]:
-        data, labels = cache_images(cache_meta, final)
-        images = ImageTensors(data, np.arange(len(labels)), pre, max_pixels)
-        metrics["finetuned"][final] = evaluate(net, images, labels, desc=final, **eval_args)
-    model_path = export(net, pre, classes, out / "model.pt", {
-        "backbone": backbone.identity, "layer": backbone.layer, "head": head_meta["head"],
-        "run_id": meta["run_id"], "cache_key": meta["cache_key"], "finetune": config,
-        "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()},
-    })
-    result = FinetuneResult(
-        model=str(model_path), head=head_meta["head"], head_accuracy=head_accuracy,
-        start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=split,
-        output_dir=str(out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
-        metrics=metrics,
-    )
-    saved = asdict(result)
-    saved.pop("reused")
-    saved.pop("resumed_from")
-    _write_json(saved, out / "result.json")
-    result.resumed_from = resumed_from
-    return result
+    settings = _Settings(
+        epochs=epochs, unfreeze=unfreeze, backbone_lr_mult=backbone_lr_mult, bn=bn, augment=augment,
+        optimizer=optimizer, lr=defaults.lr if lr is None else float(lr),
+        weight_decay=defaults.weight_decay if weight_decay is None else float(weight_decay),
+        warmup_epochs=warmup_epochs, batch_size=batch_size, accumulate=accumulate,
+        precision=runtime.resolve_precision(precision, dev), patience=patience, seed=seed)
+    _validate(settings, workers, checkpoint_every)
+    job = _open_job(run, head, cache_dir, settings, dev, workers, checkpoint_every, progress)
+    return _reused(job) or _run(job, resume)

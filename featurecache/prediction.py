@@ -1,28 +1,35 @@
-"""Predict classes of images with an exported model or straight from a stage-two run.
+"""Predict classes of images with a fine-tuned model or straight from a stage-two run.
 
-An exported ``model.pt`` (from :func:`featurecache.finetune`) carries its class names and
-preprocessing; a run directory gives the backbone of its cache and one of its heads, with no
-fine-tuning. Heads that have no torch form (knn, forests, ...) get the backbone's features and
-answer with their own ``predict_proba``. Images are decoded exactly as extraction decodes them;
-an image that cannot be read is reported in ``skipped`` and the others are still predicted.
+MODEL is one of:
+
+- a fine-tuning folder (``RUN/finetune/<hash>``, from :func:`featurecache.finetune`): the
+  network is rebuilt from the run it lives in and its weights are read from
+  ``model.safetensors`` once their sha256 matches the one ``result.json`` records;
+- an exported ``model.pt`` (TorchScript), which carries its class names and preprocessing;
+- a run directory or run id: the backbone of its cache and one of its heads, with no
+  fine-tuning. Heads that have no torch form (knn, forests, ...) get the backbone's features
+  and answer with their own ``predict_proba``.
+
+Images are decoded exactly as extraction decodes them; an image that cannot be read is
+reported in ``skipped`` and the others are still predicted.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from . import runtime
 from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
-from .errors import DataError
-from .finetuning import Exported, assemble, load_exported
+from .errors import DataError, UsageError
 from .images import ImageTensors, image_loader, normalize_batch
+from .model import MODEL_FILE, Exported, assemble, is_finetune_dir, load_exported, load_finetuned
 
-MODEL_FILE = "model.pt"
+Probabilities = Callable[[torch.Tensor], np.ndarray]
 
 
 def image_paths(paths) -> list[str]:
@@ -43,44 +50,55 @@ def image_paths(paths) -> list[str]:
     return found
 
 
-def _exported(path: Path, device: torch.device):
-    model, info = load_exported(path, device)
-
+def _module_probabilities(model: torch.nn.Module) -> Probabilities:
     def probabilities(images: torch.Tensor) -> np.ndarray:
         return model(images).cpu().numpy()
 
-    return probabilities, list(info["classes"]), Preprocess(**info["preprocess"])
+    return probabilities
+
+
+def _loaded(model: torch.nn.Module, info: dict):
+    return _module_probabilities(model), list(info["classes"]), Preprocess(**info["preprocess"])
 
 
 def _from_run(run, head: str, device: torch.device, cache_dir):
     parts = assemble(run, head, cache_dir, allow_sklearn=True)
     pre = parts.backbone.preprocess
     if parts.network is not None:
-        model = Exported(parts.network, pre).to(device).eval()
+        return _module_probabilities(Exported(parts.network, pre).to(device).eval()), list(parts.meta["classes"]), pre
+    backbone = parts.backbone.model.to(device).to(memory_format=torch.channels_last).eval()
 
-        def probabilities(images: torch.Tensor) -> np.ndarray:
-            return model(images).cpu().numpy()
-    else:
-        backbone = parts.backbone.model.to(device).to(memory_format=torch.channels_last).eval()
-
-        def probabilities(images: torch.Tensor) -> np.ndarray:
-            features = backbone(normalize_batch(images, pre)).float().cpu().numpy()
-            return np.asarray(parts.pipeline.predict_proba(features), dtype=np.float64)
+    def probabilities(images: torch.Tensor) -> np.ndarray:
+        features = backbone(normalize_batch(images, pre)).float().cpu().numpy()
+        return np.asarray(parts.pipeline.predict_proba(features), dtype=np.float64)
 
     return probabilities, list(parts.meta["classes"]), pre
 
 
 def load_predictor(model, head: str = "best", device: str = "auto",
-                   cache_dir=None) -> tuple[Callable[[torch.Tensor], np.ndarray], list[str], Preprocess]:
-    """``(probabilities(uint8 images) -> N x C, classes, preprocess)`` for a model file, a folder
-    holding ``model.pt`` (a fine-tuning output), or a stage-two run (path or run id)."""
+                   cache_dir=None) -> tuple[Probabilities, list[str], Preprocess]:
+    """``(probabilities(uint8 images) -> N x C, classes, preprocess)`` for a fine-tuning folder
+    (its safetensors weights), a ``model.pt`` file or a folder holding one, or a stage-two run
+    (path or run id)."""
     dev = runtime.resolve_device(device)
     path = Path(model)
+    if is_finetune_dir(path):
+        return _loaded(*load_finetuned(path, dev))
     if path.is_dir() and (path / MODEL_FILE).is_file():
         path = path / MODEL_FILE
     if path.is_file():
-        return _exported(path, dev)
+        return _loaded(*load_exported(path, dev))
     return _from_run(model, head, dev, cache_dir)
+
+
+def _prediction(path: str, p: np.ndarray, classes: list[str], k: int) -> dict:
+    top = np.argsort(-p, kind="stable")[:k]
+    return {
+        "path": path,
+        "class": classes[top[0]],
+        "probability": float(p[top[0]]),
+        "topk": [{"class": classes[j], "probability": float(p[j])} for j in top],
+    }
 
 
 def predict(
@@ -94,16 +112,18 @@ def predict(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Top-k classes of images (files or folders) with an exported model or a stage-two run.
+    """Top-k classes of images (files or folders) with a fine-tuned model or a stage-two run.
 
     Returns ``{"predictions": [{"path", "class", "probability", "topk": [{"class",
     "probability"}, ...]}, ...], "skipped": [{"path", "reason"}, ...]}``. ``head`` picks the
-    head of a run (``best``, ``best-transferable``, a spec or a slug); an exported model has its own.
+    head of a run (``best``, ``best-transferable``, a spec or a slug); a fine-tuned model has its own.
     """
     from tqdm.auto import tqdm
 
     if topk < 1 or batch_size < 1:
-        raise DataError("--topk and --batch-size must be at least 1")
+        raise UsageError("--topk and --batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise UsageError("--workers cannot be negative")
     files = image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     probabilities, classes, pre = load_predictor(model, head, device, cache_dir)
     dev = runtime.resolve_device(device)
@@ -115,18 +135,11 @@ def predict(
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="predict", leave=False,
                                       disable=not progress, dynamic_ncols=True) as bar:
         for index, batch, reasons in loader:
-            ok = np.array([not r for r in reasons], dtype=bool)
+            ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [{"path": files[int(i)], "reason": r} for i, r in zip(index, reasons) if r]
             if ok.any():
-                probs = probabilities(batch[torch.from_numpy(ok)].to(dev, non_blocking=True))
-                for i, p in zip(index[torch.from_numpy(ok)].tolist(), probs):
-                    top = np.argsort(-p, kind="stable")[:k]
-                    predictions.append({
-                        "path": files[i],
-                        "class": classes[top[0]],
-                        "probability": float(p[top[0]]),
-                        "topk": [{"class": classes[j], "probability": float(p[j])} for j in top],
-                    })
+                probs = probabilities(batch[ok].to(dev, non_blocking=True))
+                predictions += [_prediction(files[i], p, classes, k) for i, p in zip(index[ok].tolist(), probs)]
             bar.update(len(index))
     return {"predictions": predictions, "skipped": skipped}
 

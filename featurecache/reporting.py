@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import hashlib
 import html
 import io
 import json
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +27,11 @@ import numpy as np
 
 from . import __version__, store
 from .data import TORCHVISION_PREFIX, Dataset, Record, open_dataset
-from .errors import RunError, plural
+from .errors import UsageError, plural
+from .files import atomic_write, sha256_file, versions, write_json
 from .images import ImageSkipped, load_rgb
 from .metrics import SUMMARY_KEYS
+from .model import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
 
 REPORT_DIR = "report"
 
@@ -53,8 +53,8 @@ class Chart:
 def _finetunes(run_dir: Path) -> list[dict]:
     """Every complete fine-tune under the run: its folder name, history and JSON files."""
     out = []
-    for folder in sorted((run_dir / "finetune").glob("*/")):
-        if (folder / "result.json").is_file() and (folder / "history.json").is_file():
+    for folder in sorted((run_dir / FINETUNE_DIR).glob("*/")):
+        if (folder / RESULT_FILE).is_file() and (folder / HISTORY_FILE).is_file():
             docs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
             out.append({"name": folder.name, "epochs": docs["history"], "files": docs})
     return out
@@ -64,10 +64,11 @@ def _report_key(run_dir: Path, head: str, samples: int) -> str:
     parts = {
         "run": (run_dir / "run.json").read_text(),
         "leaderboard": (run_dir / "leaderboard.json").read_text(),
-        "finetune": {str(p.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("finetune/*/*.json"))},
+        "finetune": {str(p.relative_to(run_dir)): p.read_text()
+                     for p in sorted(run_dir.glob(f"{FINETUNE_DIR}/*/*.json"))},
         "head": head,
         "samples": samples,
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "code": sha256_file(__file__),
         "version": __version__,
     }
     return store.cache_key(parts)
@@ -88,17 +89,6 @@ def _full_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
     out = np.zeros((len(X), n_classes))
     out[:, np.asarray(estimator.classes_, dtype=np.int64)] = proba
     return out
-
-
-def _versions() -> dict:
-    import matplotlib
-    import sklearn
-    import torch
-    import torchvision
-
-    return {"featurecache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "scikit-learn": sklearn.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
-            "python": platform.python_version()}
 
 
 # --------------------------------------------------------------------------- figures
@@ -231,59 +221,47 @@ def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[s
     return columns, rows
 
 
-def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_info: dict) -> list[tuple]:
-    """The report as (kind, title, payload) blocks; Markdown and HTML render the same list."""
+def _finetune_line(ft: dict, final_split: str) -> str:
+    result = ft["files"]["result"]
+    line = (f"Fine-tuned {result['head']} ({ft['name']}): {result['split']} accuracy "
+            f"{_fmt(result['head_accuracy'])} with the head alone, {_fmt(result['start_accuracy'])} at "
+            f"step 0, {_fmt(result['best_accuracy'])} after {plural(result['epochs'], 'epoch')} "
+            f"(best epoch {result['best_epoch']})")
+    held_out = result["metrics"]["finetuned"].get(final_split) if final_split != result["split"] else None
+    if held_out:
+        line += f"; {final_split} accuracy {_fmt(held_out['accuracy'])} fine-tuned"
+    return line
+
+
+def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict, summary: dict) -> list[str]:
     from .sweep import selection_note
 
     meta = run.meta
-    config, classes = meta["config"], meta["classes"]
-    final_split, selection_split = meta["final_split"], meta["selection_split"]
-    metrics = head_meta["metrics"][final_split]
-    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
-    data = config.get("data", {})
+    config, final_split = meta["config"], meta["final_split"]
     weights = config.get("weights", {})
     lines = [
-        f"Data: {data.get('root')} ({len(classes)} classes; "
+        f"Data: {config.get('data', {}).get('root')} ({len(meta['classes'])} classes; "
         + ", ".join(f"{k} {v['n']}" for k, v in cache_info["splits"].items()) + " images)",
         f"Backbone: {config.get('backbone')}, weights {weights.get('weights', weights.get('sha256', ''))}",
         f"Head: {head_meta['head']}, {final_split} accuracy {_fmt(summary.get('accuracy'))} ("
         + ("the best" if head_meta["head"] == meta["best"] else f"the best is {meta['best']}")
         + f" of {len(run.leaderboard)} heads)",
-        selection_note(selection_split, final_split, meta.get("cv")).capitalize(),
+        selection_note(meta["selection_split"], final_split, meta.get("cv")).capitalize(),
     ]
-    for ft in finetunes:
-        result = ft["files"]["result"]
-        lines.append(f"Fine-tuned {result['head']} ({ft['name']}): {result['split']} accuracy "
-                     f"{_fmt(result['head_accuracy'])} with the head alone, {_fmt(result['start_accuracy'])} at "
-                     f"step 0, {_fmt(result['best_accuracy'])} after {plural(result['epochs'], 'epoch')} "
-                     f"(best epoch {result['best_epoch']})")
-        held_out = result["metrics"]["finetuned"].get(final_split) if final_split != result["split"] else None
-        if held_out:
-            lines[-1] += f"; {final_split} accuracy {_fmt(held_out['accuracy'])} fine-tuned"
-    blocks: list[tuple] = [("title", f"featurecache report: {meta['run_id']}", None), ("list", "Summary", lines)]
-    blocks.append(("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)))
-    blocks.append(("table", f"Metrics of {head_meta['head']} on {final_split}",
-                   (list(summary), [[_fmt(v) for v in summary.values()]])))
-    blocks.append(("figure", figures["confusion_matrix"].title, figures["confusion_matrix"]))
-    blocks.append(("table", f"Per-class metrics on {final_split}",
-                   (["class", "precision", "recall", "f1", "support"],
-                    [[name, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"])]
-                     for name, m in metrics.get("per_class", {}).items()])))
-    if "finetune_curves" in figures:
-        blocks.append(("figure", figures["finetune_curves"].title, figures["finetune_curves"]))
-        for ft in finetunes:
-            keys = [k for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in ft["epochs"][0]]
-            blocks.append(("table", f"Fine-tuning history ({ft['name']})",
-                           (keys, [[_fmt(e.get(k)) for k in keys] for e in ft["epochs"]])))
-    if "samples" in figures:
-        blocks.append(("figure", figures["samples"].title, figures["samples"]))
-    provenance = {
+    return lines + [_finetune_line(ft, final_split) for ft in finetunes]
+
+
+def _provenance(run) -> dict:
+    meta = run.meta
+    config = meta["config"]
+    data = config.get("data", {})
+    return {
         "run": meta["run_id"],
         "run directory": str(run.path),
         "cache": meta["cache"],
         "cache key": meta["cache_key"],
         "backbone": config.get("backbone"),
-        "weights": json.dumps(weights, sort_keys=True),
+        "weights": json.dumps(config.get("weights", {}), sort_keys=True),
         "layer": config.get("layer"),
         "preprocessing": json.dumps(config.get("preprocess", {}), sort_keys=True),
         "precision / storage": f"{config.get('precision')} / {config.get('dtype')}",
@@ -291,16 +269,52 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
         "data": data.get("root"),
         "data source": data.get("source"),
         "data fingerprint": data.get("fingerprint"),
-        "classes": ", ".join(classes),
-        "selection split / final split": f"{selection_split} / {final_split}",
+        "classes": ", ".join(meta["classes"]),
+        "selection split / final split": f"{meta['selection_split']} / {meta['final_split']}",
         "seed": meta.get("seed"),
         "features extracted": config.get("created"),
         "heads fitted": meta.get("created"),
         "versions at extraction": json.dumps(config.get("versions", {}), sort_keys=True),
         "versions at fitting": json.dumps(meta.get("versions", {}), sort_keys=True),
-        "versions at reporting": json.dumps(_versions(), sort_keys=True),
-        "report generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions at reporting": json.dumps(
+            versions("torch", "torchvision", "sklearn", "numpy", "matplotlib"), sort_keys=True),
+        "report generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _finetune_blocks(finetunes: list[dict], figures: dict) -> list[tuple]:
+    if "finetune_curves" not in figures:
+        return []
+    blocks: list[tuple] = [("figure", figures["finetune_curves"].title, figures["finetune_curves"])]
+    for ft in finetunes:
+        keys = [k for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in ft["epochs"][0]]
+        blocks.append(("table", f"Fine-tuning history ({ft['name']})",
+                       (keys, [[_fmt(e.get(k)) for k in keys] for e in ft["epochs"]])))
+    return blocks
+
+
+def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_info: dict) -> list[tuple]:
+    """The report as (kind, title, payload) blocks; Markdown and HTML render the same list."""
+    meta = run.meta
+    final_split = meta["final_split"]
+    metrics = head_meta["metrics"][final_split]
+    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+    per_class = [[name, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"])]
+                 for name, m in metrics.get("per_class", {}).items()]
+    blocks: list[tuple] = [
+        ("title", f"featurecache report: {meta['run_id']}", None),
+        ("list", "Summary", _summary_lines(run, head_meta, finetunes, cache_info, summary)),
+        ("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)),
+        ("table", f"Metrics of {head_meta['head']} on {final_split}",
+         (list(summary), [[_fmt(v) for v in summary.values()]])),
+        ("figure", figures["confusion_matrix"].title, figures["confusion_matrix"]),
+        ("table", f"Per-class metrics on {final_split}",
+         (["class", "precision", "recall", "f1", "support"], per_class)),
+        *_finetune_blocks(finetunes, figures),
+    ]
+    if "samples" in figures:
+        blocks.append(("figure", figures["samples"].title, figures["samples"]))
+    provenance = _provenance(run)
     blocks.append(("table", "Provenance", (["item", "value"], [[k, _fmt(v)] for k, v in provenance.items()])))
     return blocks
 
@@ -361,45 +375,17 @@ def _html(blocks: list[tuple]) -> str:
             f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
-def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_dir: str | None = None) -> Path:
-    """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
-
-    ``run`` is a run directory, run id or unique prefix; ``head`` the head to detail ("best", "best-transferable", a spec or
-    a slug); ``samples`` the number of images in the sample grid (0: none).
-    """
-    from .sweep import load_head, load_run, resolve_run
-
-    if samples < 0:
-        raise RunError("samples must be 0 or more")
-    run_dir = Path(resolve_run(run, cache_dir))
-    out_dir = run_dir / REPORT_DIR
-    html_path = out_dir / "report.html"
-    key = _report_key(run_dir, head, samples)
-    stamp = out_dir / "report.json"
-    if html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-        return html_path
-
-    loaded = load_run(run_dir)
-    estimator, head_meta = load_head(run_dir, head)
-    meta = loaded.meta
-    cache_info = store.info(meta["cache"])
-    classes = list(meta["classes"])
-    split = meta["final_split"]
-    metrics = head_meta["metrics"][split]  # what fit-head computed: the leaderboard's numbers
-    finetunes = _finetunes(run_dir)
-
-    figures = {"confusion_matrix": Chart("confusion_matrix", f"Confusion matrix of {head_meta['head']} on {split}",
-                                          _confusion_figure(metrics["confusion_matrix"], classes,
-                                                            f"{head_meta['head']} on {split}"))}
+def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cache_info: dict,
+             samples: int) -> dict[str, Chart]:
+    """The confusion matrix, the fine-tuning curves (if any) and the grid of sample predictions."""
+    classes, split = list(meta["classes"]), meta["final_split"]
+    name = head_meta["head"]
+    figures = {"confusion_matrix": Chart("confusion_matrix", f"Confusion matrix of {name} on {split}",
+                                          _confusion_figure(head_meta["metrics"][split]["confusion_matrix"], classes,
+                                                            f"{name} on {split}"))}
     if finetunes:
         figures["finetune_curves"] = Chart("finetune_curves", "Fine-tuning curves (loss and accuracy per epoch)",
                                             _curves_figure(finetunes))
@@ -414,14 +400,37 @@ def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_
             title += " (training images: the head was fitted on them)"
         figures["samples"] = Chart("samples", title, _sample_images(meta["config"], paths, y, proba, classes,
                                                                        grid_split, samples))
+    return figures
 
+
+def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_dir: str | None = None) -> Path:
+    """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
+
+    ``run`` is a run directory, run id or unique prefix; ``head`` the head to detail ("best",
+    "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none).
+    """
+    from .sweep import load_head, load_run, resolve_run
+
+    if samples < 0:
+        raise UsageError("--samples must be 0 or more")
+    run_dir = Path(resolve_run(run, cache_dir))
+    out_dir = run_dir / REPORT_DIR
+    html_path, stamp = out_dir / "report.html", out_dir / "report.json"
+    key = _report_key(run_dir, head, samples)
+    if html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return html_path
+
+    loaded = load_run(run_dir)
+    estimator, head_meta = load_head(run_dir, head)
+    cache_info = store.info(loaded.meta["cache"])
+    finetunes = _finetunes(run_dir)
+    figures = _figures(loaded.meta, estimator, head_meta, finetunes, cache_info, samples)
     blocks = _sections(loaded, head_meta, finetunes, figures, cache_info)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for fig in figures.values():
-        _write(out_dir / f"{fig.name}.png", fig.png)
-    _write(out_dir / "report.md", _markdown(blocks).encode("utf-8"))
-    _write(html_path, _html(blocks).encode("utf-8"))
-    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
-    _write(stamp, json.dumps({"key": key, "head": head_meta["head"], "split": split, "metrics": summary,
-                              "figures": sorted(figures)}, indent=2).encode("utf-8"))
+        atomic_write(out_dir / f"{fig.name}.png", fig.png)
+    atomic_write(out_dir / "report.md", _markdown(blocks).encode("utf-8"))
+    atomic_write(html_path, _html(blocks).encode("utf-8"))
+    metrics = head_meta["metrics"][loaded.meta["final_split"]]  # what fit-head computed: the leaderboard's numbers
+    write_json(stamp, {"key": key, "head": head_meta["head"], "split": loaded.meta["final_split"],
+                       "metrics": {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}, "figures": sorted(figures)})
     return html_path

@@ -18,10 +18,13 @@ from conftest import REPO, run_cli
 from PIL import Image
 
 import featurecache
-from featurecache import finetuning, store
-from featurecache.errors import FinetuneError
+from featurecache import finetuning, model, store
+from featurecache.data import Preprocess
+from featurecache.errors import FinetuneError, RunError, UsageError
+from featurecache.files import sha256_file
 from featurecache.heads import HEADS
 from featurecache.images import ImageTensors
+from featurecache.metrics import classification_metrics
 from featurecache.sweep import load_head
 
 TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]
@@ -31,6 +34,8 @@ TINY = dict(backbone="mobilenet_v2", resize=64, crop=56, workers=0, batch_size=1
 RESULT_KEYS = {"model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split"}
 # acceptance on ants/bees: the documented command, every layer trained on the whole train split
 HYMENOPTERA_FINETUNE = ["--epochs", "2"]
+# a held-out test split besides the val split that selects heads and epochs
+WITH_TEST = (("train", 8), ("val", 5), ("test", 4))
 
 
 def spec(name: str) -> str:
@@ -66,7 +71,21 @@ def tiny_run(base: Path, n_classes: int, heads: list[str], weights: str, per_spl
 def tiny_runs(tmp_path_factory, real_weights):
     base = tmp_path_factory.mktemp("finetune-tiny")
     heads = [spec(n) for n in TRANSFERABLE] + ["knn"]
-    return {n: tiny_run(base, n, heads, real_weights) for n in (2, 3)}
+    return {n: tiny_run(base, n, heads, real_weights, WITH_TEST) for n in (2, 3)}
+
+
+def split_batch(cache: str, split: str, pre: Preprocess) -> torch.Tensor:
+    """The uint8 images of one split of a cache, in cache order, as the exported models take them."""
+    data, labels = finetuning.cache_images(store.info(cache), split)
+    images = ImageTensors(data, np.arange(len(labels)), pre, None)
+    return torch.stack([images[i][1] for i in range(len(images))])
+
+
+def folder_probabilities(predictions: list[dict], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels from the class folder names, N x C probabilities) of ``predict`` output with topk = C."""
+    labels = np.array([classes.index(Path(p["path"]).parent.name) for p in predictions])
+    proba = np.array([[{t["class"]: t["probability"] for t in p["topk"]}[c] for c in classes] for p in predictions])
+    return labels, proba
 
 
 # --------------------------------------------------------------------------- assembling
@@ -77,16 +96,15 @@ def tiny_runs(tmp_path_factory, real_weights):
 @pytest.mark.parametrize("name", TRANSFERABLE)
 def test_network_at_step_0_predicts_what_the_head_predicted(tiny_runs, name, n_classes):
     run_dir, cache = tiny_runs[n_classes]
-    parts = finetuning.assemble(run_dir, spec(name))
+    parts = model.assemble(run_dir, spec(name))
     X, _, paths = featurecache.load_features(cache, "val")
     expected = parts.pipeline.predict_proba(X)
 
-    data, labels = finetuning.cache_images(store.info(cache), "val")
+    data, _ = finetuning.cache_images(store.info(cache), "val")
     assert [r.path for r in data.records] == paths
-    images = ImageTensors(data, np.arange(len(labels)), parts.backbone.preprocess, None)
-    batch = torch.stack([images[i][1] for i in range(len(images))])
+    batch = split_batch(cache, "val", parts.backbone.preprocess)
     with torch.inference_mode():
-        got = finetuning.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()
+        got = model.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()
     assert got.shape == expected.shape == (len(paths), n_classes)
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert np.abs(got - expected).max() < 1e-4
@@ -110,7 +128,7 @@ def test_best_transferable_picks_the_top_head_that_can_be_a_layer(tiny_runs):
     run_dir, _ = tiny_runs[3]
     ranking = json.loads((Path(run_dir) / "leaderboard.json").read_text())
     best = next(e["head"] for e in ranking if HEADS[e["head"].partition(":")[0]].transferable)
-    parts = finetuning.assemble(run_dir, "best-transferable")
+    parts = model.assemble(run_dir, "best-transferable")
     assert parts.head_meta["head"] == best
     assert parts.network is not None
 
@@ -118,22 +136,20 @@ def test_best_transferable_picks_the_top_head_that_can_be_a_layer(tiny_runs):
 def test_a_random_weights_cache_rebuilds_its_backbone(tmp_path):
     """weights=none is a seeded initialization: the rebuilt network computes the cached features."""
     run_dir, cache = tiny_run(tmp_path, 2, ["logreg:pre=standardize"], "none")
-    parts = finetuning.assemble(run_dir, "best-transferable")
+    parts = model.assemble(run_dir, "best-transferable")
     X, _, _ = featurecache.load_features(cache, "val")
-    data, labels = finetuning.cache_images(store.info(cache), "val")
-    images = ImageTensors(data, np.arange(len(labels)), parts.backbone.preprocess, None)
-    batch = torch.stack([images[i][1] for i in range(len(images))])
+    batch = split_batch(cache, "val", parts.backbone.preprocess)
     with torch.inference_mode():
-        got = finetuning.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()
+        got = model.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()
     assert np.abs(got - parts.pipeline.predict_proba(X)).max() < 1e-4
 
 
 def test_unfreeze_selects_the_last_blocks_and_bn_stays_frozen():
     with torch.device("meta"):
-        model = torchvision.models.mobilenet_v2()
-    blocks = finetuning.parameter_blocks(model)
+        mobilenet = torchvision.models.mobilenet_v2()
+    blocks = finetuning.parameter_blocks(mobilenet)
     assert len(blocks) == 20  # features.0 .. features.18 and the classifier
-    net = finetuning.Network(model.features, torch.nn.Linear(1280, 2))
+    net = model.Network(mobilenet.features, torch.nn.Linear(1280, 2))
     backbone_params = finetuning.prepare(net, "last:2", "frozen")
     names = {n for n, p in net.backbone.named_parameters() if p.requires_grad}
     assert names and {n.split(".")[0] for n in names} == {"17", "18"}
@@ -160,10 +176,20 @@ def test_unfreeze_selects_the_last_blocks_and_bn_stays_frozen():
     (dict(bn="fixed"), "unknown --bn"),
     (dict(augment="heavy"), "unknown --augment"),
     (dict(epochs=0), "--epochs must be at least 1"),
+    (dict(checkpoint_every=0), "--checkpoint-every must be at least 1"),
+    (dict(workers=-1), "cannot be negative"),
+    (dict(lr=-0.1), "cannot be negative"),
 ])
-def test_bad_options_are_one_line_errors(tmp_path, options, message):
-    with pytest.raises(FinetuneError, match=message):
+def test_bad_options_are_usage_errors(tmp_path, options, message, cli_runner):
+    """Checked before the run is looked up: the message names the option, not the missing run."""
+    with pytest.raises(UsageError, match=message) as caught:
         featurecache.finetune(str(tmp_path / "no-run"), **options)
+    assert "\n" not in str(caught.value)
+    (name, value), = options.items()
+    option = f"--{name.replace('_', '-')}"
+    out = run_cli(cli_runner, "finetune", tmp_path / "no-run", option, value)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.exit_code == 2 and last.startswith("Error: ") and option in last, out.stderr
 
 
 # --------------------------------------------------------------------------- training and export
@@ -176,18 +202,28 @@ def test_finetune_trains_exports_and_is_reused(tiny_runs, cli_runner, tmp_path):
                                    checkpoint_every=2, progress=False)
     _, head_meta = load_head(run_dir, "logreg:pre=pca:6")
     assert set(result.to_dict()) == RESULT_KEYS
-    assert result.split == "val" and result.head == "logreg:pre=pca:6"
+    assert result.split == "val" and result.head == "logreg:pre=pca:6" and result.epochs == 2
+    # step 0 is the head itself: the network reproduces the head's val accuracy from stage two
     assert result.head_accuracy == head_meta["metrics"]["val"]["accuracy"] == result.start_accuracy
-    assert result.best_accuracy >= result.start_accuracy and result.epochs == 2
     out = Path(result.output_dir)
     assert out.parent == Path(run_dir) / "finetune"
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     for h in history[1:]:
         assert {"train_loss", "val_loss", "val_accuracy", "seconds", "lr"} <= set(h) and h["train_loss"] > 0
-    assert history[result.best_epoch]["val_accuracy"] == result.best_accuracy
+    assert history[result.best_epoch]["val_accuracy"] == result.best_accuracy == max(h["val_accuracy"] for h in history)
     assert result.metrics["finetuned"]["val"]["accuracy"] == result.best_accuracy
-    assert result.metrics["head"]["val"]["accuracy"] == result.head_accuracy
+
+    # the held-out test split: the recorded metrics are those of the saved network, recomputed from its files
+    classes = ["class0", "class1", "class2"]
+    root = Path(store.info(cache)["config"]["data"]["root"])
+    predicted = featurecache.predict(result.output_dir, [str(root / "test")], topk=3, workers=0, progress=False)
+    labels, proba = folder_probabilities(predicted["predictions"], classes)
+    recomputed, recorded = classification_metrics(labels, proba, classes), result.metrics["finetuned"]["test"]
+    assert len(labels) == recorded["n"] == 12
+    assert recomputed["confusion_matrix"] == recorded["confusion_matrix"]
+    assert recomputed["accuracy"] == recorded["accuracy"]
+    assert recomputed["log_loss"] == pytest.approx(recorded["log_loss"], rel=1e-4)
 
     # the export needs torch only, and holds class names and preprocessing
     script = (
@@ -210,6 +246,55 @@ def test_finetune_trains_exports_and_is_reused(tiny_runs, cli_runner, tmp_path):
                     "--batch-size", "4", "--workers", "0", "--checkpoint-every", "2", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout) == result.to_dict()
+
+
+def test_safetensors_weights_round_trip_and_a_changed_file_is_refused(tmp_path, cli_runner):
+    """A fine-tuning folder predicts from model.safetensors, exactly as model.pt and the best epoch did."""
+    run_dir, cache = tiny_run(tmp_path, 2, ["logreg:pre=standardize"], "none", (("train", 6), ("val", 3), ("test", 3)))
+    result = featurecache.finetune(run_dir, epochs=1, batch_size=4, workers=0, augment="none", progress=False)
+    out = Path(result.output_dir)
+    weights = out / "model.safetensors"
+    recorded = json.loads((out / "result.json").read_text())["weights"]
+    assert recorded == result.weights == {"file": "model.safetensors", "sha256": sha256_file(weights)}
+
+    # plain tensors, equal to the best epoch's state dict
+    from safetensors.torch import load_file
+
+    tensors, best = load_file(weights), torch.load(out / "best.pt", weights_only=True)["model"]
+    assert tensors.keys() == best.keys() and all(torch.equal(tensors[k], best[k]) for k in best)
+
+    # the network rebuilt from the run with these weights, the TorchScript export, and the best epoch agree
+    from_weights, info = model.load_finetuned(out)
+    scripted, scripted_info = model.load_exported(out / "model.pt")
+    assert info == {k: scripted_info[k] for k in ("classes", "preprocess")}
+    parts = model.assemble(run_dir, result.head)
+    parts.network.load_state_dict(best)
+    in_memory = model.Exported(parts.network, parts.backbone.preprocess).eval()
+    batch = split_batch(cache, "test", Preprocess(**info["preprocess"]))
+    with torch.inference_mode():
+        a, b, c = (m(batch).numpy() for m in (from_weights, scripted, in_memory))
+    assert a.shape == (6, 2) and np.abs(a - b).max() < 1e-5 and np.abs(a - c).max() < 1e-5
+
+    # predict on the folder needs no model.pt
+    root = Path(store.info(cache)["config"]["data"]["root"])
+    test_images = str(root / "test")
+    (out / "model.pt").unlink()
+    predicted = featurecache.predict(str(out), [test_images], workers=0, progress=False)
+    by_path = {Path(p["path"]).relative_to(root).as_posix(): p for p in predicted["predictions"]}
+    _, paths = featurecache.load_features(cache, "test")[1:]
+    _, proba = folder_probabilities([by_path[p] for p in paths], info["classes"])
+    assert np.abs(proba - a).max() < 1e-5
+
+    # one changed byte in the tensors: refused before anything is loaded
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(RunError, match="does not match the sha256 recorded in") as caught:
+        model.load_finetuned(out)
+    assert "\n" not in str(caught.value)
+    refused = run_cli(cli_runner, "predict", out, test_images)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.exit_code == 3 and len(lines) == 1 and "model.safetensors does not match" in lines[0], refused.stderr
 
 
 def _checkpoint_state(path: Path) -> dict:
@@ -277,14 +362,16 @@ def finetune_hymenoptera(runner, cache: str) -> dict:
 
 
 @pytest.mark.slow
-def test_hymenoptera_logreg_finetune_starts_at_the_head_and_does_not_lose(hymenoptera_cache, cli_runner):
+def test_hymenoptera_logreg_finetune_starts_at_the_head_and_keeps_the_best_epoch(hymenoptera_cache, cli_runner):
     out = finetune_hymenoptera(cli_runner, hymenoptera_cache)
     assert set(out) == RESULT_KEYS
     assert out["head"] == "logreg" and out["split"] == "val" and out["epochs"] == 2
     assert out["start_accuracy"] == out["head_accuracy"]
-    assert out["best_accuracy"] >= out["head_accuracy"]
     history = json.loads((Path(out["model"]).parent / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2] and all(h["train_loss"] > 0 for h in history[1:])
+    # the best epoch is the one with the highest val accuracy; epoch 0 is the head's own val accuracy
+    assert history[0]["val_accuracy"] == out["head_accuracy"]
+    assert out["best_accuracy"] == max(h["val_accuracy"] for h in history)
     config = json.loads((Path(out["model"]).parent / "config.json").read_text())
     assert config["unfreeze"] == "all" and config["epochs"] == 2
     print(json.dumps({**out, "history": [{k: h[k] for k in ("epoch", "train_loss", "val_accuracy", "seconds")}

@@ -14,7 +14,7 @@ from conftest import run_cli
 from test_finetune import finetune_hymenoptera, tiny_run
 
 import featurecache
-from featurecache.errors import DataError, FinetuneError
+from featurecache.errors import DataError, FinetuneError, UsageError
 from featurecache.prediction import image_paths
 from featurecache.sweep import load_head
 
@@ -102,11 +102,26 @@ def test_bad_models_and_paths_are_one_line_errors(tmp_path, cli_runner):
     (tmp_path / "x.png").write_bytes(b"")
     with pytest.raises(FinetuneError, match="not an exported featurecache model"):
         featurecache.predict(str(fake), [str(tmp_path / "x.png")], progress=False)
-    for args, message in (([fake, tmp_path / "missing"], "no such file or folder"),
-                          ([tmp_path / "no-run", tmp_path / "x.png"], "no run matches")):
+    for args, message, code in (([fake, tmp_path / "missing"], "no such file or folder", 2),
+                                ([fake, tmp_path / "x.png"], "not an exported featurecache model", 2),
+                                ([tmp_path / "no-run", tmp_path / "x.png"], "no run matches", 3)):
         out = run_cli(cli_runner, "predict", *args)
         lines = out.stderr.strip().splitlines()
-        assert out.exit_code != 0 and len(lines) == 1 and message in lines[0], out.stderr
+        assert out.exit_code == code and len(lines) == 1 and message in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(topk=0), "--topk and --batch-size must be at least 1"),
+    (dict(batch_size=0), "--topk and --batch-size must be at least 1"),
+    (dict(workers=-1), "--workers cannot be negative"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path, options, message, cli_runner):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(UsageError, match=message):
+        featurecache.predict(str(tmp_path / "no-run"), [str(tmp_path / "x.png")], progress=False, **options)
+    (name, value), = options.items()
+    out = run_cli(cli_runner, "predict", tmp_path / "no-run", tmp_path / "x.png", f"--{name.replace('_', '-')}", value)
+    assert out.exit_code == 2 and out.stderr.strip().splitlines()[-1].startswith("Error: "), out.stderr
 
 
 @pytest.mark.slow
@@ -122,7 +137,7 @@ def test_predict_with_the_exported_model_reproduces_the_val_accuracy(hymenoptera
     print(f"fc predict on {val}: accuracy {accuracy:.4f} ({sum(correct)}/{len(correct)}); "
           f"fc finetune reported {finetuned['best_accuracy']:.4f}")
     assert accuracy == finetuned["best_accuracy"]
-    # the fine-tuning folder itself is accepted as MODEL
+    # the fine-tuning folder itself is accepted as MODEL: its safetensors weights give the same probabilities
     again = featurecache.predict(str(Path(finetuned["model"]).parent), [str(val / "ants")], progress=False)
     by_path = {p["path"]: p for p in predictions}
     for p in again["predictions"]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, make_split_folder, run_cli
 
-from featurecache.errors import FeatureCacheError
+from featurecache.errors import RunError, UsageError
 
 CLASSES = ("ants", "bees", "wasps")
 HEADS = ("logreg:C=1", "knn:n_neighbors=3", "nearest-centroid")
@@ -116,7 +116,7 @@ def test_report_of_another_head(tiny_run):
     md = (path.parent / "report.md").read_text()
     assert f"Head: {other}, test accuracy" in md and f"the best is {meta['best']}" in md
     assert f"## Confusion matrix of {other} on test" in md
-    with pytest.raises(FeatureCacheError, match="has no head 'svm'"):
+    with pytest.raises(RunError, match="has no head 'svm'"):
         report(tiny_run, head="svm")
     report(tiny_run, samples=6)
 
@@ -148,6 +148,17 @@ def test_fc_report_cli(tiny_report, tiny_run, cli_runner):
     missing = run_cli(cli_runner, "report", "no-such-run", "--cache-dir", cache_dir)
     assert missing.exit_code == 3
     assert missing.stderr.count("\n") == 1 and "no run matches 'no-such-run'" in missing.stderr
+    unknown_head = run_cli(cli_runner, "report", tiny_run, "--head", "svm")
+    assert unknown_head.exit_code == 3 and unknown_head.stderr.count("\n") == 1, unknown_head.stderr
+
+
+def test_a_negative_sample_count_is_a_usage_error(tiny_run, cli_runner):
+    from featurecache import report
+
+    with pytest.raises(UsageError, match="--samples must be 0 or more"):
+        report(tiny_run, samples=-1)
+    out = run_cli(cli_runner, "report", tiny_run, "--samples", -1)
+    assert out.exit_code == 2 and out.stderr.strip().splitlines()[-1].startswith("Error: "), out.stderr
 
 
 # --------------------------------------------------------------------------- rendering
@@ -181,12 +192,14 @@ def render_image_widths(html_path: Path, work: Path) -> list[int]:
     return [int(w) for w in match.group(1).split(",") if w]
 
 
+@pytest.mark.slow
 def test_html_renders_in_chromium_without_missing_images(tiny_report, tmp_path):
     widths = render_image_widths(tiny_report, tmp_path)
     assert len(widths) == len(_img_sources(tiny_report.read_text())) == 2
     assert all(w > 0 for w in widths), widths
 
 
+@pytest.mark.slow
 def test_the_chromium_check_catches_a_broken_image(tiny_report, tmp_path):
     html = tiny_report.read_text()
     broken = tmp_path / "broken.html"
@@ -205,6 +218,8 @@ def test_report_with_finetune_curves_renders(tmp_path, real_weights):
     md = (path.parent / "report.md").read_text()
     assert "## Fine-tuning curves (loss and accuracy per epoch)" in md
     assert f"Fine-tuned logreg:C=1 ({Path(tuned.output_dir).name})" in md
+    held_out = tuned.metrics["finetuned"]["test"]["accuracy"]
+    assert f"after 2 epochs (best epoch {tuned.best_epoch}); test accuracy {held_out:.4f} fine-tuned" in md
     history = md.split("## Fine-tuning history")[1].split("## ")[0]
     assert len(re.findall(r"^\| \d+ \|", history, flags=re.M)) == 3  # epochs 0 (the head), 1 and 2
     widths = render_image_widths(path, tmp_path)
