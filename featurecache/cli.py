@@ -89,6 +89,19 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def call_stage(function, as_json: bool, options: dict):
+    """Call a stage's API function with the command's options.
+
+    A progress bar shows when stderr is a terminal and there is no --json. With --json the
+    result is printed as JSON and None returned; otherwise the result is returned to print.
+    """
+    result = function(**options, progress=not as_json and sys.stderr.isatty())
+    if not as_json:
+        return result
+    emit_json(result.to_dict())
+    return None
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     """A plain aligned text table."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
@@ -118,6 +131,9 @@ def cli():
 _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), default=None, envvar="FC_CACHE_DIR",
                           help="Where caches and runs live (default ./cache, env FC_CACHE_DIR).")
 _json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+_trust = click.option("--trust", is_flag=True,
+                      help="Also load a run saved in the old pickle format (model.joblib). Loading a pickle can run "
+                           "any code it holds: only for runs you made or whose author you trust.")
 _workers = click.option("--workers", type=click.IntRange(min=0), default=None,
                         help="DataLoader workers (default: usable cores).")
 _device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -171,9 +187,8 @@ def extract(as_json, **options):
     """
     from .extractor import extract as run_extract
 
-    result = run_extract(**options, progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        emit_json(result.to_dict())
+    result = call_stage(run_extract, as_json, options)
+    if result is None:
         return
     state = "reused" if result.reused else f"{result.images_per_s:.1f} images/s"
     click.echo(f"{result.cache}  ({state}, {result.seconds:.1f} s, {result.feature_dim} features)")
@@ -328,21 +343,21 @@ def weights_import(file, backbone, weights):
               help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
 @click.option("--seed", default=0, show_default=True)
+@_trust
 @_cache_dir
 @_json
 def finetune(as_json, **options):
     """Fine-tune backbone and head of a stage-two RUN (a run directory, run id or unique prefix).
 
     The run's cache decides backbone, weights and preprocessing; the head starts where stage two
-    left it, so step 0 reproduces the head's accuracy. Writes the best epoch as a self-contained
-    TorchScript model.pt under RUN/finetune/.
+    left it, so step 0 reproduces the head's accuracy. Writes the best epoch under RUN/finetune/ as
+    model.safetensors (the weights fc predict loads) and a self-contained TorchScript model.pt.
     """
     from .finetuning import finetune as run_finetune
     from .metrics import summary
 
-    result = run_finetune(**options, progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        emit_json(result.to_dict())
+    result = call_stage(run_finetune, as_json, options)
+    if result is None:
         return
     rows = []
     for split, tuned in result.metrics["finetuned"].items():
@@ -371,13 +386,15 @@ def finetune(as_json, **options):
 @click.option("--batch-size", type=_count, default=32, show_default=True)
 @_workers
 @_device
+@_trust
 @_cache_dir
 @_json
 def predict(as_json, **options):
     """Classify images (files or folders, recursively) with MODEL.
 
-    MODEL is an exported model.pt (or the fine-tuning folder holding it), or a stage-two run
-    directory or run id (its backbone and head, without fine-tuning). Prints CSV
+    MODEL is a fine-tuning folder (its model.safetensors, checked against its recorded hash), an
+    exported model.pt, or a stage-two run directory or run id (its backbone and head, without
+    fine-tuning). Prints CSV
     (path,class,probability,topk) or, with --json, {"predictions": [...]}.
     Unreadable images are reported on stderr and skipped.
     """
@@ -455,6 +472,7 @@ def demo_command(set, as_json):
               help="The head to detail: best, best-transferable, a spec or a slug.")
 @click.option("--samples", type=click.IntRange(min=0), default=16, show_default=True,
               help="Images in the grid of sample predictions (0: none).")
+@_trust
 @_cache_dir
 @_json
 def report_command(as_json, **options):
@@ -506,9 +524,8 @@ def fit_head(as_json, **options):
     """
     from .sweep import fit_head as run_fit_head
 
-    result = run_fit_head(**options, progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        emit_json(result.to_dict())
+    result = call_stage(run_fit_head, as_json, options)
+    if result is None:
         return
     state = "reused" if result.reused else f"{len(result.leaderboard)} heads in {result.seconds:.1f} s"
     click.echo(f"{result.run_dir}  ({state})")

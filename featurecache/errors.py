@@ -19,56 +19,53 @@ class FeatureCacheError(Exception):
     exit_code = 1
 
 
-class UsageError(FeatureCacheError):
-    """An option or argument has a value that cannot be used (``--batch-size 0``, an unknown device)."""
+class InputError(FeatureCacheError):
+    """What was asked for cannot be used: an option, the images, a name, a file (exit code 2)."""
 
     exit_code = 2
 
 
-class DataError(FeatureCacheError):
-    """The images or the dataset description cannot be used."""
-
-    exit_code = 2
-
-
-class BackboneError(FeatureCacheError):
-    """Unknown backbone, weights, layer or preprocessing."""
-
-    exit_code = 2
-
-
-class CacheError(FeatureCacheError):
-    """A feature cache is missing, incomplete, locked or inconsistent."""
+class StateError(FeatureCacheError):
+    """A cache or run on disk is missing, locked or inconsistent (exit code 3)."""
 
     exit_code = 3
+
+
+# The classes raised, by what went wrong; the exit code comes from the parent.
+class UsageError(InputError):
+    """An option or argument has a value that cannot be used (``--batch-size 0``, an unknown device)."""
+
+
+class DataError(InputError):
+    """The images or the dataset description cannot be used."""
+
+
+class BackboneError(InputError):
+    """Unknown backbone, weights, layer or preprocessing."""
+
+
+class HeadError(InputError):
+    """Unknown head, bad parameter grid or unusable split for fitting."""
+
+
+class FinetuneError(InputError):
+    """The network cannot be assembled or trained as asked."""
+
+
+class PipelineError(InputError):
+    """A pipeline file is malformed."""
+
+
+class CacheError(StateError):
+    """A feature cache is missing, incomplete, locked or inconsistent."""
 
 
 class CacheLockedError(CacheError):
     """Another process is writing the same cache entry."""
 
 
-class HeadError(FeatureCacheError):
-    """Unknown head, bad parameter grid or unusable split for fitting."""
-
-    exit_code = 2
-
-
-class RunError(FeatureCacheError):
+class RunError(StateError):
     """A run directory is missing, broken or does not match its cache."""
-
-    exit_code = 3
-
-
-class FinetuneError(FeatureCacheError):
-    """The network cannot be assembled or trained as asked."""
-
-    exit_code = 2
-
-
-class PipelineError(FeatureCacheError):
-    """A pipeline file is malformed."""
-
-    exit_code = 2
 
 
 class FeatureCacheWarning(UserWarning):

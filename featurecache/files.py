@@ -14,8 +14,8 @@ import os
 import platform
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 def _temp_name(path: Path) -> Path:

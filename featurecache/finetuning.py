@@ -355,7 +355,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _validate(settings: _Settings, workers: int | None, checkpoint_every: int) -> None:
+def _validate(settings: _Settings, checkpoint_every: int) -> None:
     """A UsageError for the first option value that cannot be used."""
     trainable_blocks(nn.Linear(1, 1), settings.unfreeze)  # checks the spelling
     for name, choices in (("bn", BN_MODES), ("augment", AUGMENTS), ("optimizer", OPTIMIZERS)):
@@ -369,17 +369,17 @@ def _validate(settings: _Settings, workers: int | None, checkpoint_every: int) -
         if value < 1:
             raise UsageError(f"--{name} must be at least 1")
     amounts = {"warmup-epochs": settings.warmup_epochs, "backbone-lr-mult": settings.backbone_lr_mult,
-               "patience": settings.patience, "workers": workers or 0, "lr": settings.lr,
+               "patience": settings.patience, "lr": settings.lr,
                "weight-decay": settings.weight_decay}
     for name, value in amounts.items():
         if value < 0:
             raise UsageError(f"--{name} cannot be negative")
 
 
-def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.device, workers: int | None,
-              checkpoint_every: int, progress: bool) -> _Job:
+def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.device, workers: int,
+              checkpoint_every: int, progress: bool, trust: bool) -> _Job:
     """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
-    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
+    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir, trust)
     meta = loaded.meta
     cache_meta = store.info(meta["cache"])
     split = meta["selection_split"]
@@ -389,7 +389,6 @@ def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.devi
             f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); "
             "re-extract with --split train=0.8,val=0.2"
         )
-    workers = runtime.usable_cores() if workers is None else int(workers)
     return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, checkpoint_every, progress)
 
 
@@ -651,6 +650,7 @@ def finetune(
     checkpoint_every: int = 50,
     resume: bool = False,
     seed: int = 0,
+    trust: bool = False,
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -664,6 +664,7 @@ def finetune(
     and scales as pretrained. ``patience``: epochs without improvement on the selection split
     before stopping (0: never). ``checkpoint_every``: optimizer steps between mid-epoch
     checkpoints. ``resume``: continue from the last checkpoint of the same configuration.
+    ``trust``: also load a run saved in the old pickle format, which can run code when loaded.
     """
     defaults = OPTIMIZERS.get(optimizer, OPTIMIZERS["adamw"])
     dev = runtime.resolve_device(device)
@@ -673,6 +674,7 @@ def finetune(
         weight_decay=defaults.weight_decay if weight_decay is None else float(weight_decay),
         warmup_epochs=warmup_epochs, batch_size=batch_size, accumulate=accumulate,
         precision=runtime.resolve_precision(precision, dev), patience=patience, seed=seed)
-    _validate(settings, workers, checkpoint_every)
-    job = _open_job(run, head, cache_dir, settings, dev, workers, checkpoint_every, progress)
+    _validate(settings, checkpoint_every)
+    job = _open_job(run, head, cache_dir, settings, dev, runtime.resolve_workers(workers), checkpoint_every, progress,
+                    trust)
     return _reused(job) or _run(job, resume)

@@ -113,15 +113,15 @@ def load_backbone(config: dict) -> backbones.Backbone:
 
 def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
     """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
-    from .heads import to_torch
+    from .heads import to_torch, transferable_heads
     from .sweep import best_transferable
 
     if not head_meta.get("transferable"):
         alternative = best_transferable(leaderboard)
         hint = (f"; the best head that can is {alternative} (--head '{alternative}')" if alternative
-                else "; the run has no head that can (linear, mlp, logreg, linear-svm, ridge)")
+                else f"; the run has no head that can ({', '.join(transferable_heads())})")
         raise FinetuneError(f"head {head_meta['head']} cannot become a layer of the network{hint}")
-    return to_torch(pipeline).float()
+    return to_torch(pipeline, head_meta.get("name")).float()
 
 
 @dataclass
@@ -138,18 +138,22 @@ class Assembly:
     network: Network | None
 
 
-def load_run_head(run, head: str = "best", cache_dir: str | None = None):
-    """``(run, fitted pipeline, head.json)`` of a stage-two run (path or id) and one of its heads."""
+def load_run_head(run, head: str = "best", cache_dir: str | None = None, trust: bool = False):
+    """``(run, fitted pipeline, head.json)`` of a stage-two run (path or id) and one of its heads.
+
+    ``trust`` lets a run of the old pickle format load (see :func:`featurecache.sweep.load_head`).
+    """
     from .sweep import load_head, load_run, resolve_run
 
     loaded = load_run(resolve_run(run, cache_dir))
-    pipeline, head_meta = load_head(loaded.path, head)
+    pipeline, head_meta = load_head(loaded.path, head, trust=trust)
     return loaded, pipeline, head_meta
 
 
-def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklearn: bool = False) -> Assembly:
+def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklearn: bool = False,
+             trust: bool = False) -> Assembly:
     """Join the backbone of ``run``'s cache and its ``head`` (``best``, ``best-transferable``, a spec or a slug)."""
-    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir)
+    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir, trust)
     module = None
     if head_meta.get("transferable") or not allow_sklearn:
         module = head_module(pipeline, head_meta, loaded.leaderboard)
@@ -248,7 +252,8 @@ def _load_tensors(network: nn.Module, path: Path, head: str) -> None:
         raise RunError(message.splitlines()[0]) from None
 
 
-def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Exported, dict]:
+def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu",
+                   trust: bool = False) -> tuple[Exported, dict]:
     """``(uint8 images -> probabilities, {"classes", "preprocess"})`` of a fine-tuning folder.
 
     The architecture comes from the run the folder lives in (``RUN/finetune/<hash>``) and the
@@ -262,7 +267,7 @@ def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu"
     run_dir = folder.parent.parent
     if folder.parent.name != FINETUNE_DIR or not (run_dir / RUN_FILE).is_file():
         raise RunError(f"{folder} is not inside the run it was fine-tuned from (RUN/{FINETUNE_DIR}/...)")
-    parts = assemble(run_dir, config["head"])
+    parts = assemble(run_dir, config["head"], trust=trust)
     if parts.meta["run_id"] != config["run_id"]:
         raise RunError(f"{folder} was fine-tuned from run {config['run_id']}, but lies under {parts.meta['run_id']}")
     _load_tensors(parts.network, weights, parts.head_meta["head"])

@@ -61,8 +61,8 @@ def _loaded(model: torch.nn.Module, info: dict):
     return _module_probabilities(model), list(info["classes"]), Preprocess(**info["preprocess"])
 
 
-def _from_run(run, head: str, device: torch.device, cache_dir):
-    parts = assemble(run, head, cache_dir, allow_sklearn=True)
+def _from_run(run, head: str, device: torch.device, cache_dir, trust: bool):
+    parts = assemble(run, head, cache_dir, allow_sklearn=True, trust=trust)
     pre = parts.backbone.preprocess
     if parts.network is not None:
         return _module_probabilities(Exported(parts.network, pre).to(device).eval()), list(parts.meta["classes"]), pre
@@ -75,20 +75,20 @@ def _from_run(run, head: str, device: torch.device, cache_dir):
     return probabilities, list(parts.meta["classes"]), pre
 
 
-def load_predictor(model, head: str = "best", device: str = "auto",
-                   cache_dir=None) -> tuple[Probabilities, list[str], Preprocess]:
+def load_predictor(model, head: str = "best", device: str = "auto", cache_dir=None,
+                   trust: bool = False) -> tuple[Probabilities, list[str], Preprocess]:
     """``(probabilities(uint8 images) -> N x C, classes, preprocess)`` for a fine-tuning folder
     (its safetensors weights), a ``model.pt`` file or a folder holding one, or a stage-two run
     (path or run id)."""
     dev = runtime.resolve_device(device)
     path = Path(model)
     if is_finetune_dir(path):
-        return _loaded(*load_finetuned(path, dev))
+        return _loaded(*load_finetuned(path, dev, trust))
     if path.is_dir() and (path / MODEL_FILE).is_file():
         path = path / MODEL_FILE
     if path.is_file():
         return _loaded(*load_exported(path, dev))
-    return _from_run(model, head, dev, cache_dir)
+    return _from_run(model, head, dev, cache_dir, trust)
 
 
 def _prediction(path: str, p: np.ndarray, classes: list[str], k: int) -> dict:
@@ -109,6 +109,7 @@ def predict(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
+    trust: bool = False,
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -117,17 +118,16 @@ def predict(
     Returns ``{"predictions": [{"path", "class", "probability", "topk": [{"class",
     "probability"}, ...]}, ...], "skipped": [{"path", "reason"}, ...]}``. ``head`` picks the
     head of a run (``best``, ``best-transferable``, a spec or a slug); a fine-tuned model has its own.
+    ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     """
     from tqdm.auto import tqdm
 
     if topk < 1 or batch_size < 1:
         raise UsageError("--topk and --batch-size must be at least 1")
-    if workers is not None and workers < 0:
-        raise UsageError("--workers cannot be negative")
     files = image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
-    probabilities, classes, pre = load_predictor(model, head, device, cache_dir)
+    workers = runtime.resolve_workers(workers)
+    probabilities, classes, pre = load_predictor(model, head, device, cache_dir, trust)
     dev = runtime.resolve_device(device)
-    workers = runtime.usable_cores() if workers is None else int(workers)
     dataset = Dataset("", classes, [Record(os.path.abspath(f), -1, "predict") for f in files], "predict")
     loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
     k = min(topk, len(classes))

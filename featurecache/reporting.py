@@ -323,23 +323,38 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _md_table(columns: list, rows: list[list]) -> str:
+    def line(cells) -> str:
+        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
+
+    return "\n".join([line(columns), "|" + "---|" * len(columns), *map(line, rows)]) + "\n"
+
+
+def _html_table(columns: list, rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+# block kind -> (title, payload) -> text, for each format
+_MARKDOWN = {
+    "title": lambda title, _: f"# {title}\n",
+    "list": lambda title, lines: f"## {title}\n\n" + "".join(f"- {_md_cell(line)}\n" for line in lines),
+    "table": lambda title, payload: f"## {title}\n\n" + _md_table(*payload),
+    "figure": lambda title, chart: f"## {title}\n\n![{title}]({chart.name}.png)\n",
+}
+_HTML = {
+    "title": lambda title, _: f"<h1>{html.escape(title)}</h1>",
+    "list": lambda title, lines: f"<h2>{html.escape(title)}</h2>\n<ul>"
+                                 + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
+    "table": lambda title, payload: f"<h2>{html.escape(title)}</h2>\n" + _html_table(*payload),
+    "figure": lambda title, chart: f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" '
+                                   f'src="{chart.data_uri}">',
+}
+
+
 def _markdown(blocks: list[tuple]) -> str:
-    out = []
-    for kind, title, payload in blocks:
-        if kind == "title":
-            out.append(f"# {title}\n")
-            continue
-        out.append(f"## {title}\n")
-        if kind == "list":
-            out += [f"- {_md_cell(line)}" for line in payload] + [""]
-        elif kind == "table":
-            columns, rows = payload
-            out.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
-            out.append("|" + "---|" * len(columns))
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
-        else:
-            out.append(f"![{title}]({payload.name}.png)\n")
-    return "\n".join(out)
+    return "\n".join(_MARKDOWN[kind](title, payload) for kind, title, payload in blocks)
 
 
 _CSS = """
@@ -354,25 +369,10 @@ td { word-break: break-word; }
 
 
 def _html(blocks: list[tuple]) -> str:
-    esc = html.escape
-    title = next(t for kind, t, _ in blocks if kind == "title")
-    body = []
-    for kind, heading, payload in blocks:
-        if kind == "title":
-            body.append(f"<h1>{esc(heading)}</h1>")
-            continue
-        body.append(f"<h2>{esc(heading)}</h2>")
-        if kind == "list":
-            body.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in payload) + "</ul>")
-        elif kind == "table":
-            columns, rows = payload
-            head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-        else:
-            body.append(f'<img alt="{esc(heading)}" src="{payload.data_uri}">')
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    title = html.escape(next(t for kind, t, _ in blocks if kind == "title"))
+    body = "\n".join(_HTML[kind](heading, payload) for kind, heading, payload in blocks)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -403,11 +403,13 @@ def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cach
     return figures
 
 
-def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_dir: str | None = None) -> Path:
+def report(run: str | os.PathLike, head: str = "best", samples: int = 16, trust: bool = False,
+           cache_dir: str | None = None) -> Path:
     """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
 
     ``run`` is a run directory, run id or unique prefix; ``head`` the head to detail ("best",
-    "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none).
+    "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none);
+    ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     """
     from .sweep import load_head, load_run, resolve_run
 
@@ -421,7 +423,7 @@ def report(run: str | os.PathLike, head: str = "best", samples: int = 16, cache_
         return html_path
 
     loaded = load_run(run_dir)
-    estimator, head_meta = load_head(run_dir, head)
+    estimator, head_meta = load_head(run_dir, head, trust=trust)
     cache_info = store.info(loaded.meta["cache"])
     finetunes = _finetunes(run_dir)
     figures = _figures(loaded.meta, estimator, head_meta, finetunes, cache_info, samples)

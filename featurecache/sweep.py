@@ -72,6 +72,7 @@ from .heads import (
     parse_grid,
     thread_limit,
     threads_per_job,
+    transferable_heads,
 )
 from .metrics import SUMMARY_KEYS, classification_metrics
 
@@ -661,10 +662,6 @@ def best_transferable(leaderboard: list[dict]) -> str | None:
     return None
 
 
-def _transferable_names() -> str:
-    return ", ".join(name for name, htype in HEADS.items() if htype.transferable)
-
-
 def _head_folder(loaded: Run, head: str) -> Path:
     """The folder of a run's head: ``best``, ``best-transferable``, a spec or a slug."""
     name = head
@@ -674,7 +671,7 @@ def _head_folder(loaded: Run, head: str) -> Path:
         name = best_transferable(loaded.leaderboard)
         if name is None:
             raise RunError(f"run {loaded.path.name} has no head that can become a layer of a network "
-                           f"({_transferable_names()})")
+                           f"({', '.join(transferable_heads())})")
     folders = loaded.path / "heads"
     for folder in (folders / name, folders / slug(name)):
         if folder.parent == folders and (folder / HEAD_FILE).is_file():

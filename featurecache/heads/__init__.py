@@ -25,6 +25,7 @@ from .registry import (
     make_estimator,
     parse_grid,
     register_head,
+    transferable_heads,
     trusted_types,
 )
 from .saving import dump_head, load_head_files
@@ -56,5 +57,6 @@ __all__ = [
     "thread_limit",
     "threads_per_job",
     "to_torch",
+    "transferable_heads",
     "trusted_types",
 ]

@@ -152,6 +152,11 @@ def list_heads() -> list[str]:
     return list(HEADS)
 
 
+def transferable_heads() -> list[str]:
+    """The registered heads that convert exactly to a torch module."""
+    return [name for name, htype in HEADS.items() if htype.transferable]
+
+
 def trusted_types() -> list[str]:
     """The allow-list of types a saved head may hold beyond skops' defaults: those the registered
     heads declare, and the wrapper given to scikit-learn classifiers without ``predict_proba``."""
