@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import sys
@@ -142,16 +143,33 @@ def assert_error(out, code: int, message: str) -> None:
 # --------------------------------------------------------------------------- exit codes of unusable options
 
 
+# The API says what is wrong with a value; the CLI refuses most numbers out of range itself
+# (click's message names the option), so both are checked.
+API_LIMITS = [
+    (dict(batch_size=0), "--batch-size must be at least 1, not 0"),
+    (dict(checkpoint_every=0), "--checkpoint-every must be at least 1, not 0"),
+    (dict(max_image_pixels=0), "--max-image-pixels must be at least 1"),
+    (dict(limit=0), "--limit must be at least 1, not 0"),
+    (dict(limit=-3), "--limit must be at least 1, not -3"),
+    (dict(workers=-1), "--workers must be 0"),
+    (dict(lock_timeout=-1), "--lock-timeout must be 0 or more"),
+]
+
+
+@pytest.mark.parametrize("options, message", API_LIMITS, ids=lambda v: str(v) if isinstance(v, dict) else None)
+def test_unusable_extract_values_are_usage_errors(image_folder, tmp_path, options, message):
+    from featurecache.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        featurecache.extract(str(image_folder), **{**FAST, "cache_dir": str(tmp_path / "c"), **options})
+    assert not list((tmp_path / "c").glob("*.h5")), "nothing was extracted"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--batch-size", 0], "--batch-size must be at least 1, not 0"),
-        (["--checkpoint-every", 0], "--checkpoint-every must be at least 1, not 0"),
-        (["--max-image-pixels", 0], "--max-image-pixels must be at least 1"),
-        (["--limit", 0], "--limit must be at least 1, not 0"),
-        (["--limit", -3], "--limit must be at least 1, not -3"),
-        (["--workers", -1], "--workers must be 0"),
-        (["--lock-timeout", -1], "--lock-timeout must be 0 or more"),
+        *[(list(itertools.chain.from_iterable(("--" + k.replace("_", "-"), v) for k, v in options.items())),
+           message.split()[0]) for options, message in API_LIMITS],
         (["--device", "cuda:x"], "unknown device 'cuda:x'"),
         (["--device", "meta"], "unknown device 'meta'"),
         (["--backbone", "timm/no_such_model"], "unknown backbone"),

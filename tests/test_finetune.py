@@ -177,7 +177,7 @@ def test_unfreeze_selects_the_last_blocks_and_bn_stays_frozen():
     (dict(augment="heavy"), "unknown --augment"),
     (dict(epochs=0), "--epochs must be at least 1"),
     (dict(checkpoint_every=0), "--checkpoint-every must be at least 1"),
-    (dict(workers=-1), "cannot be negative"),
+    (dict(workers=-1), "--workers must be 0"),
     (dict(lr=-0.1), "cannot be negative"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, options, message, cli_runner):

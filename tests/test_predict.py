@@ -113,7 +113,7 @@ def test_bad_models_and_paths_are_one_line_errors(tmp_path, cli_runner):
 @pytest.mark.parametrize("options, message", [
     (dict(topk=0), "--topk and --batch-size must be at least 1"),
     (dict(batch_size=0), "--topk and --batch-size must be at least 1"),
-    (dict(workers=-1), "--workers cannot be negative"),
+    (dict(workers=-1), "--workers must be 0"),
 ])
 def test_bad_option_values_are_usage_errors(tmp_path, options, message, cli_runner):
     (tmp_path / "x.png").write_bytes(b"")

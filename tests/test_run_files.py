@@ -228,3 +228,20 @@ def test_a_run_of_an_unknown_format_is_refused(run_dir):
     _rewrite_run_json(run_dir, format="featurecache-run/99")
     message = _one_line_run_error(lambda: sweep.load_run(run_dir))
     assert "featurecache-run/99" in message and "upgrade featurecache" in message
+
+
+def test_the_cli_refuses_a_pickle_run_in_one_line_and_loads_it_with_trust(run_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from featurecache.cli import cli
+
+    run = _as_pickle_run(run_dir)
+    marker = tmp_path / "pwned"
+    joblib.dump(_Payload(marker), run / "heads" / "knn-n_neighbors=3" / "model.joblib")
+    refused = CliRunner().invoke(cli, ["report", str(run), "--head", KNN, "--samples", "0"])
+    assert refused.exit_code == 3
+    assert refused.stderr.strip().count("\n") == 0 and "--trust" in refused.stderr
+    assert not marker.exists()
+    trusted = CliRunner().invoke(cli, ["report", str(run), "--head", LINEAR, "--samples", "0", "--trust"])
+    assert trusted.exit_code == 0, trusted.output
+    assert Path(trusted.stdout.strip()).name == "report.html" and not marker.exists()
