@@ -493,7 +493,7 @@ def report_command(as_json, **options):
 
 
 def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
-    from .sweep import leaderboard_table, selection_note
+    from .leaderboard import leaderboard_table, selection_note
 
     rows, columns = leaderboard_table(leaderboard, final_split)
     click.echo(selection_note(selection_split, final_split, cv))
@@ -564,7 +564,7 @@ def heads(ctx, as_json):
 @_json
 def heads_show(run, cache_dir, as_json):
     """The provenance and leaderboard of RUN (a run directory, run id or unique prefix)."""
-    from .sweep import load_run
+    from .runs import load_run
 
     loaded = load_run(run=run, cache_dir=cache_dir)
     meta = loaded.meta

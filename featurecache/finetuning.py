@@ -318,7 +318,7 @@ class _Settings:
 class _Job:
     """One fine-tuning: the run and head it starts from, its settings, where it runs and writes."""
 
-    loaded: object  # sweep.Run
+    loaded: object  # runs.Run
     pipeline: object
     head_meta: dict
     cache_meta: dict

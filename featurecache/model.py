@@ -114,7 +114,7 @@ def load_backbone(config: dict) -> backbones.Backbone:
 def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
     """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
     from .heads import to_torch, transferable_heads
-    from .sweep import best_transferable
+    from .runs import best_transferable
 
     if not head_meta.get("transferable"):
         alternative = best_transferable(leaderboard)
@@ -141,9 +141,9 @@ class Assembly:
 def load_run_head(run, head: str = "best", cache_dir: str | None = None, trust: bool = False):
     """``(run, fitted pipeline, head.json)`` of a stage-two run (path or id) and one of its heads.
 
-    ``trust`` lets a run of the old pickle format load (see :func:`featurecache.sweep.load_head`).
+    ``trust`` lets a run of the old pickle format load (see :func:`featurecache.runs.load_head`).
     """
-    from .sweep import load_head, load_run, resolve_run
+    from .runs import load_head, load_run, resolve_run
 
     loaded = load_run(resolve_run(run, cache_dir))
     pipeline, head_meta = load_head(loaded.path, head, trust=trust)
@@ -259,7 +259,7 @@ def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu"
     The architecture comes from the run the folder lives in (``RUN/finetune/<hash>``) and the
     head it started from; the weights from ``model.safetensors`` after checking its hash.
     """
-    from .sweep import RUN_FILE
+    from .runs import RUN_FILE
 
     folder = Path(folder)
     config = _read_json(folder / CONFIG_FILE)

@@ -234,7 +234,7 @@ def _finetune_line(ft: dict, final_split: str) -> str:
 
 
 def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict, summary: dict) -> list[str]:
-    from .sweep import selection_note
+    from .leaderboard import selection_note
 
     meta = run.meta
     config, final_split = meta["config"], meta["final_split"]
@@ -411,7 +411,7 @@ def report(run: str | os.PathLike, head: str = "best", samples: int = 16, trust:
     "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none);
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     """
-    from .sweep import load_head, load_run, resolve_run
+    from .runs import load_head, load_run, resolve_run
 
     if samples < 0:
         raise UsageError("--samples must be 0 or more")

@@ -20,18 +20,8 @@ parameter and a list gives the values to try::
     hidden = [256, [512, 256]]     # a list of widths is one deeper network
     dropout = [0.0, 0.3]
 
-Every run lives in a content-addressed directory next to its cache::
-
-    <cache dir>/runs/<cache stem>-<12 hex>/
-        run.json  leaderboard.csv  leaderboard.json  best
-        heads/<slug>/head.json  pipeline.skops  [module.safetensors]
-
-No file of a run holds a pickle (:mod:`featurecache.heads.saving`): a run directory
-someone shares cannot run code when it is loaded. ``run.json`` names the run format
-(:data:`RUN_FORMAT`) and the sha256 of every head file; loading a head checks its files
-against them. Runs of the first format (``model.joblib`` pickles) load only when the
-caller trusts them. The run directory is built under a temporary name and renamed
-into place, so a complete run is a lookup and an interrupted one is redone.
+The fitted heads, the leaderboard and the provenance are saved as a run directory
+(:mod:`featurecache.runs`, no pickles); heads are ranked as :mod:`featurecache.leaderboard` says.
 
 Heads fit in joblib worker threads (the numeric kernels of numpy, scikit-learn and
 torch release the GIL, and threads start at once and share the features), with the
@@ -43,13 +33,10 @@ heads along their registered warm path start from their neighbour's solution.
 from __future__ import annotations
 
 import copy
-import csv
 import datetime as _dt
 import hashlib
-import io
 import json
 import os
-import shutil
 import time
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -59,7 +46,7 @@ import joblib
 import numpy as np
 
 from . import files, store
-from .errors import HeadError, RunError, suggest
+from .errors import HeadError, suggest
 from .heads import (
     DEFAULT_SWEEP,
     HEADS,
@@ -67,21 +54,15 @@ from .heads import (
     dump_head,
     fit_linear_grid,
     head_type,
-    load_head_files,
     make_estimator,
     parse_grid,
     thread_limit,
     threads_per_job,
-    transferable_heads,
 )
-from .metrics import SUMMARY_KEYS, classification_metrics
+from .leaderboard import make_entry, rank_key
+from .metrics import classification_metrics
+from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_run, write_run
 
-RUNS = "runs"
-RUN_FILE = "run.json"
-HEAD_FILE = "head.json"
-RUN_FORMAT = "featurecache-run/2"  # heads in skops and safetensors files, their sha256 in run.json
-PICKLE_FORMAT = "featurecache-run/1"  # heads pickled in model.joblib; a run.json without "format"
-PICKLE_FILE = "model.joblib"
 CLASS_WEIGHTS = ("balanced",)
 
 
@@ -101,23 +82,6 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         return {"run_dir": self.run_dir, "best": self.best, "leaderboard": self.leaderboard, "failed": self.failed}
-
-
-@dataclass
-class Run:
-    """A finished run: its directory, ``run.json`` and its leaderboard (best first)."""
-
-    path: Path
-    meta: dict
-    leaderboard: list
-
-    @property
-    def best(self) -> str:
-        return self.meta["best"]
-
-    @property
-    def format(self) -> str:
-        return self.meta.get("format", PICKLE_FORMAT)
 
 
 # --------------------------------------------------------------------------- the grid
@@ -320,34 +284,10 @@ def _cv_folds(y: np.ndarray, cv: int, seed: int, classes: list[str]) -> list[tup
     return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def slug(spec: str) -> str:
-    """A file-system-safe name for a head spec: ``logreg:C=0.1;pre=standardize`` -> ``logreg-C=0.1-pre=standardize``."""
-    text = "".join(c if c.isalnum() or c in "=.+_" else "-" for c in spec).strip("-")
-    if len(text) > 120:
-        text = text[:100] + "-" + hashlib.sha256(spec.encode()).hexdigest()[:12]
-    return text
-
-
 def _run_id(cache: Path, key: str, specs: list[str], seed: int, cv: int, class_weight) -> str:
     payload = json.dumps({"cache_key": key, "heads": sorted(specs), "seed": seed, "cv": cv,
                           "class_weight": class_weight, "format": RUN_FORMAT}, sort_keys=True)
     return f"{cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-def _rank_key(entry: dict):
-    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity."""
-    metrics = entry["metrics"][entry["selection_split"]]
-    simplicity = head_type(entry["head"].partition(":")[0]).simplicity
-    return (-entry["selection_accuracy"], metrics["log_loss"], simplicity, entry["head"])
-
-
-def _entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float) -> dict:
-    params = {**cfg.to_dict()["params"], "pre": cfg.pre}
-    if cfg.class_weight is not None:
-        params["class_weight"] = cfg.class_weight
-    return {"head": cfg.spec, "params": params, "selection_split": selection,
-            "selection_accuracy": metrics[selection]["accuracy"], "metrics": metrics,
-            "fit_seconds": round(seconds, 4)}
 
 
 @dataclass
@@ -497,8 +437,8 @@ def _rank(plan: _Plan, data: dict, outcome: _Outcome, specs) -> list[dict]:
     for cfg in plan.configs:
         if cfg.spec in specs:
             metrics = {s: classification_metrics(labels[s], outcome.probas[cfg.spec][s], plan.classes) for s in order}
-            entries.append(_entry(cfg, metrics, plan.selection, outcome.seconds[cfg.spec]))
-    return sorted(entries, key=_rank_key)
+            entries.append(make_entry(cfg, metrics, plan.selection, outcome.seconds[cfg.spec]))
+    return sorted(entries, key=rank_key)
 
 
 def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) -> dict:
@@ -547,211 +487,9 @@ def fit_head(
     dumped = _dump_heads(plan, outcome)
     entries = _rank(plan, data, outcome, dumped)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
-    _write_run(plan.run_dir, run_meta, entries, dumped)
+    write_run(plan.run_dir, run_meta, entries, dumped)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
                        time.perf_counter() - started, run_meta["failed"])
-
-
-# --------------------------------------------------------------------------- the run directory
-
-
-def csv_rows(leaderboard: list[dict]) -> list[dict]:
-    """One flat row per head: rank, spec, selection, every summary metric per split, fit time."""
-    rows = []
-    for rank, entry in enumerate(leaderboard, 1):
-        row = {"rank": rank, "head": entry["head"], "selection_split": entry["selection_split"],
-               "selection_accuracy": entry["selection_accuracy"]}
-        for split, metrics in entry["metrics"].items():
-            row.update({f"{split}_{k}": metrics[k] for k in SUMMARY_KEYS if k in metrics})
-        row["fit_seconds"] = entry["fit_seconds"]
-        rows.append(row)
-    return rows
-
-
-def _csv_text(rows: list[dict]) -> str:
-    out = io.StringIO(newline="")
-    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict[str, bytes], record: dict | None) -> dict:
-    """Write one head's folder; return the sha256 of each of its files, by path relative to ``run_dir``."""
-    htype = head_type(cfg.name)
-    folder = run_dir / "heads" / slug(entry["head"])
-    folder.mkdir(parents=True)
-    for name, data in blobs.items():
-        (folder / name).write_bytes(data)
-    head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
-                 "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
-                 "metrics": entry["metrics"], "selection_split": entry["selection_split"],
-                 "fit_seconds": entry["fit_seconds"]}
-    if record is not None:
-        head_meta["estimator"] = record
-    files.write_json(folder / HEAD_FILE, head_meta)
-    return {p.relative_to(run_dir).as_posix(): files.sha256_file(p) for p in sorted(folder.iterdir())}
-
-
-def _write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> None:
-    """Build the run directory under a temporary name, ``run.json`` last, and rename it into place."""
-    if run_dir.exists() and not (run_dir / RUN_FILE).exists():
-        shutil.rmtree(run_dir)  # not a complete run: left by an older, interrupted featurecache
-    try:
-        with files.atomic_dir(run_dir) as tmp:
-            sha256 = {}
-            for entry in entries:
-                sha256.update(_write_head(tmp, entry, *dumped[entry["head"]]))
-            files.write_json(tmp / "leaderboard.json", entries)
-            (tmp / "leaderboard.csv").write_text(_csv_text(csv_rows(entries)))
-            (tmp / "best").write_text(slug(meta["best"]) + "\n")
-            files.write_json(tmp / RUN_FILE, {**meta, "sha256": sha256})
-    except FileExistsError:
-        pass  # a concurrent identical run finished first: keep its result
-
-
-def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A run directory by path, by run id, or by a unique prefix of its id or of its hash."""
-    path = Path(ref)
-    if (path / RUN_FILE).is_file():
-        return path
-    if path.is_dir():
-        raise RunError(f"{path} is not a complete run directory (no {RUN_FILE}); re-run fc fit-head")
-    root = store.default_cache_dir(cache_dir) / RUNS
-    runs = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
-        if root.is_dir() else []
-    text = str(ref)
-    matches = [p for p in runs if p.name.startswith(text) or p.name.rpartition("-")[2].startswith(text)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        hint = suggest(text, [p.name for p in runs])
-        raise RunError(f"no run matches {text!r} in {root}{hint}")
-    raise RunError(f"{text!r} matches {len(matches)} runs in {root}: " + ", ".join(p.name for p in matches))
-
-
-def _check_cache(run_dir: Path, meta: dict) -> None:
-    cache = Path(meta["cache"])
-    if not cache.exists():
-        raise RunError(f"run {run_dir.name} was trained on {cache}, which no longer exists; "
-                       "re-run fc extract and fc fit-head")
-    key = store.info(cache)["key"]
-    if key != meta["cache_key"]:
-        raise RunError(f"run {run_dir.name} was trained on features {meta['cache_key'][:16]} but {cache} now "
-                       f"holds {key[:16]}; re-run fc fit-head")
-
-
-def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Run:
-    """A finished run (path, id or prefix), checked against the cache it was trained on."""
-    run_dir = resolve_run(run, cache_dir)
-    loaded = Run(run_dir, json.loads((run_dir / RUN_FILE).read_text()), [])
-    if loaded.format not in (RUN_FORMAT, PICKLE_FORMAT):
-        raise RunError(f"run {run_dir.name} has the format {loaded.format}, which this featurecache cannot read; "
-                       "upgrade featurecache or re-run fc fit-head")
-    _check_cache(run_dir, loaded.meta)
-    loaded.leaderboard = json.loads((run_dir / "leaderboard.json").read_text())
-    return loaded
-
-
-def best_transferable(leaderboard: list[dict]) -> str | None:
-    """The best-ranked head of a leaderboard that converts exactly to a torch module."""
-    for entry in leaderboard:
-        htype = HEADS.get(entry["head"].partition(":")[0])
-        if htype is not None and htype.transferable:
-            return entry["head"]
-    return None
-
-
-def _head_folder(loaded: Run, head: str) -> Path:
-    """The folder of a run's head: ``best``, ``best-transferable``, a spec or a slug."""
-    name = head
-    if head == "best":
-        name = (loaded.path / "best").read_text().strip()
-    elif head == "best-transferable":
-        name = best_transferable(loaded.leaderboard)
-        if name is None:
-            raise RunError(f"run {loaded.path.name} has no head that can become a layer of a network "
-                           f"({', '.join(transferable_heads())})")
-    folders = loaded.path / "heads"
-    for folder in (folders / name, folders / slug(name)):
-        if folder.parent == folders and (folder / HEAD_FILE).is_file():
-            return folder
-    raise RunError(f"run {loaded.path.name} has no head {head!r}{suggest(head, loaded.meta['heads'])}")
-
-
-def _check_files(loaded: Run, folder: Path) -> None:
-    """Every file of a head folder is recorded in ``run.json`` with the sha256 it has now."""
-    recorded = loaded.meta.get("sha256", {})
-    prefix = folder.relative_to(loaded.path).as_posix() + "/"
-    names = {key[len(prefix):] for key in recorded if key.startswith(prefix)}
-    if not names:
-        raise RunError(f"{RUN_FILE} of run {loaded.path.name} records no files for {prefix}; re-run fc fit-head")
-    for path in sorted(folder.iterdir()):
-        if not path.name.startswith(".") and path.name not in names:
-            raise RunError(f"{path} is not one of the files {RUN_FILE} records; refused")
-    for name in sorted(names):
-        path = folder / name
-        if not path.is_file() or files.sha256_file(path) != recorded[prefix + name]:
-            raise RunError(f"{path} is missing or differs from the file the run wrote (sha256 mismatch); "
-                           "refused: re-run fc fit-head")
-
-
-def _load_pickle(loaded: Run, folder: Path, trust: bool):
-    path = folder / PICKLE_FILE
-    if not trust:
-        raise RunError(f"{path} is a pickle, from a run of an older featurecache; it is refused because loading "
-                       "a pickle can run any code it holds: pass --trust (trust=True) if you made this run or "
-                       "trust its author, or re-run fc fit-head to save the heads without pickles")
-    if not path.is_file():
-        raise RunError(f"run {loaded.path.name} has no {PICKLE_FILE} for {folder.name}; re-run fc fit-head")
-    return joblib.load(path)
-
-
-def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.PathLike | None = None,
-              trust: bool = False):
-    """``(fitted pipeline, head.json dict)`` of one head of a run.
-
-    ``head`` is ``best`` (the top of the leaderboard), ``best-transferable`` (the best
-    head that can become a layer of a network), a spec or a slug. A head's files are
-    checked against the sha256 ``run.json`` records. A run of the first format holds
-    pickles, which can run code when loaded: it loads only with ``trust=True``.
-    """
-    loaded = load_run(run, cache_dir)
-    folder = _head_folder(loaded, head)
-    if loaded.format == PICKLE_FORMAT:
-        return _load_pickle(loaded, folder, trust), json.loads((folder / HEAD_FILE).read_text())
-    _check_files(loaded, folder)
-    head_meta = json.loads((folder / HEAD_FILE).read_text())
-    return load_head_files(folder, head_meta), head_meta
-
-
-# --------------------------------------------------------------------------- presentation
-
-
-def selection_note(selection_split: str, final_split: str, cv: int | None = None) -> str:
-    """One line saying which numbers chose the head and which, if any, are held out."""
-    chosen = f"{cv}-fold cross-validation on train (cv)" if selection_split == "cv" else selection_split
-    if final_split != selection_split:
-        return f"heads selected on {chosen}; {final_split} is held out: quote its scores"
-    return (f"heads selected on {chosen}; there is no test split, so these scores chose the head "
-            "and are not a held-out estimate")
-
-
-def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[dict], list[str]]:
-    """Rows and columns of the printed leaderboard."""
-    rows = []
-    for rank, entry in enumerate(leaderboard, 1):
-        sel = entry["selection_split"]
-        m = entry["metrics"]
-        row = {"#": rank, "head": entry["head"], f"{sel} acc (selection)": f"{entry['selection_accuracy']:.4f}",
-               f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}"}
-        if final_split != sel:
-            row.update({f"{final_split} acc": f"{m[final_split]['accuracy']:.4f}",
-                        f"{final_split} bal_acc": f"{m[final_split]['balanced_accuracy']:.4f}",
-                        f"{final_split} macro_f1": f"{m[final_split]['macro_f1']:.4f}"})
-        row.update({"train acc": f"{m['train']['accuracy']:.4f}", "fit s": f"{entry['fit_seconds']:.3f}"})
-        rows.append(row)
-    return rows, list(rows[0]) if rows else []
 
 
 def list_head_types() -> list[dict]:

@@ -21,7 +21,7 @@ COMMANDS = {
     **{command: function.target for command, function in BY_COMMAND.items()},
     "demo": "featurecache.demo:demo",
     "heads": "featurecache.sweep:list_head_types",
-    "heads show": "featurecache.sweep:load_run",
+    "heads show": "featurecache.runs:load_run",
     "backbones": "featurecache.backbones:list_backbones",
     "cache list": "featurecache.store:list_caches",
     "weights import": "featurecache.backbones:import_weights",

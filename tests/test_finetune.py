@@ -25,7 +25,7 @@ from featurecache.files import sha256_file
 from featurecache.heads import HEADS
 from featurecache.images import ImageTensors
 from featurecache.metrics import classification_metrics
-from featurecache.sweep import load_head
+from featurecache.runs import load_head
 
 TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]
 # a preprocessing per head type, so that every kind of fold (standardize, pca, l2) is exercised

@@ -16,7 +16,7 @@ from test_finetune import finetune_hymenoptera, tiny_run
 import featurecache
 from featurecache.errors import DataError, FinetuneError, UsageError
 from featurecache.prediction import image_paths
-from featurecache.sweep import load_head
+from featurecache.runs import load_head
 
 PREDICTION_KEYS = {"path", "class", "probability", "topk"}
 

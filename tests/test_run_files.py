@@ -23,7 +23,7 @@ from sklearn.preprocessing import FunctionTransformer
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import files, store, sweep
+from featurecache import files, runs, store, sweep
 from featurecache.errors import RunError
 from featurecache.heads import list_heads
 
@@ -92,14 +92,14 @@ def test_every_head_type_round_trips_exactly(cache, name, monkeypatch):
     assert res.failed == [] and set(saved) == {e["head"] for e in res.leaderboard}
     X, _, _ = store.load_features(cache, "test")
     for spec, fitted in saved.items():
-        pipeline, head_meta = sweep.load_head(res.run_dir, spec)
+        pipeline, head_meta = runs.load_head(res.run_dir, spec)
         assert head_meta["head"] == spec and type(pipeline.named_steps["head"]) is type(fitted.named_steps["head"])
         assert np.array_equal(pipeline.predict_proba(X), fitted.predict_proba(X))
-        assert not list((Path(res.run_dir) / "heads" / sweep.slug(spec)).glob("*.joblib"))
+        assert not list((Path(res.run_dir) / "heads" / runs.slug(spec)).glob("*.joblib"))
 
 
 def test_torch_heads_are_rebuilt_from_json_and_safetensors(run_dir):
-    pipeline, head_meta = sweep.load_head(run_dir, LINEAR)
+    pipeline, head_meta = runs.load_head(run_dir, LINEAR)
     head = pipeline.named_steps["head"]
     assert head_meta["estimator"]["class"] == "featurecache.heads.torch_heads.TorchLinearClassifier"
     assert head.get_params() == head_meta["estimator"]["params"]
@@ -121,19 +121,19 @@ def test_a_tampered_head_file_is_refused(run_dir, relative):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    message = _one_line_run_error(lambda: sweep.load_head(run_dir, head))
+    message = _one_line_run_error(lambda: runs.load_head(run_dir, head))
     assert str(path) in message and "sha256 mismatch" in message
     other = "linear-epochs=5" if head.startswith("knn") else "knn-n_neighbors=3"
-    assert sweep.load_head(run_dir, other)[1]["head"]  # the other head is untouched and loads
+    assert runs.load_head(run_dir, other)[1]["head"]  # the other head is untouched and loads
 
 
 def test_a_missing_or_unrecorded_head_file_is_refused(run_dir):
     folder = run_dir / "heads" / "knn-n_neighbors=3"
     (folder / "extra.skops").write_bytes((folder / "pipeline.skops").read_bytes())
-    assert "is not one of the files run.json records" in _one_line_run_error(lambda: sweep.load_head(run_dir, KNN))
+    assert "is not one of the files run.json records" in _one_line_run_error(lambda: runs.load_head(run_dir, KNN))
     (folder / "extra.skops").unlink()
     (folder / "pipeline.skops").unlink()
-    assert "is missing" in _one_line_run_error(lambda: sweep.load_head(run_dir, KNN))
+    assert "is missing" in _one_line_run_error(lambda: runs.load_head(run_dir, KNN))
 
 
 # --------------------------------------------------------------------------- (c) types outside the allow-list
@@ -146,7 +146,7 @@ def test_a_skops_file_with_an_untrusted_type_is_refused_even_with_a_matching_has
     _record(run_dir, path)  # the hash matches: only the allow-list stands in the way
     loads = []
     monkeypatch.setattr(skops.io, "load", lambda *args, **kwargs: loads.append(args))
-    message = _one_line_run_error(lambda: sweep.load_head(run_dir, KNN))
+    message = _one_line_run_error(lambda: runs.load_head(run_dir, KNN))
     assert "posix.system" in message and str(path) in message and "refused" in message
     assert loads == []  # refused before skops builds a single object
 
@@ -177,7 +177,7 @@ class _Payload:
 def _as_pickle_run(run: Path) -> Path:
     """Turn a run into the first format: heads pickled in model.joblib, no format and no sha256 in run.json."""
     for folder in (run / "heads").iterdir():
-        pipeline, _ = sweep.load_head(run, folder.name)
+        pipeline, _ = runs.load_head(run, folder.name)
         for path in folder.iterdir():
             if path.name != "head.json":
                 path.unlink()
@@ -191,21 +191,21 @@ def test_a_planted_pickle_is_refused_and_never_runs(run_dir, tmp_path):
     marker = tmp_path / "pwned"
     joblib.dump(_Payload(marker), run / "heads" / "knn-n_neighbors=3" / "model.joblib")
     for head in (KNN, "best", LINEAR):
-        message = _one_line_run_error(lambda h=head: sweep.load_head(run, h))
+        message = _one_line_run_error(lambda h=head: runs.load_head(run, h))
         assert "model.joblib is a pickle" in message and "can run any code" in message
         assert "--trust" in message and "re-run fc fit-head" in message
     assert not marker.exists()
-    sweep.load_head(run, KNN, trust=True)  # the payload is real: trusting it runs it
+    runs.load_head(run, KNN, trust=True)  # the payload is real: trusting it runs it
     assert marker.exists()
 
 
 def test_a_pickle_run_loads_when_trusted(run_dir, cache):
     X, _, _ = store.load_features(cache, "test")
-    expected = {h: sweep.load_head(run_dir, h)[0].predict_proba(X) for h in (KNN, LINEAR)}
+    expected = {h: runs.load_head(run_dir, h)[0].predict_proba(X) for h in (KNN, LINEAR)}
     run = _as_pickle_run(run_dir)
-    assert sweep.load_run(run).format == "featurecache-run/1"
+    assert runs.load_run(run).format == "featurecache-run/1"
     for head, proba in expected.items():
-        pipeline, head_meta = sweep.load_head(run, head, trust=True)
+        pipeline, head_meta = runs.load_head(run, head, trust=True)
         assert head_meta["head"] == head
         assert np.array_equal(pipeline.predict_proba(X), proba)
 
@@ -220,13 +220,13 @@ def test_a_new_fit_never_reuses_a_pickle_run(cache, run_dir):
     _rewrite_run_json(old, run_id=old.name)
     fresh = featurecache.fit_head(cache, head=specs, jobs=1)
     assert not fresh.reused and Path(fresh.run_dir) == run_dir  # a fresh run under this format's id
-    assert Path(fresh.run_dir) != old and sweep.load_run(fresh.run_dir).format == "featurecache-run/2"
+    assert Path(fresh.run_dir) != old and runs.load_run(fresh.run_dir).format == "featurecache-run/2"
     assert (old / "heads" / "knn-n_neighbors=3" / "model.joblib").is_file()  # the old run is left as it was
 
 
 def test_a_run_of_an_unknown_format_is_refused(run_dir):
     _rewrite_run_json(run_dir, format="featurecache-run/99")
-    message = _one_line_run_error(lambda: sweep.load_run(run_dir))
+    message = _one_line_run_error(lambda: runs.load_run(run_dir))
     assert "featurecache-run/99" in message and "upgrade featurecache" in message
 
 

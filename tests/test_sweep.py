@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 
 import featurecache
-from featurecache import store, sweep
+from featurecache import runs, store, sweep
 from featurecache.errors import HeadError, RunError
 from featurecache.heads import make_estimator, parse_grid
 from featurecache.metrics import classification_metrics
@@ -82,9 +82,9 @@ def test_val_selection_leaderboard_and_run_layout(cache):
     csv_lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(board)
     assert csv_lines[0].startswith("rank,head,selection_split,selection_accuracy,val_accuracy")
-    assert (run / "best").read_text().strip() == sweep.slug(res.best)
+    assert (run / "best").read_text().strip() == runs.slug(res.best)
     for entry in board:
-        folder = run / "heads" / sweep.slug(entry["head"])
+        folder = run / "heads" / runs.slug(entry["head"])
         head_meta = json.loads((folder / "head.json").read_text())
         assert head_meta["head"] == entry["head"] and head_meta["metrics"] == entry["metrics"]
         names = {"head.json", "pipeline.skops"} | ({"module.safetensors"} if head_meta["kind"] == "torch" else set())
@@ -94,7 +94,7 @@ def test_val_selection_leaderboard_and_run_layout(cache):
             assert meta["sha256"][f"heads/{folder.name}/{name}"] == digest
     assert len(meta["sha256"]) == sum(2 + (e["head"].startswith(("linear:", "mlp:"))) for e in board)
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
-    assert sweep.slug("logreg:C=0.1;pre=standardize") == "logreg-C=0.1-pre=standardize"
+    assert runs.slug("logreg:C=0.1;pre=standardize") == "logreg-C=0.1-pre=standardize"
 
 
 def test_saved_head_reproduces_its_metrics(cache):
@@ -102,10 +102,10 @@ def test_saved_head_reproduces_its_metrics(cache):
     X, y, _ = store.load_features(cache, "test")
     for ref in ("best", "linear:epochs=10;lr=0.1;pre=standardize;weight_decay=0.001",
                 "mlp-epochs=10-hidden=32-pre=standardize"):
-        pipeline, head_meta = sweep.load_head(res.run_dir, ref)
+        pipeline, head_meta = runs.load_head(res.run_dir, ref)
         metrics = classification_metrics(y, pipeline.predict_proba(X), [str(c) for c in range(10)])
         assert metrics["accuracy"] == head_meta["metrics"]["test"]["accuracy"]
-    assert sweep.load_head(res.run_dir)[1]["head"] == res.best
+    assert runs.load_head(res.run_dir)[1]["head"] == res.best
 
 
 def test_cross_validation_when_there_is_no_val_split(tmp_path):
@@ -115,10 +115,10 @@ def test_cross_validation_when_there_is_no_val_split(tmp_path):
     for e in res.leaderboard:
         assert e["selection_split"] == "cv" and list(e["metrics"]) == ["cv", "test", "train"]
         assert e["metrics"]["cv"]["n"] == 300 and e["selection_accuracy"] == e["metrics"]["cv"]["accuracy"]
-    meta = sweep.load_run(res.run_dir).meta
+    meta = runs.load_run(res.run_dir).meta
     assert meta["cv"] == 3 and meta["final_split"] == "test"
     # the refit on all of train is what gets saved and scored on test
-    pipeline, head_meta = sweep.load_head(res.run_dir, "knn")
+    pipeline, head_meta = runs.load_head(res.run_dir, "knn")
     X, y, _ = store.load_features(cache, "test")
     assert head_meta["metrics"]["test"]["accuracy"] == float((pipeline.predict(X) == y).mean())
 
@@ -142,7 +142,7 @@ def test_a_head_that_cannot_fit_these_data_is_reported_and_the_sweep_goes_on(tmp
     assert all("ValueError" in f["error"] for f in res.failed)
     assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid"}
     assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == ["knn-n_neighbors=3", "nearest-centroid"]
-    assert sweep.load_run(res.run_dir).meta["failed"] == res.failed
+    assert runs.load_run(res.run_dir).meta["failed"] == res.failed
     out = run_cli(cli_runner, "fit-head", cache, *(arg for g in grid for arg in ("--head", g)), "--jobs", 1)
     assert out.exit_code == 0
     assert "not fitted: knn:n_neighbors=50: ValueError" in out.stderr
@@ -202,7 +202,7 @@ def test_warm_start_paths_match_cold_fits(cache, grid):
     by_head = {e["head"]: e for e in res.leaderboard}
     for cfg in parse_grid(grid):
         cold = make_estimator(cfg, random_state=0).fit(X, y)
-        warm, _ = sweep.load_head(res.run_dir, cfg.spec)
+        warm, _ = runs.load_head(res.run_dir, cfg.spec)
         assert warm.named_steps["head"].warm_start is False
         # the same optimum up to the solver's tolerance (exactly the same forest)
         gap = np.abs(warm.predict_proba(Xv) - cold.predict_proba(Xv))
@@ -225,7 +225,7 @@ def test_balanced_class_weight(tmp_path):
     heads = {e["head"]: e for e in balanced.leaderboard}
     assert set(heads) == {weighted, "knn"}  # knn cannot weight classes
     assert heads[weighted]["params"]["class_weight"] == "balanced"
-    pipeline, _ = sweep.load_head(balanced.run_dir, weighted)
+    pipeline, _ = runs.load_head(balanced.run_dir, weighted)
     assert pipeline.named_steps["head"].class_weight == "balanced"
     with pytest.raises(HeadError, match="class_weight"):
         featurecache.fit_head(cache, head=("knn",), class_weight="heavy")
@@ -278,26 +278,26 @@ def test_load_refuses_a_head_trained_on_other_features(tmp_path):
     cache = digits_cache(folder)
     res = featurecache.fit_head(cache, head=("knn",), jobs=1)
     digits_cache(folder, seed=1, tag="another-backbone")  # same file, other features
-    for load in (sweep.load_run, sweep.load_head):
+    for load in (runs.load_run, runs.load_head):
         with pytest.raises(RunError, match=r"was trained on features .* but .* now holds .*; re-run fc fit-head"):
             load(res.run_dir)
     Path(cache).unlink()
     with pytest.raises(RunError, match="no longer exists"):
-        sweep.load_head(res.run_dir)
+        runs.load_head(res.run_dir)
 
 
 def test_resolve_run_by_path_id_and_prefix(cache):
     res = featurecache.fit_head(cache, head=("knn",), jobs=1)
     run = Path(res.run_dir)
     folder = Path(cache).parent
-    assert sweep.resolve_run(run) == run
-    assert sweep.resolve_run(run.name, folder) == run
-    assert sweep.resolve_run(run.name.rpartition("-")[2][:6], folder) == run
-    assert sweep.load_run(run.name, folder).best == res.best
+    assert runs.resolve_run(run) == run
+    assert runs.resolve_run(run.name, folder) == run
+    assert runs.resolve_run(run.name.rpartition("-")[2][:6], folder) == run
+    assert runs.load_run(run.name, folder).best == res.best
     with pytest.raises(RunError, match="no run matches"):
-        sweep.resolve_run("nope", folder)
+        runs.resolve_run("nope", folder)
     with pytest.raises(RunError, match=r"no head 'knm'.*did you mean: knn"):
-        sweep.load_head(run, "knm")
+        runs.load_head(run, "knm")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -309,7 +309,7 @@ def test_cli_json_is_the_result_object(cache, cli_runner):
     obj = json.loads(out.stdout)
     assert set(obj) == {"run_dir", "best", "leaderboard", "failed"} and obj["best"] == obj["leaderboard"][0]["head"]
     assert obj["failed"] == []
-    assert [e["head"] for e in obj["leaderboard"]] == [e["head"] for e in sweep.load_run(obj["run_dir"]).leaderboard]
+    assert [e["head"] for e in obj["leaderboard"]] == [e["head"] for e in runs.load_run(obj["run_dir"]).leaderboard]
     assert all(set(e) == ENTRY_KEYS for e in obj["leaderboard"])
 
 
@@ -434,8 +434,8 @@ def test_a_head_registered_in_one_call_is_swept_saved_listed_and_transferable(ca
     res = featurecache.fit_head(cache, head=("lda:solver=svd,lsqr;pre=standardize", "knn"), jobs=1)
     assert {e["head"] for e in res.leaderboard} == {"lda:pre=standardize;solver=svd",
                                                    "lda:pre=standardize;solver=lsqr", "knn"}
-    assert sweep.best_transferable(res.leaderboard).startswith("lda:")
-    pipeline, head_meta = sweep.load_head(res.run_dir, "best-transferable")
+    assert runs.best_transferable(res.leaderboard).startswith("lda:")
+    pipeline, head_meta = runs.load_head(res.run_dir, "best-transferable")
     assert head_meta["name"] == "lda" and head_meta["transferable"]
     X, _, _ = store.load_features(cache, "test")
     with torch.no_grad():
@@ -478,7 +478,7 @@ def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch
     res = featurecache.fit_head(cache, head=("extra-trees:n_estimators=20,10", "knn"), jobs=1)
     assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
     assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}
-    assert sweep.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
+    assert runs.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
 
 
 def test_a_concurrent_identical_run_that_finished_first_is_kept(cache, monkeypatch):

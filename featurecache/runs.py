@@ -1,0 +1,222 @@
+"""Run directories: where a sweep's heads, leaderboard and provenance live.
+
+Every run lives in a content-addressed directory next to its cache::
+
+    <cache dir>/runs/<cache stem>-<12 hex>/
+        run.json  leaderboard.csv  leaderboard.json  best
+        heads/<slug>/head.json  pipeline.skops  [module.safetensors]
+
+The directory is built under a temporary name with ``run.json`` last and then renamed,
+so a complete run is a lookup and an interrupted one is redone. No file holds a pickle:
+scikit-learn heads are skops files loaded with an allow-list of types, torch heads
+safetensors, and ``run.json`` records the sha256 of every head file, checked on loading.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+
+from . import files, store
+from .errors import RunError, suggest
+from .heads import HEADS, HeadConfig, head_type, load_head_files, transferable_heads
+from .leaderboard import csv_rows
+
+RUNS = "runs"
+RUN_FILE = "run.json"
+HEAD_FILE = "head.json"
+RUN_FORMAT = "featurecache-run/2"  # heads in skops and safetensors files, their sha256 in run.json
+PICKLE_FORMAT = "featurecache-run/1"  # heads pickled in model.joblib; a run.json without "format"
+PICKLE_FILE = "model.joblib"
+
+
+@dataclass
+class Run:
+    """A finished run: its directory, ``run.json`` and its leaderboard (best first)."""
+
+    path: Path
+    meta: dict
+    leaderboard: list
+
+    @property
+    def best(self) -> str:
+        return self.meta["best"]
+
+    @property
+    def format(self) -> str:
+        return self.meta.get("format", PICKLE_FORMAT)
+
+
+def slug(spec: str) -> str:
+    """A file-system-safe name for a head spec: ``logreg:C=0.1;pre=standardize`` -> ``logreg-C=0.1-pre=standardize``."""
+    text = "".join(c if c.isalnum() or c in "=.+_" else "-" for c in spec).strip("-")
+    if len(text) > 120:
+        text = text[:100] + "-" + hashlib.sha256(spec.encode()).hexdigest()[:12]
+    return text
+
+
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict[str, bytes], record: dict | None) -> dict:
+    """Write one head's folder; return the sha256 of each of its files, by path relative to ``run_dir``."""
+    htype = head_type(cfg.name)
+    folder = run_dir / "heads" / slug(entry["head"])
+    folder.mkdir(parents=True)
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
+                 "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
+                 "metrics": entry["metrics"], "selection_split": entry["selection_split"],
+                 "fit_seconds": entry["fit_seconds"]}
+    if record is not None:
+        head_meta["estimator"] = record
+    files.write_json(folder / HEAD_FILE, head_meta)
+    return {p.relative_to(run_dir).as_posix(): files.sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> None:
+    """Build the run directory under a temporary name, ``run.json`` last, and rename it into place."""
+    if run_dir.exists() and not (run_dir / RUN_FILE).exists():
+        shutil.rmtree(run_dir)  # not a complete run: left by an older, interrupted featurecache
+    try:
+        with files.atomic_dir(run_dir) as tmp:
+            sha256 = {}
+            for entry in entries:
+                sha256.update(_write_head(tmp, entry, *dumped[entry["head"]]))
+            files.write_json(tmp / "leaderboard.json", entries)
+            (tmp / "leaderboard.csv").write_text(_csv_text(csv_rows(entries)))
+            (tmp / "best").write_text(slug(meta["best"]) + "\n")
+            files.write_json(tmp / RUN_FILE, {**meta, "sha256": sha256})
+    except FileExistsError:
+        pass  # a concurrent identical run finished first: keep its result
+
+
+def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A run directory by path, by run id, or by a unique prefix of its id or of its hash."""
+    path = Path(ref)
+    if (path / RUN_FILE).is_file():
+        return path
+    if path.is_dir():
+        raise RunError(f"{path} is not a complete run directory (no {RUN_FILE}); re-run fc fit-head")
+    root = store.default_cache_dir(cache_dir) / RUNS
+    runs = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
+        if root.is_dir() else []
+    text = str(ref)
+    matches = [p for p in runs if p.name.startswith(text) or p.name.rpartition("-")[2].startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        hint = suggest(text, [p.name for p in runs])
+        raise RunError(f"no run matches {text!r} in {root}{hint}")
+    raise RunError(f"{text!r} matches {len(matches)} runs in {root}: " + ", ".join(p.name for p in matches))
+
+
+def _check_cache(run_dir: Path, meta: dict) -> None:
+    cache = Path(meta["cache"])
+    if not cache.exists():
+        raise RunError(f"run {run_dir.name} was trained on {cache}, which no longer exists; "
+                       "re-run fc extract and fc fit-head")
+    key = store.info(cache)["key"]
+    if key != meta["cache_key"]:
+        raise RunError(f"run {run_dir.name} was trained on features {meta['cache_key'][:16]} but {cache} now "
+                       f"holds {key[:16]}; re-run fc fit-head")
+
+
+def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Run:
+    """A finished run (path, id or prefix), checked against the cache it was trained on."""
+    run_dir = resolve_run(run, cache_dir)
+    loaded = Run(run_dir, json.loads((run_dir / RUN_FILE).read_text()), [])
+    if loaded.format not in (RUN_FORMAT, PICKLE_FORMAT):
+        raise RunError(f"run {run_dir.name} has the format {loaded.format}, which this featurecache cannot read; "
+                       "upgrade featurecache or re-run fc fit-head")
+    _check_cache(run_dir, loaded.meta)
+    loaded.leaderboard = json.loads((run_dir / "leaderboard.json").read_text())
+    return loaded
+
+
+def best_transferable(leaderboard: list[dict]) -> str | None:
+    """The best-ranked head of a leaderboard that converts exactly to a torch module."""
+    for entry in leaderboard:
+        htype = HEADS.get(entry["head"].partition(":")[0])
+        if htype is not None and htype.transferable:
+            return entry["head"]
+    return None
+
+
+def _head_folder(loaded: Run, head: str) -> Path:
+    """The folder of a run's head: ``best``, ``best-transferable``, a spec or a slug."""
+    name = head
+    if head == "best":
+        name = (loaded.path / "best").read_text().strip()
+    elif head == "best-transferable":
+        name = best_transferable(loaded.leaderboard)
+        if name is None:
+            raise RunError(f"run {loaded.path.name} has no head that can become a layer of a network "
+                           f"({', '.join(transferable_heads())})")
+    folders = loaded.path / "heads"
+    for folder in (folders / name, folders / slug(name)):
+        if folder.parent == folders and (folder / HEAD_FILE).is_file():
+            return folder
+    raise RunError(f"run {loaded.path.name} has no head {head!r}{suggest(head, loaded.meta['heads'])}")
+
+
+def _check_files(loaded: Run, folder: Path) -> None:
+    """Every file of a head folder is recorded in ``run.json`` with the sha256 it has now."""
+    recorded = loaded.meta.get("sha256", {})
+    prefix = folder.relative_to(loaded.path).as_posix() + "/"
+    names = {key[len(prefix):] for key in recorded if key.startswith(prefix)}
+    if not names:
+        raise RunError(f"{RUN_FILE} of run {loaded.path.name} records no files for {prefix}; re-run fc fit-head")
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(".") and path.name not in names:
+            raise RunError(f"{path} is not one of the files {RUN_FILE} records; refused")
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file() or files.sha256_file(path) != recorded[prefix + name]:
+            raise RunError(f"{path} is missing or differs from the file the run wrote (sha256 mismatch); "
+                           "refused: re-run fc fit-head")
+
+
+def _load_pickle(loaded: Run, folder: Path, trust: bool):
+    path = folder / PICKLE_FILE
+    if not trust:
+        raise RunError(f"{path} is a pickle, from a run of an older featurecache; it is refused because loading "
+                       "a pickle can run any code it holds: pass --trust (trust=True) if you made this run or "
+                       "trust its author, or re-run fc fit-head to save the heads without pickles")
+    if not path.is_file():
+        raise RunError(f"run {loaded.path.name} has no {PICKLE_FILE} for {folder.name}; re-run fc fit-head")
+    return joblib.load(path)
+
+
+def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.PathLike | None = None,
+              trust: bool = False):
+    """``(fitted pipeline, head.json dict)`` of one head of a run.
+
+    ``head`` is ``best`` (the top of the leaderboard), ``best-transferable`` (the best
+    head that can become a layer of a network), a spec or a slug. A head's files are
+    checked against the sha256 ``run.json`` records. A run of the first format holds
+    pickles, which can run code when loaded: it loads only with ``trust=True``.
+    """
+    loaded = load_run(run, cache_dir)
+    folder = _head_folder(loaded, head)
+    if loaded.format == PICKLE_FORMAT:
+        return _load_pickle(loaded, folder, trust), json.loads((folder / HEAD_FILE).read_text())
+    _check_files(loaded, folder)
+    head_meta = json.loads((folder / HEAD_FILE).read_text())
+    return load_head_files(folder, head_meta), head_meta
+
+
