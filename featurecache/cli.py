@@ -89,13 +89,15 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def call_stage(function, as_json: bool, options: dict):
+def call_stage(function, as_json: bool, options: dict, progress: bool | None = None):
     """Call a stage's API function with the command's options.
 
-    A progress bar shows when stderr is a terminal and there is no --json. With --json the
-    result is printed as JSON and None returned; otherwise the result is returned to print.
+    A progress bar shows when stderr is a terminal and there is no --json (``progress``
+    None); ``progress=True`` leaves the choice to the stage (a bar on a terminal, else log
+    lines on stderr, --json or not). With --json the result is printed as JSON and None
+    returned; otherwise the result is returned to print.
     """
-    result = function(**options, progress=not as_json and sys.stderr.isatty())
+    result = function(**options, progress=not as_json and sys.stderr.isatty() if progress is None else progress)
     if not as_json:
         return result
     emit_json(result.to_dict())
@@ -513,18 +515,32 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the cross-validation on train when there is no val split.")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@click.option("--budget", type=click.FloatRange(min=0), default=240.0, show_default=True, metavar="SECONDS",
+              help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
+                   "planned from timed small fits (0: no bound).")
+@click.option("--halving/--no-halving", default=True, show_default=True,
+              help="Above 4,000 training rows, fit every head on a sample first and move only the best third "
+                   "on to larger samples (successive halving).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Features held in memory, e.g. 4G (default: half the available memory); beyond it heads learn "
+                   "from row chunks of the file or from a sample.")
+@click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="Where the fits run: local threads, or a dask.distributed cluster (--scheduler).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", envvar="FC_DASK_SCHEDULER",
+              help="The Dask scheduler for --backend dask, e.g. tcp://10.0.0.5:8786 (env FC_DASK_SCHEDULER).")
 @_cache_dir
 @_json
 def fit_head(as_json, **options):
     """Fit a grid of heads on CACHE (path, name or key prefix), rank them and save them as a run.
 
     Without --head or --sweep-file a default sweep of heads across several families runs.
-    Heads are selected on val, or by cross-validation on train when there is no val split;
-    test, when the cache has it, is held out. `fc heads` lists the heads and their parameters.
+    Heads are selected on val, or by cross-validation on train when there is no val split
+    (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
+    Progress goes to stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
     """
     from .sweep import fit_head as run_fit_head
 
-    result = call_stage(run_fit_head, as_json, options)
+    result = call_stage(run_fit_head, as_json, options, progress=True)
     if result is None:
         return
     state = "reused" if result.reused else f"{len(result.leaderboard)} heads in {result.seconds:.1f} s"
@@ -533,6 +549,9 @@ def fit_head(as_json, **options):
     _echo_leaderboard(result.leaderboard, result.selection_split, result.final_split, cv)
     for failure in result.failed:
         click.echo(f"not fitted: {failure['head']}: {failure['error']}", err=True)
+    for entry in result.leaderboard:
+        if entry.get("reason") and entry["status"] != "pruned":
+            click.echo(f"{entry['status']}: {entry['head']}: {entry['reason']}", err=True)
     click.echo(f"best: {result.best}")
 
 

@@ -13,20 +13,24 @@ from .metrics import SUMMARY_KEYS
 
 
 def rank_key(entry: dict):
-    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity."""
+    """Heads pruned on a sample after the others; then accuracy on the selection split, log-loss, and
+    the head type's registered simplicity."""
     metrics = entry["metrics"][entry["selection_split"]]
     simplicity = head_type(entry["head"].partition(":")[0]).simplicity
-    return (-entry["selection_accuracy"], metrics["log_loss"], simplicity, entry["head"])
+    return (entry.get("status") == "pruned", -entry["selection_accuracy"], metrics["log_loss"], simplicity,
+            entry["head"])
 
 
-def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float) -> dict:
-    """The leaderboard entry of one fitted head: its spec, parameters, metrics per split and fit time."""
+def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, status: str = "fitted",
+               reason: str = "", rows: int | None = None) -> dict:
+    """The leaderboard entry of one fitted head: its spec, parameters, metrics per split, fit time, and what
+    was fitted: ``status`` (fitted, pruned, subsampled or failed) with its ``reason``, and the training ``rows``."""
     params = {**cfg.to_dict()["params"], "pre": cfg.pre}
     if cfg.class_weight is not None:
         params["class_weight"] = cfg.class_weight
     return {"head": cfg.spec, "params": params, "selection_split": selection,
             "selection_accuracy": metrics[selection]["accuracy"], "metrics": metrics,
-            "fit_seconds": round(seconds, 4)}
+            "fit_seconds": round(seconds, 4), "status": status, "reason": reason, "rows": rows}
 
 
 def csv_rows(leaderboard: list[dict]) -> list[dict]:
@@ -44,7 +48,8 @@ def csv_rows(leaderboard: list[dict]) -> list[dict]:
 
 def selection_note(selection_split: str, final_split: str, cv: int | None = None) -> str:
     """One line saying which numbers chose the head and which, if any, are held out."""
-    chosen = f"{cv}-fold cross-validation on train (cv)" if selection_split == "cv" else selection_split
+    chosen = {"cv": f"{cv}-fold cross-validation on train (cv)",
+              "holdout": "a stratified holdout of train (holdout)"}.get(selection_split, selection_split)
     if final_split != selection_split:
         return f"heads selected on {chosen}; {final_split} is held out: quote its scores"
     return (f"heads selected on {chosen}; there is no test split, so these scores chose the head "
@@ -64,5 +69,7 @@ def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[d
                         f"{final_split} bal_acc": f"{m[final_split]['balanced_accuracy']:.4f}",
                         f"{final_split} macro_f1": f"{m[final_split]['macro_f1']:.4f}"})
         row.update({"train acc": f"{m['train']['accuracy']:.4f}", "fit s": f"{entry['fit_seconds']:.3f}"})
+        if "status" in entry:  # runs of older versions have none
+            row.update({"rows": f"{entry['rows']:,}" if entry["rows"] else "", "status": entry["status"]})
         rows.append(row)
     return rows, list(rows[0]) if rows else []

@@ -7,13 +7,16 @@ Every run lives in a content-addressed directory next to its cache::
         heads/<slug>/head.json  pipeline.skops  [module.safetensors]
 
 The directory is built under a temporary name with ``run.json`` last and then renamed,
-so a complete run is a lookup and an interrupted one is redone. No file holds a pickle:
+so a complete run is a lookup. While a sweep runs, every finished fit is written at once
+(atomically) under ``<run id>.partial/``: a sweep killed at any moment and run again
+reuses those fits and redoes only the others. No file holds a pickle:
 scikit-learn heads are skops files loaded with an allow-list of types, torch heads
 safetensors, and ``run.json`` records the sha256 of every head file, checked on loading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
+import numpy as np
 
 from . import files, store
 from .errors import RunError, suggest
@@ -71,17 +75,22 @@ def _csv_text(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict[str, bytes], record: dict | None) -> dict:
-    """Write one head's folder; return the sha256 of each of its files, by path relative to ``run_dir``."""
+def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict, record: dict | None) -> dict:
+    """Write one head's folder (``blobs``: file name -> bytes, or the path of a finished fit's
+    file); return the sha256 of each of its files, by path relative to ``run_dir``."""
     htype = head_type(cfg.name)
     folder = run_dir / "heads" / slug(entry["head"])
     folder.mkdir(parents=True)
     for name, data in blobs.items():
-        (folder / name).write_bytes(data)
+        if isinstance(data, Path):
+            shutil.copyfile(data, folder / name)
+        else:
+            (folder / name).write_bytes(data)
     head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
                  "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
                  "metrics": entry["metrics"], "selection_split": entry["selection_split"],
-                 "fit_seconds": entry["fit_seconds"]}
+                 "fit_seconds": entry["fit_seconds"],
+                 **{k: entry[k] for k in ("status", "reason", "rows") if k in entry}}
     if record is not None:
         head_meta["estimator"] = record
     files.write_json(folder / HEAD_FILE, head_meta)
@@ -103,6 +112,58 @@ def write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> N
             files.write_json(tmp / RUN_FILE, {**meta, "sha256": sha256})
     except FileExistsError:
         pass  # a concurrent identical run finished first: keep its result
+    shutil.rmtree(partial_dir(run_dir), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- finished fits of a running sweep
+
+
+def partial_dir(run_dir: Path) -> Path:
+    """Where the finished fits of the sweep that will write ``run_dir`` are kept until it is complete."""
+    return run_dir.with_name(run_dir.name + ".partial")
+
+
+def save_fit(run_dir: Path, key: str, specs: list[str], result: list[dict]) -> list[dict]:
+    """Keep one finished fit (a task's per-head results) under the partial run, atomically.
+
+    Per head: ``fit.json`` records the spec, seconds, error or estimator record; the
+    probabilities go to an ``.npz`` file and the head's files beside it. Returns the
+    results with each head's files replaced by their paths (the bytes need not stay in memory).
+    """
+    target = partial_dir(run_dir) / key
+    with contextlib.suppress(FileExistsError), files.atomic_dir(target) as tmp:
+        heads = []
+        for i, (spec, head) in enumerate(zip(specs, result)):
+            heads.append({"spec": spec, **{k: head.get(k) for k in ("seconds", "error", "record")},
+                          "files": sorted(head.get("files") or {})})
+            if "probas" in head:
+                np.savez(tmp / f"probas-{i}.npz", **head["probas"])
+            for name, data in (head.get("files") or {}).items():
+                (tmp / f"{i}-{name}").write_bytes(data)
+        files.write_json(tmp / "fit.json", heads)
+    return _read_fit(target)
+
+
+def _read_fit(folder: Path) -> list[dict]:
+    heads = json.loads((folder / "fit.json").read_text())
+    for i, head in enumerate(heads):
+        if head.get("error") is None:
+            head.pop("error", None)
+            with np.load(folder / f"probas-{i}.npz", allow_pickle=False) as z:
+                head["probas"] = {name: z[name] for name in z.files}
+        head["files"] = {name: folder / f"{i}-{name}" for name in head["files"]} or None
+    return heads
+
+
+def load_fits(run_dir: Path) -> dict[str, list[dict]]:
+    """The finished fits kept under the partial run of ``run_dir``, by key (see :func:`save_fit`)."""
+    root = partial_dir(run_dir)
+    found = {}
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not files.is_temp_name(folder) and (folder / "fit.json").is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                found[folder.name] = _read_fit(folder)
+    return found
 
 
 def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

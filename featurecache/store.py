@@ -366,3 +366,47 @@ def remove(path: str | os.PathLike) -> list[str]:
             p.unlink()
             removed.append(str(p))
     return removed
+
+
+# --------------------------------------------------------------------------- reading in chunks
+
+
+def _split_group(f, path, split: str):
+    if split not in f:
+        raise CacheError(f"{Path(path).name} has no split {split!r}; it has {', '.join(f.keys())}")
+    return f[split]
+
+
+def load_labels(path: str | os.PathLike, split: str) -> np.ndarray:
+    """The labels of one split, without reading its features."""
+    with _open(path) as f:
+        return _split_group(f, path, split)["labels"][...]
+
+
+def _read_sorted(features, rows: np.ndarray, block: int, dtype) -> np.ndarray:
+    """``features[rows]`` for increasing ``rows``, reading spans of at most ``block`` rows at a time."""
+    out = np.empty((len(rows), features.shape[1]), dtype=dtype)
+    start = 0
+    while start < len(rows):
+        first = int(rows[start])
+        stop = int(np.searchsorted(rows, first + block, side="left"))
+        span = features[first:int(rows[stop - 1]) + 1]
+        out[start:stop] = span[rows[start:stop] - first]
+        start = stop
+    return out
+
+
+def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, block: int = 4096) -> np.ndarray:
+    """The features of ``rows`` (row indices, any order; None: all) of one split, read
+    ``block`` rows at a time so that no more than the result and one block are in memory."""
+    with _open(path) as f:
+        features = _split_group(f, path, split)["features"]
+        if rows is None:
+            return features[...].astype(dtype, copy=False)
+        rows = np.asarray(rows, dtype=np.int64)
+        if np.all(rows[1:] >= rows[:-1]):
+            return _read_sorted(features, rows, block, dtype)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), features.shape[1]), dtype=dtype)
+        out[order] = _read_sorted(features, rows[order], block, dtype)
+        return out

@@ -32,36 +32,29 @@ heads along their registered warm path start from their neighbour's solution.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
+import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import joblib
 import numpy as np
 
-from . import files, store
+from . import engine, files, scaling, store
+from .engine import Task
 from .errors import HeadError, suggest
-from .heads import (
-    DEFAULT_SWEEP,
-    HEADS,
-    HeadConfig,
-    dump_head,
-    fit_linear_grid,
-    head_type,
-    make_estimator,
-    parse_grid,
-    thread_limit,
-    threads_per_job,
-)
+from .heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
+from .heads.chunked import can_learn_from_chunks
 from .leaderboard import make_entry, rank_key
 from .metrics import classification_metrics
-from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_run, write_run
+from .progress import Progress
+from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
 
 CLASS_WEIGHTS = ("balanced",)
 
@@ -174,93 +167,7 @@ def _groups(configs: list[HeadConfig]) -> list[tuple[str, tuple[HeadConfig, ...]
     return groups
 
 
-# --------------------------------------------------------------------------- fitting (runs in worker threads)
-
-
-def _fit_single(configs, X, y, seed, device):
-    return [make_estimator(cfg, random_state=seed, device=device).fit(X, y) for cfg in configs]
-
-
-def _fit_linear_batch(configs, X, y, seed, device):
-    return fit_linear_grid(X, y, configs, random_state=seed, device=device)
-
-
-def _fit_warm_path(configs, X, y, seed, device):
-    """Fit along the path, each head starting from the previous head's solution."""
-    fitted, previous = [], None
-    for cfg in configs:
-        model = make_estimator(cfg, random_state=seed, device=device)
-        if previous is not None:
-            target = {**model.named_steps["head"].get_params(deep=False), "warm_start": True}
-            model = copy.deepcopy(previous)
-            model.named_steps["head"].set_params(**target)
-        model.fit(X, y)
-        model.named_steps["head"].set_params(warm_start=False)  # a later refit starts cold
-        fitted.append(model)
-        previous = model
-    return fitted
-
-
-FITTERS = {"single": _fit_single, "linear-batch": _fit_linear_batch, "warm-path": _fit_warm_path}
-
-
-def _proba(model, X, n_classes: int) -> np.ndarray:
-    """Probabilities with one column per class of the cache, also for classes the fit never saw."""
-    out = np.zeros((len(X), n_classes))
-    if len(X):
-        out[:, np.asarray(model.classes_, dtype=np.int64)] = model.predict_proba(X)
-    return out
-
-
-@dataclass(eq=False)
-class _Task:
-    """One fit: a group of heads on all of train (``fit_rows`` None) or on one CV fold."""
-
-    fitter: str
-    configs: tuple
-    fit_rows: np.ndarray | None
-    evals: dict  # name -> (split, rows or None): where to predict
-    keep: bool  # return the fitted models (the final fits, not the folds)
-
-
-def _run_task(task: _Task, data, n_classes, seed, device):
-    """Fit one group; return seconds per head, probabilities on ``task.evals`` and the models.
-
-    A head that cannot be fitted on these data (more PCA components than rows, more
-    neighbours than samples, ...) does not stop the sweep: the error comes back as a
-    string in place of the probabilities and the models.
-    """
-    X, y = data["train"]
-    if task.fit_rows is not None:
-        X, y = X[task.fit_rows], y[task.fit_rows]
-    start = time.perf_counter()
-    try:
-        models = FITTERS[task.fitter](task.configs, X, y, seed, device)
-        probas = [{name: _proba(model, data[split][0] if rows is None else data[split][0][rows], n_classes)
-                   for name, (split, rows) in task.evals.items()} for model in models]
-    except (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError) as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return (time.perf_counter() - start) / len(task.configs), reason, None
-    seconds = (time.perf_counter() - start) / len(task.configs)
-    return seconds, probas, models if task.keep else None
-
-
-def _run_lane(lane: list[_Task], data, n_classes, seed, device, threads):
-    with thread_limit(threads):  # this worker thread's OpenMP pools too
-        return [_run_task(task, data, n_classes, seed, device) for task in lane]
-
-
-def _lanes(tasks: list[_Task]) -> list[list[_Task]]:
-    """Torch heads in one lane, in order: they draw from torch's process-wide generator
-    (initialization, dropout), so running two at once would make them depend on timing.
-    Every other fit is a lane of its own; the costly ones (by their registered cost) go first."""
-    torch_lane = [t for t in tasks if head_type(t.configs[0].name).kind == "torch"]
-    others = [t for t in tasks if head_type(t.configs[0].name).kind != "torch"]
-    others.sort(key=lambda t: -head_type(t.configs[0].name).cost)
-    return ([torch_lane] if torch_lane else []) + [[t] for t in others]
-
-
-# --------------------------------------------------------------------------- the sweep
+# --------------------------------------------------------------------------- the plan
 
 
 def _check_split(name: str, y: np.ndarray, classes: list[str], purpose: str) -> None:
@@ -284,12 +191,6 @@ def _cv_folds(y: np.ndarray, cv: int, seed: int, classes: list[str]) -> list[tup
     return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def _run_id(cache: Path, key: str, specs: list[str], seed: int, cv: int, class_weight) -> str:
-    payload = json.dumps({"cache_key": key, "heads": sorted(specs), "seed": seed, "cv": cv,
-                          "class_weight": class_weight, "format": RUN_FORMAT}, sort_keys=True)
-    return f"{cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
 @dataclass
 class _Plan:
     """What one sweep fits, on which cache, how it selects, and where its run goes."""
@@ -297,12 +198,16 @@ class _Plan:
     cache: Path
     meta: dict  # store.info of the cache
     configs: list[HeadConfig]
-    selection: str  # "val" or "cv"
+    selection: str  # "val", "cv" or "holdout"
     final: str
     cv: int | None  # folds, when selecting by cross-validation
     seed: int
     class_weight: str | None
     run_dir: Path
+    budget: float | None = None
+    halving: bool = True
+    memory: int = 0  # bytes of features a sweep may hold (max_memory)
+    rungs: list = field(default_factory=list)  # rows and heads of each rung, for run.json
 
     @property
     def classes(self) -> list[str]:
@@ -312,8 +217,34 @@ class _Plan:
     def splits(self) -> list[str]:
         return list(self.meta["splits"])
 
+    @property
+    def large(self) -> bool:
+        """More training rows than :data:`scaling.LARGE_ROWS`: rungs, a holdout, the budget."""
+        return self.meta["splits"]["train"]["n"] > scaling.LARGE_ROWS
 
-def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir) -> _Plan:
+    def bytes(self, split: str) -> int:
+        return self.meta["splits"][split]["n"] * self.meta["splits"][split]["dim"] * 4
+
+
+def _run_id(plan: _Plan) -> str:
+    fields = {"cache_key": plan.meta["key"], "heads": sorted(c.spec for c in plan.configs), "seed": plan.seed,
+              "cv": plan.cv, "class_weight": plan.class_weight, "format": RUN_FORMAT}
+    if plan.large:  # these change what is fitted only on many rows
+        fields.update(budget=plan.budget, halving=plan.halving)
+        if plan.bytes("train") > plan.memory:
+            fields["memory"] = plan.memory
+    payload = json.dumps(fields, sort_keys=True)
+    return f"{plan.cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def _selection(meta: dict) -> str:
+    if "val" in meta["splits"]:
+        return "val"
+    return "holdout" if meta["splits"]["train"]["n"] > scaling.LARGE_ROWS else "cv"
+
+
+def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, budget, halving,
+          max_memory) -> _Plan:
     """Check the inputs and decide the grid, the selection and the run directory."""
     from .runtime import resolve_device
 
@@ -325,11 +256,12 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
         raise HeadError(f"jobs must be a positive integer, got {jobs!r}")
     if "train" not in meta["splits"]:
         raise HeadError(f"{path.name} has no train split (it has {', '.join(meta['splits'])})")
-    selection = "val" if "val" in meta["splits"] else "cv"
+    selection = _selection(meta)
     final = "test" if "test" in meta["splits"] else selection
-    folds = cv if selection == "cv" else None
-    run_id = _run_id(path, meta["key"], [c.spec for c in configs], seed, folds, class_weight)
-    return _Plan(path, meta, configs, selection, final, folds, seed, class_weight, path.parent / RUNS / run_id)
+    plan = _Plan(path, meta, configs, selection, final, cv if selection == "cv" else None, seed, class_weight,
+                 path, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory))
+    plan.run_dir = path.parent / RUNS / _run_id(plan)
+    return plan
 
 
 def _reused(plan: _Plan, started: float) -> SweepResult | None:
@@ -341,103 +273,348 @@ def _reused(plan: _Plan, started: float) -> SweepResult | None:
                        run.meta["final_split"], True, time.perf_counter() - started, run.meta.get("failed", []))
 
 
-def _read_features(plan: _Plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``split -> (X, y)`` of every split, checked for what fitting and selection need."""
-    data = {s: store.load_features(plan.cache, s)[:2] for s in plan.splits}
-    _check_split("train", data["train"][1], plan.classes, "fitting a head")
+# --------------------------------------------------------------------------- the rows
+
+
+def _in_memory(plan: _Plan) -> dict:
+    """``split -> features`` of the splits that fit in ``plan.memory`` together (smallest first), else None."""
+    held, used = {}, 0
+    for split in sorted(plan.splits, key=plan.bytes):
+        fits = used + plan.bytes(split) <= plan.memory
+        held[split] = store.read_rows(plan.cache, split) if fits else None
+        used += plan.bytes(split) if fits else 0
+    return held
+
+
+def _read_data(plan: _Plan) -> engine.SweepData:
+    """Labels of every split and the features that fit in memory, checked for what fitting and selection need."""
+    labels = {s: store.load_labels(plan.cache, s) for s in plan.splits}
+    _check_split("train", labels["train"], plan.classes, "fitting a head")
     if plan.selection == "val":
-        _check_split("val", data["val"][1], plan.classes, "selecting a head")
-    return data
+        _check_split("val", labels["val"], plan.classes, "selecting a head")
+    row_bytes = 4 * plan.meta["splits"]["train"]["dim"]
+    chunk_rows = int(min(65536, max(256, plan.memory // (8 * row_bytes))))
+    row_cap = max(scaling.FIRST_RUNG_ROWS, plan.memory // (scaling.WORKING_COPIES * row_bytes))
+    return engine.SweepData(plan.cache, labels, plan.meta["splits"]["train"]["dim"], _in_memory(plan),
+                            chunk_rows, row_cap)
 
 
-def _tasks(plan: _Plan, data: dict) -> list[_Task]:
-    """Every group of heads fitted on all of train (kept), and on each CV fold when selecting by CV."""
-    everything = {s: (s, None) for s in plan.splits}
-    folds = _cv_folds(data["train"][1], plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
+@dataclass
+class _Rows:
+    """Which training rows the heads learn from and where they are scored."""
+
+    pool: np.ndarray  # train rows heads may learn from (all of train, or train less the holdout)
+    order: np.ndarray  # the pool in a stratified order: every prefix is a stratified sample
+    evals: dict  # name -> (split, rows or None): selection, final and other splits, a sample of train
+    folds: list  # (fit rows, out-of-fold rows) when selecting by cross-validation
+    everything: bool  # the pool is all of train
+
+    def labels(self, data: engine.SweepData) -> dict:
+        """The labels of every evaluation (``cv``: all of train, predicted out of fold)."""
+        out = {name: data.labels[split] if rows is None else data.labels[split][rows]
+               for name, (split, rows) in self.evals.items()}
+        return out | ({"cv": data.labels["train"]} if self.folds else {})
+
+    def sample(self, n: int) -> np.ndarray | None:
+        """The first ``n`` rows of the stratified order, sorted; None for all of train."""
+        return None if n >= len(self.order) and self.everything else np.sort(self.order[:n])
+
+
+def _rows(plan: _Plan, data: engine.SweepData) -> _Rows:
+    """The pool, its stratified order, the evaluation rows and the folds. On many rows, train
+    metrics come from the first rung's rows, which every head learnt from."""
+    y = data.labels["train"]
+    if plan.selection == "holdout":
+        pool, held = scaling.holdout_split(y, plan.seed)
+        _check_split("holdout", y[held], plan.classes, "selecting a head")
+    else:
+        pool, held = np.arange(len(y)), None
+    order = pool[scaling.stratified_order(y[pool], plan.seed)]
+    evals = {"holdout": ("train", held)} if held is not None else {}
+    evals.update({s: (s, None) for s in plan.splits if s != "train"})
+    evals["train"] = ("train", np.sort(order[:scaling.FIRST_RUNG_ROWS]) if plan.large else None)
+    folds = _cv_folds(y, plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
+    return _Rows(pool, order, evals, folds, held is None)
+
+
+# --------------------------------------------------------------------------- the fits of one rung
+
+
+def _key(fitter: str, configs, rows: np.ndarray | None, evals: dict, seed: int) -> str:
+    digest = hashlib.sha256(b"all" if rows is None else np.ascontiguousarray(rows).tobytes())
+    payload = json.dumps({"fitter": fitter, "heads": [c.spec for c in configs], "rows": digest.hexdigest(),
+                          "evals": sorted(evals), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _fit_rows(state: scaling.HeadState, rung: scaling.Rung, rows: _Rows, data: engine.SweepData):
+    """``(fitter route, rows)`` of one head at one rung: its sample, in memory or in chunks from the file."""
+    n = min(rung.rows, state.cap or rung.rows, len(rows.order))
+    if n > data.row_cap and data.features.get("train") is None and not can_learn_from_chunks(state.form):
+        n = data.row_cap
+        state.status, state.reason = "subsampled", (
+            f"the features of train exceed max_memory: fitted on a stratified sample of {n:,} rows")
+    route = "chunked" if n > data.row_cap and data.features.get("train") is None else "memory"
+    return route, rows.sample(n)
+
+
+def _tasks(states: list[scaling.HeadState], rung: scaling.Rung, rows: _Rows, data, seed: int) -> list[Task]:
+    """The fits of one rung: heads on the same rows grouped (batched linear heads, warm paths); with
+    cross-validation, each group on every fold too."""
+    by_rows: dict[tuple, list] = {}
+    for state in states:
+        route, fit_rows = _fit_rows(state, rung, rows, data)
+        by_rows.setdefault((route, -1 if fit_rows is None else len(fit_rows)), [fit_rows, []])[1].append(state.form)
     tasks = []
-    for fitter, group in _groups(plan.configs):
-        tasks.append(_Task(fitter, group, None, everything, True))
-        tasks += [_Task(fitter, group, fit_rows, {"cv": ("train", rows)}, False) for fit_rows, rows in folds]
+    for (route, _), (fit_rows, configs) in by_rows.items():
+        groups = [("chunked", (c,)) for c in configs] if route == "chunked" else _groups(configs)
+        for fitter, group in groups:
+            n = len(rows.pool) if fit_rows is None else len(fit_rows)
+            tasks.append(Task(fitter, group, fit_rows, rows.evals, True,
+                              _key(fitter, group, fit_rows, rows.evals, seed), f"{n:,} rows"))
+            for i, (fold_rows, oof) in enumerate(rows.folds):
+                evals = {"cv": ("train", oof)}
+                tasks.append(Task(fitter, group, fold_rows, evals, False, _key(fitter, group, fold_rows, evals, seed),
+                                  f"fold {i + 1}/{len(rows.folds)}"))
     return tasks
+
+
+# --------------------------------------------------------------------------- what the fits gave
 
 
 @dataclass
 class _Outcome:
-    """What the fits gave, per head spec."""
+    """What the fits gave, per head spec (the spec fitted: a stand-in's own)."""
 
     seconds: dict
     probas: dict  # spec -> split -> N x C probabilities (``cv``: out of fold)
-    models: dict  # spec -> fitted pipeline (the fit on all of train)
+    files: dict  # spec -> (config, {file name: path}, estimator record)
+    status: dict = field(default_factory=dict)  # spec -> (status, reason, rows)
     failed: dict = field(default_factory=dict)  # spec -> why it could not be fitted or saved
 
-    def add(self, task: _Task, result, n_train: int, n_classes: int) -> None:
-        """Record one task's ``(seconds per head, probabilities or an error, models)``."""
-        task_seconds, task_probas, task_models = result
-        for i, cfg in enumerate(task.configs):
-            self.seconds[cfg.spec] += task_seconds
-            if isinstance(task_probas, str):
-                self.failed.setdefault(cfg.spec, task_probas)
-                continue
-            for name, proba in task_probas[i].items():
-                if name == "cv":
-                    oof = self.probas[cfg.spec].setdefault("cv", np.zeros((n_train, n_classes)))
-                    oof[task.evals["cv"][1]] = proba
-                else:
-                    self.probas[cfg.spec][name] = proba
-            if task.keep:
-                self.models[cfg.spec] = task_models[i]
+
+class _Recorder:
+    """Takes each fit's result as it arrives: keeps it under the partial run and updates the heads' states."""
+
+    def __init__(self, plan: _Plan, states: list[scaling.HeadState], rows: _Rows, progress: Progress):
+        self.plan, self.rows, self.progress = plan, rows, progress
+        self.by_form = {s.form.spec: s for s in states}
+        self.kept = load_fits(plan.run_dir)
+        self.oof: dict[str, np.ndarray] = {}
+        self.errors: dict[str, str] = {}
+
+    def start_rung(self, states: list[scaling.HeadState]) -> None:
+        self.by_form = {s.form.spec: s for s in states}
+        self.errors = {}
+
+    def reuse(self, tasks: list[Task]) -> list[Task]:
+        """Record the tasks a killed run finished; return the others."""
+        todo = []
+        for task in tasks:
+            if task.key in self.kept:
+                self.add(task, self.kept[task.key], saved=True)
+            else:
+                todo.append(task)
+        return todo
+
+    def add(self, task: Task, result: list[dict], saved: bool = False) -> None:
+        if not saved:
+            result = save_fit(self.plan.run_dir, task.key, [c.spec for c in task.configs], result)
+        n_rows = len(self.rows.pool) if task.fit_rows is None else len(task.fit_rows)
+        for cfg, head in zip(task.configs, result):
+            state = self.by_form[cfg.spec]
+            state.seconds += head["seconds"]
+            if "error" in head:
+                self.errors.setdefault(cfg.spec, head["error"])
+            elif "cv" in head["probas"]:
+                oof = self.oof.setdefault(cfg.spec, np.zeros((len(self.rows.pool), len(self.plan.classes))))
+                oof[task.evals["cv"][1]] = head["probas"]["cv"]
+            else:
+                state.result, state.fitted, state.rows = head, cfg, n_rows
+                state.cost = (n_rows, head["seconds"])
+        self.progress.update(len(task.configs), current=task.configs[-1].spec)
+
+    def finish_rung(self, states: list[scaling.HeadState]) -> list[scaling.HeadState]:
+        """The heads that got a result at this rung; the others failed (kept with an earlier result)."""
+        ok = []
+        for state in states:
+            error = self.errors.get(state.form.spec)
+            if error is None:
+                if state.form.spec in self.oof:
+                    state.result["probas"]["cv"] = self.oof[state.form.spec]
+                ok.append(state)
+            else:  # kept with the result of an earlier rung, if it has one
+                state.status, state.reason = "failed", error
+        return ok
 
 
-def _run_tasks(plan: _Plan, data: dict, tasks: list[_Task], jobs, device, progress: bool) -> _Outcome:
-    """Run the tasks in ``jobs`` worker threads, one lane each, and gather their outcome."""
-    from tqdm import tqdm
+def _rung_key(plan: _Plan, labels: dict):
+    """A sort key of a head's state at a rung: accuracy on the selection rows, then log-loss, simplicity, spec."""
+    y = labels[plan.selection]
 
-    from .runtime import usable_cores
+    def key(state: scaling.HeadState):
+        proba = state.result["probas"][plan.selection]
+        accuracy = float((proba.argmax(axis=1) == y).mean())
+        loss = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, None)).mean())
+        return (-accuracy, loss, head_type(state.form.name).simplicity, state.form.spec)
 
-    lanes = _lanes(tasks)
-    n_jobs = min(jobs or usable_cores(), len(lanes))
-    threads = threads_per_job(n_jobs)
-    n_train, n_classes = len(data["train"][1]), len(plan.classes)
-    outcome = _Outcome({c.spec: 0.0 for c in plan.configs}, {c.spec: {} for c in plan.configs}, {})
-    calls = (joblib.delayed(_run_lane)(lane, data, n_classes, plan.seed, device, threads) for lane in lanes)
-    with (tqdm(total=len(tasks), desc=f"fitting {len(plan.configs)} heads", unit="fit", leave=False,
-               disable=not progress) as bar,
-          thread_limit(threads)):  # the BLAS pools and torch are process-wide: cap them for all workers
-        results = joblib.Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(calls)
-        for lane, lane_results in zip(lanes, results):
-            for task, result in zip(lane, lane_results):
-                outcome.add(task, result, n_train, n_classes)
-            bar.update(len(lane))
+    return key
+
+
+# --------------------------------------------------------------------------- the rungs
+
+
+@dataclass
+class _Sweep:
+    """One sweep in progress: its plan, rows, engine, heads and the clock of its budget."""
+
+    plan: _Plan
+    data: engine.SweepData
+    rows: _Rows
+    engine: object
+    rungs: list
+    states: list
+    recorder: _Recorder
+    started: float
+    device: str
+    echo: bool
+
+    def run_rung(self, rung: scaling.Rung, alive: list) -> list:
+        """Fit ``alive`` heads at ``rung``; return those that got a result."""
+        self.recorder.start_rung(alive)
+        tasks = _tasks(alive, rung, self.rows, self.data, self.plan.seed)
+        todo = self.recorder.reuse(tasks)
+        self.recorder.progress.set_current(f"rung {rung.index + 1}/{len(self.rungs)}, {rung.rows:,} rows")
+        self.engine.run(todo, self.data, len(self.plan.classes), self.plan.seed, self.device, self.recorder.add,
+                        lambda task: self.recorder.progress.set_current(f"{task.configs[0].spec} ({task.label})"))
+        return self.recorder.finish_rung(alive)
+
+    def fit_within_budget(self, alive: list, rung_index: int) -> None:
+        """Stand-ins and row caps so that the rungs still to come fit in what is left of the budget."""
+        if self.plan.budget is None:
+            return
+        rest = self.rungs[rung_index:]
+        left = self.plan.budget - (time.perf_counter() - self.started)
+        final_share = scaling.shares(left, self.engine.cores, rest, [r.keep for r in rest])[-1]
+        taken = {s.form.spec for s in self.states}
+        for state in alive:
+            scaling.fit_within(state, rest[-1].rows, final_share, taken)
+
+    def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
+        for place, state in enumerate(ranked[keep:], keep + 1):
+            state.status = "pruned"
+            state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): ranked "
+                            f"{place} of {len(ranked)} on {self.plan.selection}; {keep} moved on")
+        return ranked[:keep]
+
+    def run(self) -> None:
+        alive, key = list(self.states), _rung_key(self.plan, self.rows.labels(self.data))
+        for rung in self.rungs:
+            if rung.index:
+                self.fit_within_budget(alive, rung.index)
+                if rung.index == 1 and self.echo:
+                    _echo_estimates(self, alive)
+            ranked = sorted(self.run_rung(rung, alive), key=key)
+            following = self.rungs[rung.index + 1] if rung.index + 1 < len(self.rungs) else None
+            alive = self.prune(ranked, rung, following.keep) if following else ranked
+
+
+def _echo_plan(sweep: _Sweep) -> None:
+    plan, rows = sweep.plan, sweep.rows
+    budget = "no budget" if plan.budget is None else f"budget {plan.budget:.0f} s on {sweep.engine.cores} cores"
+    print(f"fit-head: {len(plan.configs)} heads on {len(rows.pool):,} training rows x "
+          f"{plan.meta['splits']['train']['dim']:,} features, selected on {plan.selection}; {budget}",
+          file=sys.stderr)
+    if len(sweep.rungs) > 1:
+        steps = ", ".join(f"{r.keep} heads on {r.rows:,} rows" for r in sweep.rungs)
+        print(f"fit-head: rungs: {steps}", file=sys.stderr)
+
+
+def _echo_estimates(sweep: _Sweep, alive: list) -> None:
+    """The plan after the first rung's timed fits: each head's estimate on all rows, and what it becomes."""
+    final = sweep.rungs[-1].rows
+    for state in sorted(alive, key=lambda s: -(s.estimate(final) or 0.0)):
+        estimate = state.estimate(final)
+        what = f"estimated {estimate:,.1f} s on {final:,} rows" if estimate is not None else "not timed yet"
+        print(f"fit-head:   {state.requested.spec}: {what}{'; ' + state.reason if state.reason else ''}",
+              file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _heartbeat(progress: Progress):
+    """A log line at least every ``progress.every`` seconds while fits run, also when none finishes."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(1.0):
+            if progress.enabled and progress.bar is None and time.monotonic() - progress.last >= progress.every:
+                progress.log()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _outcome(states: list[scaling.HeadState], failed: dict) -> _Outcome:
+    """The results of the heads that have one, under the spec each was last fitted as."""
+    outcome = _Outcome({}, {}, {}, failed=failed)
+    for state in states:
+        if state.result is None:
+            outcome.failed[state.form.spec] = state.reason
+            continue
+        spec = state.fitted.spec
+        files = state.result.get("files")
+        if files is None:  # a head whose files could not be saved safely
+            outcome.failed[spec] = state.result.get("error", "not saved")
+            continue
+        outcome.seconds[spec], outcome.probas[spec] = state.seconds, state.result["probas"]
+        outcome.files[spec] = (state.fitted, files, state.result.get("record"))
+        status = "subsampled" if state.status == "fitted" and state.cap else state.status
+        outcome.status[spec] = (status, state.reason, state.rows)
+    if not outcome.files:
+        spec, reason = next(iter(outcome.failed.items()))
+        raise HeadError(f"no head could be fitted; {spec}: {reason}")
     return outcome
 
 
-def _dump_heads(plan: _Plan, outcome: _Outcome) -> dict:
-    """``spec -> (config, {file: bytes}, estimator record)`` of every fitted head; a head whose
-    files could not be loaded safely joins ``outcome.failed`` instead."""
-    dumped = {}
-    for cfg in plan.configs:
-        if cfg.spec in outcome.failed:
-            continue
-        try:
-            dumped[cfg.spec] = (cfg, *dump_head(outcome.models[cfg.spec], cfg))
-        except HeadError as exc:
-            outcome.failed[cfg.spec] = str(exc)
-    if not dumped:
-        spec, reason = next(iter(outcome.failed.items()))
-        raise HeadError(f"no head could be fitted on {plan.cache.name}; {spec}: {reason}")
-    return dumped
+def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool, started: float, backend: str,
+               scheduler) -> tuple[_Outcome, dict]:
+    """Fit the heads rung by rung on the chosen engine; what each head gave, and the labels of every evaluation."""
+    states = [scaling.HeadState(cfg, cfg) for cfg in plan.configs]
+    rows = _rows(plan, data)
+    rung_list = scaling.rungs(len(rows.pool), len(states), plan.halving, plan.budget) if plan.large else \
+        [scaling.Rung(0, len(rows.pool), len(states))]
+    plan.rungs = [{"rows": r.rows, "heads": r.keep} for r in rung_list]
+    fits = sum(r.keep for r in rung_list) * (1 + len(rows.folds))
+    runner = engine.open_engine(backend, scheduler, jobs)
+    try:
+        with Progress(fits, "fit-head", unit="fits", enabled=progress) as bar, _heartbeat(bar):
+            sweep = _Sweep(plan, data, rows, runner, rung_list, states, _Recorder(plan, states, rows, bar),
+                           started, device, progress)
+            if progress and plan.large:
+                _echo_plan(sweep)
+            sweep.run()
+    finally:
+        runner.close()
+    return _outcome(states, {}), rows.labels(data)
 
 
-def _rank(plan: _Plan, data: dict, outcome: _Outcome, specs) -> list[dict]:
-    """Leaderboard entries of ``specs``, best first, with metrics on every split (selection first)."""
-    labels = {s: data[s][1] for s in plan.splits} | {"cv": data["train"][1]}
+def _rank(plan: _Plan, labels: dict, outcome: _Outcome, specs) -> list[dict]:
+    """Leaderboard entries of ``specs``, best first, with metrics on every split (selection first);
+    ``labels`` are those of every evaluation: splits, ``cv`` or ``holdout``."""
     order = [plan.selection, *([plan.final] if plan.final != plan.selection else []),
-             *(s for s in plan.splits if s not in (plan.selection, plan.final))]
+             *(s for s in labels if s not in (plan.selection, plan.final))]
     entries = []
-    for cfg in plan.configs:
-        if cfg.spec in specs:
-            metrics = {s: classification_metrics(labels[s], outcome.probas[cfg.spec][s], plan.classes) for s in order}
-            entries.append(make_entry(cfg, metrics, plan.selection, outcome.seconds[cfg.spec]))
+    for spec in specs:
+        cfg = outcome.files[spec][0]
+        metrics = {s: classification_metrics(labels[s], outcome.probas[spec][s], plan.classes) for s in order}
+        status, reason, rows = outcome.status[spec]
+        entries.append(make_entry(cfg, metrics, plan.selection, outcome.seconds[spec], status=status, reason=reason,
+                                  rows=rows))
     return sorted(entries, key=rank_key)
 
 
@@ -446,7 +623,8 @@ def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) ->
         "format": RUN_FORMAT, "run_id": plan.run_dir.name, "cache": str(plan.cache),
         "cache_key": plan.meta["key"], "classes": plan.classes, "config": plan.meta["config"],
         "selection_split": plan.selection, "final_split": plan.final, "seed": plan.seed, "cv": plan.cv,
-        "class_weight": plan.class_weight, "heads": [e["head"] for e in entries], "best": entries[0]["head"],
+        "class_weight": plan.class_weight, "budget": plan.budget, "halving": plan.halving, "rungs": plan.rungs,
+        "heads": [e["head"] for e in entries], "best": entries[0]["head"],
         "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
         "seconds": round(time.perf_counter() - started, 3),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -463,6 +641,11 @@ def fit_head(
     class_weight: str | None = None,
     cv: int = 5,
     device: str = "auto",
+    budget: float | None = scaling.DEFAULT_BUDGET,
+    halving: bool = True,
+    max_memory: str | None = None,
+    backend: str = "local",
+    scheduler: str | None = None,
     cache_dir: str | None = None,
     progress: bool = False,
 ) -> SweepResult:
@@ -473,21 +656,31 @@ def fit_head(
     the default sweep runs. ``jobs`` worker threads fit heads in parallel (default: the
     usable cores), each with its share of the BLAS, OpenMP and torch threads; torch heads
     run one after another in one of them. Selection is on ``val`` when the
-    cache has it, else ``cv``-fold stratified cross-validation on ``train``.
-    ``class_weight="balanced"`` weights every head that supports it. The same inputs
-    and ``seed`` give the same leaderboard; rerunning them returns the saved run.
+    cache has it, else ``cv``-fold stratified cross-validation on ``train`` (above
+    4,000 training rows: one stratified holdout of train, ``holdout``).
+    ``class_weight="balanced"`` weights every head that supports it.
+
+    Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head
+    is fitted on a stratified sample first and only the best third moves on to larger
+    ones; ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and
+    row samples chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default
+    half the available memory) bounds the features held: beyond it heads learn from
+    row chunks of the file or from a sample. ``backend="dask"`` runs the fits on the
+    ``dask.distributed`` scheduler at ``scheduler`` (or $FC_DASK_SCHEDULER).
+    The same inputs and ``seed`` give the same leaderboard; rerunning them returns the
+    saved run, and a sweep killed midway reuses the fits it finished.
     """
     started = time.perf_counter()
-    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir)
+    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, budget, halving,
+                 max_memory)
     reused = _reused(plan, started)
     if reused is not None:
         return reused
-    data = _read_features(plan)
-    outcome = _run_tasks(plan, data, _tasks(plan, data), jobs, device, progress)
-    dumped = _dump_heads(plan, outcome)
-    entries = _rank(plan, data, outcome, dumped)
+    data = _read_data(plan)
+    outcome, labels = _run_sweep(plan, data, jobs, device, progress, started, backend, scheduler)
+    entries = _rank(plan, labels, outcome, outcome.files)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
-    write_run(plan.run_dir, run_meta, entries, dumped)
+    write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
                        time.perf_counter() - started, run_meta["failed"])
 

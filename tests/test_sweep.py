@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 
 import featurecache
-from featurecache import runs, store, sweep
+from featurecache import engine, runs, store, sweep
 from featurecache.errors import HeadError, RunError
 from featurecache.heads import make_estimator, parse_grid
 from featurecache.metrics import classification_metrics
@@ -25,7 +25,8 @@ GRID = (
     "linear:lr=0.01,0.1;weight_decay=0,0.001;epochs=10;pre=standardize",
     "mlp:hidden=32;epochs=10;pre=standardize",
 )
-ENTRY_KEYS = {"head", "params", "selection_split", "selection_accuracy", "metrics", "fit_seconds"}
+ENTRY_KEYS = {"head", "params", "selection_split", "selection_accuracy", "metrics", "fit_seconds", "status", "reason",
+              "rows"}
 
 
 def digits_cache(folder: Path, sizes=(("train", 300), ("val", 150), ("test", 150)), name="digits", seed=0,
@@ -173,7 +174,7 @@ def test_parallel_jobs_give_the_serial_leaderboard(tmp_path):
 
 def test_rerun_is_a_lookup(cache, monkeypatch):
     first = featurecache.fit_head(cache, head=("knn", "logreg:C=1"), jobs=1)
-    monkeypatch.setitem(sweep.FITTERS, "single", None)  # any fit now would fail
+    monkeypatch.setitem(engine.FITTERS, "single", None)  # any fit now would fail
     again = featurecache.fit_head(cache, head=("logreg:C=1", "knn"), jobs=1)  # order does not matter
     assert again.reused and again.run_dir == first.run_dir and again.leaderboard == first.leaderboard
     monkeypatch.undo()
@@ -182,13 +183,13 @@ def test_rerun_is_a_lookup(cache, monkeypatch):
 
 def test_linear_grid_trains_in_one_batched_call(cache, monkeypatch):
     calls = []
-    real = sweep.fit_linear_grid
+    real = engine.fit_linear_grid
 
     def spy(X, y, configs, **kwargs):
         calls.append([c.spec for c in configs])
         return real(X, y, configs, **kwargs)
 
-    monkeypatch.setattr(sweep, "fit_linear_grid", spy)
+    monkeypatch.setattr(engine, "fit_linear_grid", spy)
     res = featurecache.fit_head(cache, head=("linear:lr=0.01,0.1;weight_decay=0,0.01;epochs=5", "knn"), jobs=1)
     assert len(calls) == 1 and len(calls[0]) == 4
     assert sum(e["head"].startswith("linear:") for e in res.leaderboard) == 4
@@ -468,13 +469,13 @@ def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch
     register("extra-trees", extra_trees, family="trees", warm_path="n_estimators", cost=3,
              trusted=["sklearn.tree._tree.Tree"])
     paths = []
-    real = sweep.FITTERS["warm-path"]
+    real = engine.FITTERS["warm-path"]
 
     def spy(configs, *args):
         paths.append([c.spec for c in configs])
         return real(configs, *args)
 
-    monkeypatch.setitem(sweep.FITTERS, "warm-path", spy)
+    monkeypatch.setitem(engine.FITTERS, "warm-path", spy)
     res = featurecache.fit_head(cache, head=("extra-trees:n_estimators=20,10", "knn"), jobs=1)
     assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
     assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}

@@ -24,7 +24,7 @@ from ..runtime import resolve_device
 from .preprocessing import make_pre
 from .registry import HeadConfig, make_estimator
 from .threads import thread_limit
-from .torch_heads import encode_targets, train_linear_heads
+from .torch_heads import ArrayRows, encode_targets, train_linear_heads
 
 
 def fit_linear_grid(X, y, configs, random_state: int = 0, device="auto") -> list[Pipeline]:
@@ -49,7 +49,7 @@ def fit_linear_grid(X, y, configs, random_state: int = 0, device="auto") -> list
         pre = make_pre(cfg_pre, random_state)
         Xt = X if pre == "passthrough" else pre.fit_transform(X)
         heads = [pipeline.named_steps["head"] for _, pipeline in members]
-        trained = train_linear_heads(Xt, y_encoded, classes, [h.lr for h in heads],
+        trained = train_linear_heads(ArrayRows(Xt, y_encoded), classes, [h.lr for h in heads],
                                      [h.weight_decay for h in heads], epochs=epochs, batch_size=batch_size,
                                      class_weight=class_weight, random_state=random_state, device=device)
         for (i, _), head, (weight, bias) in zip(members, heads, trained):

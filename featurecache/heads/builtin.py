@@ -12,27 +12,74 @@ from __future__ import annotations
 
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
 
-from .convert import decision_softmax_module, logreg_module, torch_module
-from .registry import register_head, type_name
-from .sklearn_heads import DecisionSoftmaxClassifier, SoftmaxNearestCentroid
+from .chunked import centroid_chunks, sgd_chunks, torch_chunks
+from .convert import coef_module, decision_softmax_module, kernel_map_module, logreg_module, torch_module
+from .registry import HeadConfig, head_type, register_head, type_name
+from .sklearn_heads import DecisionSoftmaxClassifier, KernelMapClassifier, SoftmaxNearestCentroid
 from .torch_heads import TorchLinearClassifier, TorchMLPClassifier
 
-register_head("linear", TorchLinearClassifier, family="linear", kind="torch", simplicity=1, to_module=torch_module)
-register_head("mlp", TorchMLPClassifier, family="mlp", kind="torch", simplicity=3, to_module=torch_module)
+# --------------------------------------------------------------------------- stand-ins
 
 
-@register_head("logreg", family="linear", simplicity=1, warm_path="C", to_module=logreg_module)
+def _scaled(cfg: HeadConfig, param: str, shrink: float, floor: int) -> HeadConfig | None:
+    """``cfg`` with the integer ``param`` (passes, trees, components) scaled by ``shrink``, at least ``floor``."""
+    now = cfg.params.get(param, head_type(cfg.name).defaults[param])
+    new = max(floor, int(now * shrink))
+    return HeadConfig(cfg.name, {**cfg.params, param: new}, cfg.pre, cfg.class_weight) if new < now else None
+
+
+def _fewer_epochs(cfg, shrink):
+    return _scaled(cfg, "epochs", shrink, 3)
+
+
+def _fewer_iterations(cfg, shrink):
+    return _scaled(cfg, "max_iter", shrink, 20)
+
+
+def _fewer_components(cfg, shrink):
+    return _scaled(cfg, "n_components", shrink, 100)
+
+
+def _kernel_map(cfg, shrink):
+    """An RBF SVM becomes an RBF kernel map plus a linear model, with the same C and gamma."""
+    params = {k: v for k, v in cfg.params.items() if k in ("C", "gamma")}
+    return HeadConfig("rbf-map", params, cfg.pre, cfg.class_weight)
+
+
+def _smaller_forest(cfg, shrink):
+    """Fewer trees (down to 100), then a row sample per tree (down to 5% of the rows)."""
+    trees = cfg.params.get("n_estimators", 300)
+    fewer = max(min(trees, 100), int(trees * shrink))
+    sample = min(1.0, shrink * trees / fewer)
+    params = {**cfg.params, "n_estimators": fewer}
+    if sample < 0.95:
+        params["max_samples"] = round(max(0.05, sample * (cfg.params.get("max_samples") or 1.0)), 3)
+    new = HeadConfig(cfg.name, params, cfg.pre, cfg.class_weight)
+    return new if new != cfg else None
+
+
+# --------------------------------------------------------------------------- the heads
+
+
+register_head("linear", TorchLinearClassifier, family="linear", kind="torch", simplicity=1, to_module=torch_module,
+              stand_in=_fewer_epochs, chunked=torch_chunks)
+register_head("mlp", TorchMLPClassifier, family="mlp", kind="torch", simplicity=3, to_module=torch_module,
+              stand_in=_fewer_epochs, chunked=torch_chunks)
+
+
+@register_head("logreg", family="linear", simplicity=1, warm_path="C", to_module=logreg_module,
+               stand_in=_fewer_iterations)
 def _logreg(*, C=1.0, max_iter=1000, class_weight=None, random_state=None):
     """Multinomial logistic regression (L-BFGS)."""
     return LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state)
 
 
 @register_head("linear-svm", family="linear", simplicity=1, to_module=decision_softmax_module,
-               trusted=[type_name(DecisionSoftmaxClassifier)])
+               trusted=[type_name(DecisionSoftmaxClassifier)], growth=1.2, stand_in=_fewer_iterations)
 def _linear_svm(*, C=1.0, max_iter=10000, class_weight=None, random_state=None):
     """Linear SVM (liblinear); probabilities: softmax of the decision function."""
     return DecisionSoftmaxClassifier(
@@ -46,7 +93,7 @@ def _ridge(*, alpha=1.0, class_weight=None):
     return DecisionSoftmaxClassifier(RidgeClassifier(alpha=alpha, class_weight=class_weight))
 
 
-@register_head("svm", family="kernel", simplicity=3, cost=2,
+@register_head("svm", family="kernel", simplicity=3, cost=2, growth=2.0, stand_in=_kernel_map,
                trusted=["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"])
 def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
     """RBF SVM; probabilities: Platt scaling on 5 folds, then one SVC on all rows."""
@@ -55,6 +102,22 @@ def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
     return CalibratedClassifierCV(
         SVC(C=C, gamma=gamma, class_weight=class_weight, random_state=random_state),
         method="sigmoid", cv=5, ensemble=False)
+
+
+@register_head("rbf-map", family="kernel", simplicity=3, cost=2, to_module=kernel_map_module,
+               stand_in=_fewer_components, trusted=[type_name(KernelMapClassifier)])
+def _rbf_map(*, C=1.0, gamma="scale", n_components=1000, max_iter=1000, class_weight=None, random_state=None):
+    """RBF kernel map (Nystroem) + logistic regression: the RBF SVM's stand-in on many rows; transferable."""
+    return KernelMapClassifier(C=C, gamma=gamma, n_components=n_components, max_iter=max_iter,
+                               class_weight=class_weight, random_state=random_state)
+
+
+@register_head("sgd", family="linear", simplicity=1, to_module=coef_module, stand_in=_fewer_iterations,
+               chunked=sgd_chunks)
+def _sgd(*, loss="log_loss", alpha=0.0001, max_iter=20, class_weight=None, random_state=None):
+    """Linear model by stochastic gradient descent (loss log_loss or modified_huber); learns from row chunks."""
+    return SGDClassifier(loss=loss, alpha=alpha, max_iter=max_iter, tol=None, class_weight=class_weight,
+                         random_state=random_state)
 
 
 # the search trees k nearest neighbours may build, and the metrics they hold
@@ -69,23 +132,24 @@ def _knn(*, n_neighbors=5, weights="uniform", metric="euclidean"):
     return KNeighborsClassifier(n_neighbors=n_neighbors, weights=weights, metric=metric)
 
 
-@register_head("nearest-centroid", family="neighbors", simplicity=0, trusted=[type_name(SoftmaxNearestCentroid)])
+@register_head("nearest-centroid", family="neighbors", simplicity=0, trusted=[type_name(SoftmaxNearestCentroid)],
+               chunked=centroid_chunks)
 def _nearest_centroid(*, shrink_threshold=None):
     """Nearest (shrunken) centroid; probabilities: softmax of minus squared distances."""
     return SoftmaxNearestCentroid(shrink_threshold=shrink_threshold)
 
 
 @register_head("random-forest", family="trees", simplicity=4, cost=3, warm_path="n_estimators",
-               trusted=["sklearn.tree._tree.Tree"])
-def _random_forest(*, n_estimators=300, max_features="sqrt", max_depth=None, min_samples_leaf=1,
+               trusted=["sklearn.tree._tree.Tree"], growth=1.2, stand_in=_smaller_forest)
+def _random_forest(*, n_estimators=300, max_features="sqrt", max_depth=None, min_samples_leaf=1, max_samples=None,
                    class_weight=None, random_state=None):
     """Random forest; probabilities: mean of the trees' leaf class shares."""
     return RandomForestClassifier(n_estimators=n_estimators, max_features=max_features, max_depth=max_depth,
-                                  min_samples_leaf=min_samples_leaf, class_weight=class_weight,
-                                  random_state=random_state, n_jobs=1)
+                                  min_samples_leaf=min_samples_leaf, max_samples=max_samples,
+                                  class_weight=class_weight, random_state=random_state, n_jobs=1)
 
 
-@register_head("hgb", family="trees", simplicity=4, cost=3, warm_path="max_iter",
+@register_head("hgb", family="trees", simplicity=4, cost=3, warm_path="max_iter", stand_in=_fewer_iterations,
                trusted=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
 def _hgb(*, learning_rate=0.1, max_iter=100, max_leaf_nodes=31, l2_regularization=0.0, max_features=1.0,
          class_weight=None, random_state=None):

@@ -5,7 +5,9 @@ to logits whose softmax is the pipeline's ``predict_proba``. The head estimator
 becomes a module by its registered ``to_module`` (the functions below serve the
 built-in heads); ``standardize`` and ``pca:K`` are affine maps, folded into the first
 ``nn.Linear``; ``l2`` becomes an explicit :class:`L2Normalize` layer in front. The
-arithmetic of the fold is done in float64 and stored as float32.
+arithmetic of the fold is done in float64 and stored as float32. A kernel-map head
+becomes :class:`KernelMapNet`: the map as a layer with fixed weights (:class:`RBFKernel`),
+then an ``nn.Linear``; it folds the preprocessing into the map itself.
 """
 
 from __future__ import annotations
@@ -64,6 +66,60 @@ def torch_module(head) -> nn.Module:
     return copy.deepcopy(head.module_)
 
 
+class RBFKernel(nn.Module):
+    """``exp(-gamma * ||x * scale - center||^2)`` against fixed centers: a layer with fixed weights (buffers)."""
+
+    def __init__(self, centers: np.ndarray, gamma: float):
+        super().__init__()
+        self.register_buffer("centers", torch.from_numpy(np.asarray(centers, dtype=np.float32)))
+        self.register_buffer("scale", torch.ones(self.centers.shape[1]))
+        self.gamma = float(gamma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self.scale
+        d2 = (z * z).sum(1, keepdim=True) - 2.0 * z @ self.centers.T + (self.centers * self.centers).sum(1)
+        return torch.exp(-self.gamma * d2.clamp_min(0.0))
+
+
+class KernelMapNet(nn.Module):
+    """A kernel-map head: optional input projection, :class:`RBFKernel`, then ``nn.Linear`` on the kernel values."""
+
+    def __init__(self, kernel: RBFKernel, linear: nn.Linear):
+        super().__init__()
+        self.project, self.kernel, self.linear = nn.Identity(), kernel, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.kernel(self.project(x)))
+
+    def fold_pre(self, pre) -> KernelMapNet:
+        """Absorb a fitted ``standardize`` (into the kernel's scale and centers) or ``pca`` (as the projection)."""
+        if isinstance(pre, StandardScaler):
+            mean = np.zeros(self.kernel.centers.shape[1]) if pre.mean_ is None else pre.mean_
+            scale = np.ones_like(mean) if pre.scale_ is None else pre.scale_
+            with torch.no_grad():
+                self.kernel.scale.copy_(torch.from_numpy(1.0 / scale))
+                self.kernel.centers.add_(torch.from_numpy(mean / scale).float())
+            return self
+        if isinstance(pre, PCA):
+            identity = np.eye(pre.n_components_)
+            weight, bias = _fold_pca(pre, identity, np.zeros(pre.n_components_))
+            self.project = linear_module(torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
+            return self
+        raise HeadError(f"preprocessing {type(pre).__name__} cannot be folded into a kernel map")
+
+
+def kernel_map_module(head) -> KernelMapNet:
+    """A :class:`~featurecache.heads.sklearn_heads.KernelMapClassifier` as :class:`KernelMapNet`: the whitening
+    of the map is folded into the linear layer (float64 arithmetic), so the logits are the model's decision."""
+    linear = head.linear_
+    coef = np.atleast_2d(linear.coef_) @ head.normalization_.T
+    intercept = np.resize(linear.intercept_, coef.shape[0])
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    layer = linear_module(torch.from_numpy(coef).float(), torch.from_numpy(intercept).float())
+    return KernelMapNet(RBFKernel(head.centers_, head.gamma_), layer)
+
+
 # --------------------------------------------------------------------------- preprocessing folded in
 
 
@@ -91,7 +147,9 @@ def _first_linear(module: nn.Module) -> nn.Linear:
 
 
 def _fold(pre, module: nn.Module) -> nn.Module:
-    """``module`` with the affine ``pre`` folded into its first ``nn.Linear``."""
+    """``module`` with the affine ``pre`` folded into its first ``nn.Linear`` (or by the module's own ``fold_pre``)."""
+    if hasattr(module, "fold_pre"):
+        return module.fold_pre(pre).eval()
     fold = AFFINE_FOLDS.get(type(pre))
     if fold is None:
         raise HeadError(f"preprocessing {type(pre).__name__} cannot be folded into a torch module")

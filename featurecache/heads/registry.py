@@ -64,6 +64,13 @@ class HeadType:
     a fit can continue from its neighbour with a smaller value, ``to_module`` turns the
     fitted head estimator into an exact ``nn.Module``, and ``trusted`` names the types
     beyond skops' defaults that a saved fitted head holds.
+
+    For large data: ``growth`` is how the cost of a fit grows with the rows (seconds
+    proportional to ``rows ** growth``: 1 for linear models, 2 for a kernel SVM); the
+    sweep times a small fit and scales it by this. ``stand_in(cfg, shrink)`` returns
+    a config of the same inductive bias that costs about ``shrink`` (< 1) times as
+    much, or None; and ``chunked(pipeline, chunks)`` fits the head from row chunks
+    (:mod:`featurecache.heads.chunked`) when the features do not fit in memory.
     """
 
     name: str
@@ -78,6 +85,9 @@ class HeadType:
     warm_path: str | None = None
     to_module: Callable | None = None
     trusted: tuple[str, ...] = ()
+    growth: float = 1.0
+    stand_in: Callable | None = None
+    chunked: Callable | None = None
 
     @property
     def transferable(self) -> bool:
@@ -108,7 +118,7 @@ class HeadType:
 HEADS: dict[str, HeadType] = {}
 
 
-def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | None) -> None:
+def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | None, growth: float) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]*", name):
         raise HeadError(f"head name {name!r}: use letters, digits, -, _ and + (no dots, colons or spaces)")
     if name in HEADS:
@@ -117,11 +127,14 @@ def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | N
         raise HeadError(f"head {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if warm_path is not None and warm_path not in defaults:
         raise HeadError(f"head {name}: warm_path {warm_path!r} is not one of its parameters {', '.join(defaults)}")
+    if not isinstance(growth, (int, float)) or not 0 < growth <= 4:
+        raise HeadError(f"head {name}: growth must be a number in (0, 4] (seconds ~ rows ** growth), got {growth!r}")
 
 
 def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None, *, family: str,
                   kind: str = "sklearn", simplicity: int = UNRANKED, cost: int = 1, warm_path: str | None = None,
-                  to_module: Callable | None = None, trusted=()):
+                  to_module: Callable | None = None, trusted=(), growth: float = 1.0,
+                  stand_in: Callable | None = None, chunked: Callable | None = None):
     """Register a head under ``name``: everything about it in one call. Returns its :class:`HeadType`.
 
     ``factory`` takes the head's parameters as keyword arguments with defaults (those a
@@ -131,20 +144,21 @@ def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None
     (``module_`` after fit, ``restore`` to rebuild it from saved weights). Without
     ``factory``, returns a decorator that registers the function it decorates and gives it back.
     """
+    facts = dict(family=family, kind=kind, simplicity=simplicity, cost=cost, warm_path=warm_path,
+                 to_module=to_module, trusted=tuple(trusted), growth=growth, stand_in=stand_in, chunked=chunked)
     if factory is None:
         def decorate(function):
-            register_head(name, function, family=family, kind=kind, simplicity=simplicity, cost=cost,
-                          warm_path=warm_path, to_module=to_module, trusted=trusted)
+            register_head(name, function, **facts)
             return function
 
         return decorate
     signature = inspect.signature(factory).parameters
     defaults = {k: p.default for k, p in signature.items() if k not in _CONTEXT}
-    _check_registration(name, kind, defaults, warm_path)
+    _check_registration(name, kind, defaults, warm_path, growth)
     context = tuple(k for k in _CONTEXT if k in signature)
     description = (inspect.getdoc(factory) or name).splitlines()[0]
-    HEADS[name] = HeadType(name, family, kind, factory, defaults, context, description, simplicity, cost,
-                           warm_path, to_module, tuple(trusted))
+    HEADS[name] = HeadType(name=name, factory=factory, defaults=defaults, context=context, description=description,
+                           **facts)
     return HEADS[name]
 
 

@@ -55,7 +55,7 @@ def derive_seed(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
-def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """Row ranges of one epoch; a trailing batch of one row joins the previous batch
     (batch norm needs two rows, and one row carries almost no gradient anyway)."""
     bounds = [*range(0, n, batch_size), n]
@@ -70,32 +70,60 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [torch.cuda.current_device() if device.index is None else device.index]
 
 
-def train(param_groups, forward, X: np.ndarray, y: np.ndarray, *, weight, epochs: int, batch_size: int,
-          seed: int, device: torch.device) -> None:
-    """AdamW with a cosine schedule over ``epochs`` passes of seeded mini-batches.
+class ArrayRows:
+    """Training rows held in memory: ``X`` (N x D) and encoded labels ``y``; each epoch visits
+    the rows in a seeded order, in mini-batches."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray):
+        self.X, self.labels = X, y
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+    def batches(self, batch_size: int, seed: int, device: torch.device):
+        """``(epoch, steps per epoch)``: ``epoch()`` yields the ``(xb, yb)`` tensors of one pass."""
+        X_t = torch.from_numpy(np.require(self.X, dtype=np.float32, requirements=["C", "W"])).to(device)
+        y_t = torch.from_numpy(np.require(self.labels, dtype=np.int64, requirements=["C", "W"])).to(device)
+        n = len(y_t)
+        bounds = batch_bounds(n, batch_size)
+        generator = torch.Generator().manual_seed(seed)
+
+        def epoch():
+            order = torch.randperm(n, generator=generator).to(device) if len(bounds) > 1 else None
+            for start, stop in bounds:
+                if order is None:
+                    yield X_t, y_t
+                else:
+                    idx = order[start:stop]
+                    yield X_t[idx], y_t[idx]
+
+        return epoch, len(bounds)
+
+
+def train(param_groups, forward, rows, *, weight, epochs: int, batch_size: int, seed: int,
+          device: torch.device) -> None:
+    """AdamW with a cosine schedule over ``epochs`` passes of seeded mini-batches of ``rows``
+    (:class:`ArrayRows`, or row chunks read from a file: :class:`featurecache.heads.chunked.RowChunks`).
 
     ``forward(xb)`` returns G x B x C logits: G independent heads trained at once,
     each head's loss the (class-weighted) mean cross-entropy over the batch, summed
     over heads so their gradients stay separate. ``param_groups`` carry each head's
     lr and weight decay.
     """
-    X_t = torch.from_numpy(np.require(X, dtype=np.float32, requirements=["C", "W"])).to(device)
-    y_t = torch.from_numpy(np.require(y, dtype=np.int64, requirements=["C", "W"])).to(device)
+    epoch, steps = rows.batches(batch_size, seed, device)
+    optimize(param_groups, forward, epoch, epochs=epochs, steps=steps, weight=weight, device=device)
+
+
+def optimize(param_groups, forward, epoch, *, epochs: int, steps: int, weight, device: torch.device) -> None:
+    """The training loop: ``epochs`` passes of ``epoch()`` (an iterator of ``(xb, yb)`` batches,
+    ``steps`` of them per pass), AdamW with a cosine schedule, losses as :func:`train` says."""
     w_t = None if weight is None else torch.as_tensor(weight, dtype=torch.float32, device=device)
-    n = len(y_t)
-    batches = _batches(n, batch_size)
-    total = epochs * len(batches)
+    total = epochs * steps
     optimizer = torch.optim.AdamW(param_groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
-    generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device) if len(batches) > 1 else None
-        for start, stop in batches:
-            if order is None:
-                xb, yb = X_t, y_t
-            else:
-                idx = order[start:stop]
-                xb, yb = X_t[idx], y_t[idx]
+        for xb, yb in epoch():
             logits = forward(xb)
             heads, rows, n_classes = logits.shape
             losses = F.cross_entropy(logits.reshape(heads * rows, n_classes), yb.repeat(heads),
@@ -108,9 +136,10 @@ def train(param_groups, forward, X: np.ndarray, y: np.ndarray, *, weight, epochs
             schedule.step()
 
 
-def train_linear_heads(X: np.ndarray, y: np.ndarray, classes: np.ndarray, lrs, weight_decays, *, epochs: int,
+def train_linear_heads(rows, classes: np.ndarray, lrs, weight_decays, *, epochs: int,
                        batch_size: int, class_weight=None, random_state=0, device="auto"):
-    """Train one softmax regression per (lr, weight_decay) pair in a single pass over ``X``.
+    """Train one softmax regression per (lr, weight_decay) pair in a single pass over ``rows``
+    (:class:`ArrayRows` or row chunks; labels encoded as indices into ``classes``).
 
     The weights of all heads form one D x (G*C) matrix so that each batch costs one
     matrix product; each head has its own AdamW parameter group. Weights start at
@@ -119,7 +148,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, classes: np.ndarray, lrs, w
     bias C)`` float32 tensors on the CPU.
     """
     dev = resolve_device(device)
-    n_features, n_classes = X.shape[1], len(classes)
+    n_features, n_classes = rows.n_features, len(classes)
     weights = [torch.zeros(n_features, n_classes, device=dev, requires_grad=True) for _ in lrs]
     biases = [torch.zeros(n_classes, device=dev, requires_grad=True) for _ in lrs]
     groups = [{"params": [w, b], "lr": float(lr), "weight_decay": float(wd)}
@@ -129,7 +158,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, classes: np.ndarray, lrs, w
         out = torch.addmm(torch.cat(biases), xb, torch.cat(weights, dim=1))
         return out.view(len(xb), len(weights), n_classes).transpose(0, 1)
 
-    train(groups, forward, X, y, weight=class_weights(class_weight, classes, y), epochs=epochs,
+    train(groups, forward, rows, weight=class_weights(class_weight, classes, rows.labels), epochs=epochs,
           batch_size=batch_size, seed=derive_seed(random_state), device=dev)
     return [(w.detach().T.contiguous().cpu(), b.detach().cpu()) for w, b in zip(weights, biases)]
 
@@ -152,7 +181,14 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_, y_encoded = encode_targets(y)
-        self.module_ = self._train(X, y_encoded).cpu().eval().requires_grad_(False)
+        self.module_ = self._train(ArrayRows(X, y_encoded)).cpu().eval().requires_grad_(False)
+        return self
+
+    def fit_rows(self, rows, classes):
+        """Train on ``rows`` read in chunks (labels encoded as indices into ``classes``); returns self."""
+        self._validate_params()
+        self.classes_, self.n_features_in_ = np.asarray(classes), rows.n_features
+        self.module_ = self._train(rows).cpu().eval().requires_grad_(False)
         return self
 
     def _logits(self, X) -> np.ndarray:
@@ -194,9 +230,9 @@ class TorchLinearClassifier(_TorchClassifier):
         self.random_state = random_state
         self.device = device
 
-    def _train(self, X, y):
+    def _train(self, rows):
         [(weight, bias)] = train_linear_heads(
-            X, y, self.classes_, [self.lr], [self.weight_decay], epochs=self.epochs, batch_size=self.batch_size,
+            rows, self.classes_, [self.lr], [self.weight_decay], epochs=self.epochs, batch_size=self.batch_size,
             class_weight=self.class_weight, random_state=self.random_state, device=self.device)
         return linear_module(weight, bias)
 
@@ -267,17 +303,17 @@ class TorchMLPClassifier(_TorchClassifier):
         layers.append(nn.Linear(width, n_classes))
         return nn.Sequential(*layers)
 
-    def _train(self, X, y):
-        if self.batch_norm and len(X) < 2:
+    def _train(self, rows):
+        if self.batch_norm and len(rows.labels) < 2:
             raise ValueError("batch_norm needs more than 1 sample to train")
         device = resolve_device(self.device)
         seed = derive_seed(self.random_state)
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(seed)
-            module = self._empty_module(X.shape[1], len(self.classes_)).to(device).train()
+            module = self._empty_module(rows.n_features, len(self.classes_)).to(device).train()
             groups = [{"params": list(module.parameters()), "lr": float(self.lr),
                        "weight_decay": float(self.weight_decay)}]
-            train(groups, lambda xb: module(xb).unsqueeze(0), X, y,
-                  weight=class_weights(self.class_weight, self.classes_, y), epochs=self.epochs,
+            train(groups, lambda xb: module(xb).unsqueeze(0), rows,
+                  weight=class_weights(self.class_weight, self.classes_, rows.labels), epochs=self.epochs,
                   batch_size=self.batch_size, seed=seed, device=device)
         return module

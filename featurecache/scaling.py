@@ -1,0 +1,197 @@
+"""Stage two on many rows: the rungs of successive halving, cost models and the budget.
+
+Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Above it:
+
+- **Rungs.** Every head is first fitted on a stratified sample of about
+  :data:`FIRST_RUNG_ROWS` rows; with ``halving`` only the best third (by the selection
+  accuracy, then log-loss) moves on to a sample three times larger, and so on up to all
+  rows, where at least :data:`FINAL_HEADS` heads arrive. Samples are nested prefixes of
+  one stratified order, so each rung's rows include the previous rung's. Without
+  ``halving`` the first rung only times the heads and every head moves on.
+- **Cost models.** A head's cost is ``seconds(rows) = s * (rows / r) ** growth``, with
+  ``(r, s)`` its latest timed fit and ``growth`` what its head type declares.
+- **The budget.** Before each later rung, the seconds left (of ``budget``, on the usable
+  cores) are shared among the fits still to come in proportion to their rows. A head
+  whose estimate at the final rung exceeds its share gets its registered stand-in (the
+  same inductive bias for about the share); a head without one, or whose stand-in is not
+  cheaper, is fitted on the largest stratified sample its share pays for (``subsampled``).
+
+Only decisions live here; :mod:`featurecache.sweep` runs the fits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+from .heads import HeadConfig, head_type
+
+LARGE_ROWS = 4000  # above: rungs, a holdout instead of k folds, the budget
+FIRST_RUNG_ROWS = 1500  # about the rows of the first rung
+ETA = 3  # each rung keeps a third of the heads on three times the rows
+FINAL_HEADS = 2  # heads that reach all rows at least
+HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 10000  # of train, when there is no val split
+TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all saw
+DEFAULT_BUDGET = 240.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
+USABLE_SHARE = 0.85  # of the cores' seconds that fits actually get (lanes never pack perfectly)
+MEMORY_SHARE = 0.5  # default --max-memory: this share of the available memory
+WORKING_COPIES = 3  # a head in memory holds its rows about this many times (preprocessing, solver)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40}
+
+
+def parse_size(value) -> int:
+    """Bytes of ``512M``, ``2G``, ``1.5GB``, ``1048576``; UsageError for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"max_memory must be a size such as 512M, 2G or 1.5GB, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or the physical memory where that is unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_cap(max_memory) -> int:
+    """``max_memory`` in bytes; None: :data:`MEMORY_SHARE` of the available memory."""
+    return int(MEMORY_SHARE * available_memory()) if max_memory is None else parse_size(max_memory)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def check_budget(budget) -> float | None:
+    """Seconds, or None (0 too) for a sweep without a bound."""
+    if budget is None or budget == 0:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
+        raise UsageError(f"budget must be a number of seconds (0: no bound), got {budget!r}")
+    return float(budget)
+
+
+# --------------------------------------------------------------------------- stratified orders
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Positions ``0..N-1`` in an order whose every prefix is a stratified sample of ``labels``:
+    each class shuffled, then the classes interleaved by their share."""
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(labels))
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        position[rng.permutation(members)] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(position, kind="stable")
+
+
+def holdout_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit rows, holdout rows)`` of train, both sorted: a stratified holdout of
+    :data:`HOLDOUT_FRACTION` of the rows, at most :data:`HOLDOUT_MAX`."""
+    size = min(HOLDOUT_MAX, round(HOLDOUT_FRACTION * len(labels)))
+    order = stratified_order(labels, seed + 1)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
+# --------------------------------------------------------------------------- rungs
+
+
+@dataclass(frozen=True)
+class Rung:
+    index: int
+    rows: int  # training rows of each fit
+    keep: int  # heads fitted at this rung
+
+
+def rungs(n_rows: int, n_heads: int, halving: bool, budget: float | None) -> list[Rung]:
+    """The rungs of a sweep on ``n_rows``: one rung up to :data:`LARGE_ROWS` rows (and without
+    halving or budget); else geometric sizes up to all rows, a third of the heads kept each time."""
+    if n_rows <= LARGE_ROWS or not (halving or budget):
+        return [Rung(0, n_rows, n_heads)]
+    if not halving:
+        return [Rung(0, min(FIRST_RUNG_ROWS, n_rows), n_heads), Rung(1, n_rows, n_heads)]
+    steps = max(1, math.floor(math.log(n_rows / FIRST_RUNG_ROWS, ETA) + 1e-9))
+    out, keep = [], n_heads
+    for i in range(steps + 1):
+        out.append(Rung(i, round(n_rows / ETA ** (steps - i)), keep))
+        keep = max(min(FINAL_HEADS, keep), math.ceil(keep / ETA))
+    return out
+
+
+# --------------------------------------------------------------------------- heads through the rungs
+
+
+@dataclass
+class HeadState:
+    """One requested head on its way through the rungs: what is fitted now and what it gave."""
+
+    requested: HeadConfig
+    form: HeadConfig  # the requested config or its stand-in
+    status: str = "fitted"  # fitted, pruned, subsampled or failed
+    reason: str = ""
+    rows: int = 0  # training rows of the latest successful fit
+    seconds: float = 0.0  # of every fit of this head
+    cost: tuple[int, float] | None = None  # (rows, seconds) of the latest fit of ``form``
+    cap: int | None = None  # rows of a sample its share pays for
+    result: dict | None = None  # of the latest successful fit: probas, files, record
+    fitted: HeadConfig | None = None  # the config of that fit
+
+    def estimate(self, rows: int) -> float | None:
+        """Seconds of a fit of ``form`` on ``rows``, from its latest fit; None when never timed."""
+        if self.cost is None:
+            return None
+        timed_rows, seconds = self.cost
+        return seconds * (rows / max(1, timed_rows)) ** head_type(self.form.name).growth
+
+
+def shares(remaining: float, cores: int, plan: list[Rung], counts: list[int]) -> list[float]:
+    """Seconds each head may take at each of the rungs still to come: the cores' seconds left,
+    in proportion to the rows of every fit."""
+    total = sum(r.rows * k for r, k in zip(plan, counts))
+    return [max(0.0, remaining) * cores * USABLE_SHARE * r.rows / total for r in plan]
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def fit_within(state: HeadState, rows: int, share: float, taken: set[str]) -> None:
+    """Give ``state`` a stand-in or a row cap when its estimated fit on ``rows`` exceeds ``share`` seconds."""
+    estimate = state.estimate(rows)
+    if estimate is None or estimate <= share:
+        return
+    htype = head_type(state.form.name)
+    stand_in = htype.stand_in(state.form, share / estimate) if htype.stand_in else None
+    why = f"estimated {_fmt_seconds(estimate)} on {rows:,} rows, share of the budget {_fmt_seconds(share)}"
+    if stand_in is not None and stand_in.spec not in taken:
+        taken.discard(state.form.spec)
+        taken.add(stand_in.spec)
+        state.reason = f"stand-in for {state.requested.spec} ({why})"
+        state.form, state.cost = stand_in, None
+        return
+    growth = head_type(state.form.name).growth
+    state.cap = max(FIRST_RUNG_ROWS // 2, int(rows * (share / estimate) ** (1.0 / growth)))
+    state.reason = f"fitted on a stratified sample of {state.cap:,} rows ({why})"
