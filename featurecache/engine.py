@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -130,14 +131,16 @@ def _reason(exc: BaseException) -> str:
 
 
 def _head_result(model, cfg, task: Task, data: SweepData, n_classes: int, seconds: float) -> dict:
-    """Seconds, probabilities on the evaluation rows and (for kept fits) the files of one fitted head."""
+    """Seconds (its share of the fit and its own predictions), probabilities on the evaluation rows and
+    (for kept fits) the files of one fitted head."""
+    start = time.perf_counter()
     try:
         probas = {name: data.predict_proba(model, split, rows, n_classes)
                   for name, (split, rows) in task.evals.items()}
         files, record = dump_head(model, cfg) if task.keep else (None, None)
     except FIT_ERRORS as exc:
-        return {"seconds": seconds, "error": _reason(exc)}
-    return {"seconds": seconds, "probas": probas, "files": files, "record": record}
+        return {"seconds": seconds + time.perf_counter() - start, "error": _reason(exc)}
+    return {"seconds": seconds + time.perf_counter() - start, "probas": probas, "files": files, "record": record}
 
 
 def run_task(task: Task, data: SweepData, n_classes: int, seed: int, device, threads: int | None = None) -> list:
@@ -157,13 +160,11 @@ def run_task(task: Task, data: SweepData, n_classes: int, seed: int, device, thr
         return [_head_result(model, cfg, task, data, n_classes, seconds) for model, cfg in zip(models, task.configs)]
 
 
-def _run_lane(lane: list[Task], data, n_classes, seed, device, threads, started):
-    out = []
+def _run_lane(lane: list[Task], data, n_classes, seed, device, threads, started, finished):
     with thread_limit(threads):  # this worker thread's OpenMP pools too
         for task in lane:
             started(task)
-            out.append(run_task(task, data, n_classes, seed, device))
-    return out
+            finished(task, run_task(task, data, n_classes, seed, device))
 
 
 # --------------------------------------------------------------------------- engines
@@ -191,17 +192,20 @@ class LocalEngine:
         return self.jobs or usable_cores()
 
     def run(self, tasks: list[Task], data: SweepData, n_classes: int, seed: int, device, on_result, started):
-        """Run ``tasks``; call ``on_result(task, result)`` in this thread as each lane's tasks finish."""
+        """Run ``tasks``; call ``on_result(task, result)`` as each one finishes (one call at a time)."""
         task_lanes = lanes(tasks)
         n_jobs = max(1, min(self.cores, len(task_lanes)))
         threads = threads_per_job(n_jobs)
-        calls = (joblib.delayed(_run_lane)(lane, data, n_classes, seed, device, threads, started)
+        lock = threading.Lock()
+
+        def finished(task, result):
+            with lock:
+                on_result(task, result)
+
+        calls = (joblib.delayed(_run_lane)(lane, data, n_classes, seed, device, threads, started, finished)
                  for lane in task_lanes)
         with thread_limit(threads):  # the BLAS pools and torch are process-wide: cap them for all workers
-            results = joblib.Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(calls)
-            for lane, lane_results in zip(task_lanes, results):
-                for task, result in zip(lane, lane_results):
-                    on_result(task, result)
+            joblib.Parallel(n_jobs=n_jobs, prefer="threads")(calls)
 
     def close(self) -> None:
         pass

@@ -53,10 +53,11 @@ from .heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
 from .heads.chunked import can_learn_from_chunks
 from .leaderboard import make_entry, rank_key
 from .metrics import classification_metrics
-from .progress import Progress
+from .progress import LOG_EVERY, Progress
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
 
 CLASS_WEIGHTS = ("balanced",)
+PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
 
 
 # --------------------------------------------------------------------------- results
@@ -592,7 +593,8 @@ def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool
     fits = sum(r.keep for r in rung_list) * (1 + len(rows.folds))
     runner = engine.open_engine(backend, scheduler, jobs)
     try:
-        with Progress(fits, "fit-head", unit="fits", enabled=progress) as bar, _heartbeat(bar):
+        with Progress(fits, "fit-head", unit="fits", enabled=progress, every=PROGRESS_EVERY) as bar, \
+                _heartbeat(bar):
             sweep = _Sweep(plan, data, rows, runner, rung_list, states, _Recorder(plan, states, rows, bar),
                            started, device, progress)
             if progress and plan.large:

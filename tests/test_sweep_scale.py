@@ -1,0 +1,254 @@
+"""Stage two on many rows: successive halving, the budget's stand-ins, a holdout, progress, a rerun after a kill.
+
+The thresholds of :mod:`featurecache.scaling` are lowered so that scikit-learn's digits
+(1,797 rows) count as many rows: what is tested is the behaviour, not the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from sklearn.neighbors import NearestCentroid
+from test_sweep import digits_cache
+
+import featurecache
+from featurecache import engine, runs, scaling, store, sweep
+from featurecache.errors import UsageError
+from featurecache.heads import register_head, to_torch
+from featurecache.leaderboard import selection_note
+
+GRID = ("logreg:C=0.01,1;pre=standardize", "knn:n_neighbors=3,25", "nearest-centroid", "ridge:alpha=10",
+        "linear:lr=0.01;epochs=5;pre=standardize", "random-forest:n_estimators=10")
+LARGE = (("train", 1200), ("val", 300), ("test", 297))
+
+
+@pytest.fixture
+def many_rows(monkeypatch):
+    """Digits count as many rows: rungs from 100 rows on, above 400 training rows."""
+    monkeypatch.setattr(scaling, "LARGE_ROWS", 400)
+    monkeypatch.setattr(scaling, "FIRST_RUNG_ROWS", 100)
+
+
+def _cache(tmp_path, sizes=LARGE, name="digits"):
+    return digits_cache(tmp_path / "fc-cache", sizes=sizes, name=name)
+
+
+# --------------------------------------------------------------------------- rungs and statuses
+
+
+def test_rungs_grow_the_rows_and_keep_a_third_of_the_heads():
+    assert scaling.rungs(3000, 22, halving=True, budget=240) == [scaling.Rung(0, 3000, 22)]
+    assert [(r.rows, r.keep) for r in scaling.rungs(50000, 22, True, 240)] == [
+        (1852, 22), (5556, 8), (16667, 3), (50000, 2)]
+    assert [(r.rows, r.keep) for r in scaling.rungs(20000, 22, True, None)] == [(2222, 22), (6667, 8), (20000, 3)]
+    assert [(r.rows, r.keep) for r in scaling.rungs(20000, 22, False, 240)] == [(1500, 22), (20000, 22)]
+    assert scaling.rungs(20000, 22, False, None) == [scaling.Rung(0, 20000, 22)]
+
+
+def test_a_stratified_order_gives_stratified_prefixes():
+    labels = np.repeat(np.arange(4), [100, 200, 300, 400])
+    order = scaling.stratified_order(labels, seed=0)
+    assert sorted(order) == list(range(1000))
+    for n in (10, 100, 500):
+        counts = np.bincount(labels[order[:n]], minlength=4)
+        assert np.abs(counts - n * np.array([0.1, 0.2, 0.3, 0.4])).max() <= 1
+
+
+def test_halving_keeps_every_head_with_its_status_and_rows(tmp_path, many_rows):
+    cache = _cache(tmp_path)
+    res = featurecache.fit_head(cache, head=GRID, jobs=2, budget=0)
+    board = res.leaderboard
+    meta = runs.load_run(res.run_dir).meta
+    assert meta["rungs"] == [{"rows": 133, "heads": 8}, {"rows": 400, "heads": 3}, {"rows": 1200, "heads": 2}]
+    assert len(board) == 8 and not res.failed  # none silently dropped
+    by_status = {s: [e for e in board if e["status"] == s] for s in ("fitted", "pruned")}
+    assert len(by_status["fitted"]) == 2 and len(by_status["pruned"]) == 6
+    assert all(e["rows"] == 1200 and e["reason"] == "" for e in by_status["fitted"])
+    assert sorted(e["rows"] for e in by_status["pruned"]) == [133] * 5 + [400]
+    assert all(e["reason"].startswith("pruned after rung ") for e in by_status["pruned"])
+    assert [e["status"] for e in board] == ["fitted"] * 2 + ["pruned"] * 6  # pruned heads rank last
+    assert res.best == board[0]["head"] and board[0]["selection_accuracy"] > 0.9
+    for entry in board:  # every head is saved and reproduces its numbers
+        pipeline, head_meta = runs.load_head(res.run_dir, entry["head"])
+        assert head_meta["status"] == entry["status"] and head_meta["rows"] == entry["rows"]
+        X, y, _ = store.load_features(cache, "val")
+        assert float((pipeline.predict(X) == y).mean()) == entry["selection_accuracy"]
+
+
+def test_a_holdout_selects_when_there_is_no_val_split(tmp_path, many_rows):
+    cache = _cache(tmp_path, sizes=(("train", 1500), ("test", 297)))
+    res = featurecache.fit_head(cache, head=("logreg:C=1;pre=standardize", "nearest-centroid"), jobs=1, budget=0)
+    assert res.selection_split == "holdout" and res.final_split == "test"
+    entry = res.leaderboard[0]
+    assert list(entry["metrics"]) == ["holdout", "test", "train"]
+    assert entry["metrics"]["holdout"]["n"] == 300 and entry["metrics"]["test"]["n"] == 297
+    assert entry["rows"] == 1200  # the heads never learn from the holdout
+    assert selection_note("holdout", "test") == ("heads selected on a stratified holdout of train (holdout); "
+                                                 "test is held out: quote its scores")
+
+
+def test_small_caches_are_swept_as_before(tmp_path):
+    res = featurecache.fit_head(_cache(tmp_path, sizes=(("train", 300), ("val", 150))), head=("knn",), jobs=1)
+    assert res.leaderboard[0]["status"] == "fitted" and res.leaderboard[0]["rows"] == 300
+    assert runs.load_run(res.run_dir).meta["rungs"] == [{"rows": 300, "heads": 1}]
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def test_over_budget_heads_get_a_stand_in_or_a_sample(tmp_path, many_rows):
+    grid = ("svm:C=10;pre=standardize", "knn:n_neighbors=3", "logreg:C=1;pre=standardize")
+    res = featurecache.fit_head(_cache(tmp_path), head=grid, jobs=1, budget=1e-6, halving=False)
+    heads = {e["head"].partition(":")[0]: e for e in res.leaderboard}
+    stand_in = heads["rbf-map"]
+    assert stand_in["head"] == "rbf-map:C=10;pre=standardize" and stand_in["status"] == "fitted"
+    assert stand_in["reason"].startswith("stand-in for svm:C=10;pre=standardize (estimated ")
+    assert heads["knn"]["status"] == "subsampled" and heads["knn"]["rows"] < 1200  # knn has no stand-in
+    assert "fitted on a stratified sample of" in heads["knn"]["reason"]
+    # the kernel-map stand-in becomes a layer with fixed weights, exactly
+    pipeline, head_meta = runs.load_head(res.run_dir, stand_in["head"])
+    assert head_meta["transferable"]
+    X, _, _ = store.load_features(Path(res.run_dir).parents[1] / "digits.h5", "test")
+    module = to_torch(pipeline, "rbf-map")
+    with torch.no_grad():
+        proba = torch.softmax(module(torch.from_numpy(X)).double(), dim=1).numpy()
+    np.testing.assert_allclose(proba, pipeline.predict_proba(X), atol=1e-4)
+    assert not [p for p in module.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 1000]
+
+
+def test_budget_and_memory_values_are_checked(tmp_path):
+    cache = _cache(tmp_path, sizes=(("train", 100), ("val", 50)))
+    for options, message in (({"budget": -1}, "budget must be"), ({"max_memory": "lots"}, "max_memory must be"),
+                             ({"backend": "spark"}, "unknown backend"), ({"backend": "dask"}, "--scheduler")):
+        with pytest.raises(UsageError, match=message):
+            featurecache.fit_head(cache, head=("knn",), **options)
+    assert scaling.parse_size("1.5G") == 3 << 29 and scaling.parse_size("512M") == 512 << 20
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Log:
+    """A non-terminal stream that remembers its lines and says when one arrived."""
+
+    def __init__(self):
+        self.lines, self.arrived = [], threading.Event()
+
+    def write(self, text):
+        self.lines += [line for line in text.splitlines() if line.strip()]
+        self.arrived.set()
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_progress_lines_for_a_log(tmp_path, many_rows, monkeypatch):
+    log = _Log()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
+    featurecache.fit_head(_cache(tmp_path), head=GRID, jobs=1, budget=100, progress=True)
+    assert log.lines[0].startswith("fit-head: 8 heads on 1,200 training rows x 64 features, selected on val; "
+                                   "budget 100 s on 1 cores")
+    assert log.lines[1] == "fit-head: rungs: 8 heads on 133 rows, 3 heads on 400 rows, 2 heads on 1,200 rows"
+    counts = [line for line in log.lines if " fits (" in line]
+    assert counts and all("elapsed, ETA " in line and "; now: " in line for line in counts)
+    assert any(line.startswith("fit-head: 13/13 fits (100%)") for line in counts)
+    assert any("estimated" in line and "on 1,200 rows" in line for line in log.lines)  # the plan from timed fits
+
+
+class _Waiting(NearestCentroid):
+    """Nearest centroid whose fit waits until a progress line arrives in ``LOG``."""
+
+    def fit(self, X, y):
+        assert LOG.arrived.wait(60), "no progress line while a fit ran"
+        return super().fit(X, y)
+
+
+LOG = _Log()
+
+
+def _waiting():
+    """Nearest centroid that waits for a progress line."""
+    return _Waiting()
+
+
+def test_a_line_every_interval_while_a_long_fit_runs(tmp_path, monkeypatch):
+    """A head that does not finish until a progress line arrives: the line must come from the clock."""
+    log = LOG
+    register_head("waiting", _waiting, family="neighbors", trusted=[f"{__name__}._Waiting"])
+    try:
+        monkeypatch.setattr(sys, "stderr", log)
+        monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.5)
+        featurecache.fit_head(_cache(tmp_path, sizes=(("train", 100), ("val", 50))), head=("waiting",), jobs=1,
+                              progress=True)
+    finally:
+        from featurecache.heads import HEADS
+
+        HEADS.pop("waiting")
+    assert log.lines[0].startswith("fit-head: 0/1 fits (0%)") and log.lines[0].endswith("now: waiting (100 rows)")
+
+
+def test_cli_json_still_reports_progress_on_stderr(tmp_path, cli_runner, monkeypatch):
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
+    out = run_cli(cli_runner, "fit-head", _cache(tmp_path, sizes=(("train", 100), ("val", 50))), "--head", "knn",
+                  "--jobs", 1, "--json")
+    assert out.exit_code == 0 and json.loads(out.stdout)["leaderboard"][0]["status"] == "fitted"
+    assert "fit-head: 1/1 fits (100%)" in out.stderr
+
+
+# --------------------------------------------------------------------------- a rerun after a kill
+
+_KILLED_SWEEP = """
+import sys
+import featurecache
+featurecache.fit_head(sys.argv[1], head=sys.argv[2:], jobs=1, seed=0)
+"""
+SLOW = tuple(f"mlp:hidden=64;epochs=60;dropout={d};pre=standardize" for d in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))
+
+
+def test_a_killed_sweep_reuses_its_finished_fits(tmp_path, monkeypatch):
+    cache = _cache(tmp_path, sizes=(("train", 300), ("val", 150)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(featurecache.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SWEEP, cache, *SLOW], env=env)
+    runs_dir = Path(cache).parent / "runs"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.endswith(".partial") and len([f for f in p.iterdir() if not f.name.startswith(".")]) >= 2
+                      for p in (runs_dir.iterdir() if runs_dir.is_dir() else [])):
+            assert child.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    [partial] = [p for p in runs_dir.iterdir() if p.name.endswith(".partial")]
+    finished = len([f for f in partial.iterdir() if (f / "fit.json").is_file()])
+    assert 2 <= finished < len(SLOW) and not any((p / "run.json").exists() for p in runs_dir.iterdir())
+    fitted = []
+    real = engine.FITTERS["single"]
+
+    def counting(configs, *args):
+        fitted.extend(c.spec for c in configs)
+        return real(configs, *args)
+
+    monkeypatch.setitem(engine.FITTERS, "single", counting)
+    resumed = featurecache.fit_head(cache, head=SLOW, jobs=1, seed=0)
+    assert len(fitted) == len(SLOW) - finished and not partial.exists()
+    fresh = featurecache.fit_head(_cache(tmp_path / "fresh", sizes=(("train", 300), ("val", 150))), head=SLOW, jobs=1)
+    strip = lambda board: [{k: v for k, v in e.items() if k != "fit_seconds"} for e in board]  # noqa: E731
+    assert strip(resumed.leaderboard) == strip(fresh.leaderboard)
