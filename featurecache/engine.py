@@ -31,6 +31,7 @@ from .heads import dump_head, fit_linear_grid, head_type, make_estimator, thread
 from .heads.chunked import RowChunks, fit_chunked
 
 SCHEDULER_ENV = "FC_DASK_SCHEDULER"
+CONNECT_TIMEOUT = 30  # seconds to reach a Dask scheduler
 BACKENDS = ("local", "dask")
 PREDICT_ROWS = 8192  # rows predicted at once
 
@@ -220,7 +221,7 @@ class DaskEngine:
         except ImportError:
             raise UsageError("the dask backend needs dask.distributed: pip install 'featurecache[dask]'") from None
         try:
-            self.client = Client(address, timeout=30)
+            self.client = Client(address, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise UsageError(f"cannot reach the Dask scheduler at {address}: {_reason(exc)}") from None
 

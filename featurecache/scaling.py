@@ -40,7 +40,7 @@ TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all 
 DEFAULT_BUDGET = 240.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
 USABLE_SHARE = 0.85  # of the cores' seconds that fits actually get (lanes never pack perfectly)
 MEMORY_SHARE = 0.5  # default --max-memory: this share of the available memory
-WORKING_COPIES = 3  # a head in memory holds its rows about this many times (preprocessing, solver)
+WORKING_COPIES = 4  # a head in memory holds its rows about this many times (preprocessing, solver)
 
 
 # --------------------------------------------------------------------------- sizes
