@@ -96,7 +96,8 @@ def scale(sizes: list[int], reference: int | None, extra: list[str]) -> None:
 
 
 def compare_with_reference(folder: Path, n: int, extra: list[str]) -> None:
-    cache = str(folder / f"synthetic-{n}.h5") if (folder / f"synthetic-{n}.h5").exists() else write_cache(folder, n)
+    existing = folder / f"synthetic-{n}.h5"
+    cache = str(existing) if existing.exists() else write_cache(folder, n)
     ours = sweep(cache, *extra)
     print(f"reference on {n:,} rows: the default sweep unpruned and unbudgeted (every head on every row) ...",
           flush=True)

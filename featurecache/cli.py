@@ -515,7 +515,7 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the cross-validation on train when there is no val split.")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
-@click.option("--budget", type=click.FloatRange(min=0), default=240.0, show_default=True, metavar="SECONDS",
+@click.option("--budget", type=click.FloatRange(min=0), default=210.0, show_default=True, metavar="SECONDS",
               help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
                    "planned from timed small fits (0: no bound).")
 @click.option("--halving/--no-halving", default=True, show_default=True,

@@ -9,9 +9,13 @@ Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Abo
   one stratified order, so each rung's rows include the previous rung's. Without
   ``halving`` the first rung only times the heads and every head moves on.
 - **Cost models.** A head's cost is ``seconds(rows) = s * (rows / r) ** growth``, with
-  ``(r, s)`` its latest timed fit and ``growth`` what its head type declares.
+  ``(r, s)`` its latest timed fit and ``growth`` what its head type declares. With a
+  budget, heads whose cost grows much faster than the rows (``growth`` of
+  :data:`PROBE_GROWTH` or more: the RBF SVM) are timed on :data:`PROBE_ROWS` rows before
+  the first rung, so that even the first rung stays within the budget.
 - **The budget.** Before each later rung, the seconds left (of ``budget``, on the usable
-  cores) are shared among the fits still to come in proportion to their rows. A head
+  cores) are shared among the fits still to come in proportion to their rows (torch heads,
+  which run one after another, share one core). A head
   whose estimate at the final rung exceeds its share gets its registered stand-in (the
   same inductive bias for about the share); a head without one, or whose stand-in is not
   cheaper, is fitted on the largest stratified sample its share pays for (``subsampled``).
@@ -35,9 +39,10 @@ LARGE_ROWS = 4000  # above: rungs, a holdout instead of k folds, the budget
 FIRST_RUNG_ROWS = 1500  # about the rows of the first rung
 ETA = 3  # each rung keeps a third of the heads on three times the rows
 FINAL_HEADS = 2  # heads that reach all rows at least
+PROBE_ROWS, PROBE_GROWTH = 500, 1.5  # heads whose cost grows this fast are timed on this many rows first
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 10000  # of train, when there is no val split
 TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all saw
-DEFAULT_BUDGET = 240.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
+DEFAULT_BUDGET = 210.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
 USABLE_SHARE = 0.85  # of the cores' seconds that fits actually get (lanes never pack perfectly)
 MEMORY_SHARE = 0.5  # default --max-memory: this share of the available memory
 WORKING_COPIES = 4  # a head in memory holds its rows about this many times (preprocessing, solver)
@@ -167,11 +172,13 @@ class HeadState:
         return seconds * (rows / max(1, timed_rows)) ** head_type(self.form.name).growth
 
 
-def shares(remaining: float, cores: int, plan: list[Rung], counts: list[int]) -> list[float]:
-    """Seconds each head may take at each of the rungs still to come: the cores' seconds left,
-    in proportion to the rows of every fit."""
-    total = sum(r.rows * k for r, k in zip(plan, counts))
-    return [max(0.0, remaining) * cores * USABLE_SHARE * r.rows / total for r in plan]
+def final_shares(left: float, cores: int, plan: list[Rung], torch_heads: int) -> tuple[float, float]:
+    """Seconds one head may take at the final rung, ``(other heads, torch heads)``: the final rung's part
+    of the ``left`` seconds (in proportion to the rows of every fit to come), on ``cores`` cores for
+    most heads; torch heads run one after another, so those that may reach it share one core's part."""
+    total = sum(r.rows * r.keep for r in plan)
+    wall = max(0.0, left) * USABLE_SHARE * plan[-1].rows * plan[-1].keep / total
+    return wall * cores / plan[-1].keep, wall / max(1, min(plan[-1].keep, torch_heads))
 
 
 def _fmt_seconds(seconds: float) -> str:

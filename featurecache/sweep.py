@@ -485,7 +485,8 @@ class _Sweep:
         self.recorder.start_rung(alive)
         tasks = _tasks(alive, rung, self.rows, self.data, self.plan.seed)
         todo = self.recorder.reuse(tasks)
-        self.recorder.progress.set_current(f"rung {rung.index + 1}/{len(self.rungs)}, {rung.rows:,} rows")
+        step = "timing" if rung.index < 0 else f"rung {rung.index + 1}/{len(self.rungs)}"
+        self.recorder.progress.set_current(f"{step}, {rung.rows:,} rows")
         self.engine.run(todo, self.data, len(self.plan.classes), self.plan.seed, self.device, self.recorder.add,
                         lambda task: self.recorder.progress.set_current(f"{task.configs[0].spec} ({task.label})"))
         return self.recorder.finish_rung(alive)
@@ -494,12 +495,13 @@ class _Sweep:
         """Stand-ins and row caps so that the rungs still to come fit in what is left of the budget."""
         if self.plan.budget is None:
             return
-        rest = self.rungs[rung_index:]
         left = self.plan.budget - (time.perf_counter() - self.started)
-        final_share = scaling.shares(left, self.engine.cores, rest, [r.keep for r in rest])[-1]
+        torch_heads = sum(head_type(s.form.name).kind == "torch" for s in alive)
+        shares = scaling.final_shares(left, self.engine.cores, self.rungs[rung_index:], torch_heads)
         taken = {s.form.spec for s in self.states}
         for state in alive:
-            scaling.fit_within(state, rest[-1].rows, final_share, taken)
+            share = shares[head_type(state.form.name).kind == "torch"]
+            scaling.fit_within(state, self.rungs[-1].rows, share, taken)
 
     def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
         for place, state in enumerate(ranked[keep:], keep + 1):
@@ -508,13 +510,22 @@ class _Sweep:
                             f"{place} of {len(ranked)} on {self.plan.selection}; {keep} moved on")
         return ranked[:keep]
 
+    def probe(self, alive: list) -> list:
+        """Time the heads whose cost grows faster than the rows (an RBF SVM) on a small sample first, so that
+        the budget can give them a stand-in before the first rung; returns those still alive."""
+        probed = [s for s in alive if head_type(s.form.name).growth >= scaling.PROBE_GROWTH]
+        if not probed or self.plan.budget is None or len(self.rungs) < 2:
+            return alive
+        rows = min(scaling.PROBE_ROWS, self.rungs[0].rows)
+        ok = self.run_rung(scaling.Rung(-1, rows, len(probed)), probed)
+        return [s for s in alive if s not in probed or s in ok]
+
     def run(self) -> None:
-        alive, key = list(self.states), _rung_key(self.plan, self.rows.labels(self.data))
+        alive, key = self.probe(list(self.states)), _rung_key(self.plan, self.rows.labels(self.data))
         for rung in self.rungs:
-            if rung.index:
-                self.fit_within_budget(alive, rung.index)
-                if rung.index == 1 and self.echo:
-                    _echo_estimates(self, alive)
+            self.fit_within_budget(alive, rung.index)
+            if rung.index == 1 and self.echo:
+                _echo_estimates(self, alive)
             ranked = sorted(self.run_rung(rung, alive), key=key)
             following = self.rungs[rung.index + 1] if rung.index + 1 < len(self.rungs) else None
             alive = self.prune(ranked, rung, following.keep) if following else ranked
@@ -590,7 +601,9 @@ def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool
     rung_list = scaling.rungs(len(rows.pool), len(states), plan.halving, plan.budget) if plan.large else \
         [scaling.Rung(0, len(rows.pool), len(states))]
     plan.rungs = [{"rows": r.rows, "heads": r.keep} for r in rung_list]
-    fits = sum(r.keep for r in rung_list) * (1 + len(rows.folds))
+    probes = sum(head_type(c.name).growth >= scaling.PROBE_GROWTH for c in plan.configs) \
+        if plan.budget is not None and len(rung_list) > 1 else 0
+    fits = sum(r.keep for r in rung_list) * (1 + len(rows.folds)) + probes
     runner = engine.open_engine(backend, scheduler, jobs)
     try:
         with Progress(fits, "fit-head", unit="fits", enabled=progress, every=PROGRESS_EVERY) as bar, \
