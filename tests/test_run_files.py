@@ -23,7 +23,7 @@ from sklearn.preprocessing import FunctionTransformer
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import files, runs, store, sweep
+from featurecache import engine, files, runs, store
 from featurecache.errors import RunError
 from featurecache.heads import list_heads
 
@@ -80,13 +80,13 @@ def _one_line_run_error(call) -> str:
 @pytest.mark.parametrize("name", [*list_heads(), "sklearn.ensemble.ExtraTreesClassifier"])
 def test_every_head_type_round_trips_exactly(cache, name, monkeypatch):
     saved = {}
-    real = sweep.dump_head
+    real = engine.dump_head
 
     def spy(pipeline, cfg):
         saved[cfg.spec] = pipeline
         return real(pipeline, cfg)
 
-    monkeypatch.setattr(sweep, "dump_head", spy)
+    monkeypatch.setattr(engine, "dump_head", spy)
     specs = [_spec(name, pre) for pre in ("standardize", "l2", "pca:8")]
     res = featurecache.fit_head(cache, head=specs, jobs=1)
     assert res.failed == [] and set(saved) == {e["head"] for e in res.leaderboard}

@@ -17,7 +17,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
 
 from .chunked import centroid_chunks, sgd_chunks, torch_chunks
-from .convert import coef_module, decision_softmax_module, kernel_map_module, logreg_module, torch_module
+from .convert import decision_softmax_module, kernel_map_module, logreg_module, torch_module
 from .registry import HeadConfig, head_type, register_head, type_name
 from .sklearn_heads import DecisionSoftmaxClassifier, KernelMapClassifier, SoftmaxNearestCentroid
 from .torch_heads import TorchLinearClassifier, TorchMLPClassifier
@@ -112,12 +112,13 @@ def _rbf_map(*, C=1.0, gamma="scale", n_components=1000, max_iter=1000, class_we
                                class_weight=class_weight, random_state=random_state)
 
 
-@register_head("sgd", family="linear", simplicity=1, to_module=coef_module, stand_in=_fewer_iterations,
-               chunked=sgd_chunks)
-def _sgd(*, loss="log_loss", alpha=0.0001, max_iter=20, class_weight=None, random_state=None):
-    """Linear model by stochastic gradient descent (loss log_loss or modified_huber); learns from row chunks."""
-    return SGDClassifier(loss=loss, alpha=alpha, max_iter=max_iter, tol=None, class_weight=class_weight,
-                         random_state=random_state)
+@register_head("sgd", family="linear", simplicity=1, to_module=decision_softmax_module, stand_in=_fewer_iterations,
+               chunked=sgd_chunks, trusted=[type_name(DecisionSoftmaxClassifier)])
+def _sgd(*, loss="log_loss", alpha=0.001, max_iter=20, class_weight=None, random_state=None):
+    """Linear model by stochastic gradient descent; probabilities: softmax of the decision function; learns
+    from row chunks."""
+    return DecisionSoftmaxClassifier(SGDClassifier(loss=loss, alpha=alpha, max_iter=max_iter, tol=None,
+                                                   class_weight=class_weight, random_state=random_state))
 
 
 # the search trees k nearest neighbours may build, and the metrics they hold

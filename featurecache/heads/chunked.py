@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
@@ -121,16 +122,19 @@ def torch_chunks(estimator, chunks: RowChunks, random_state):
     return estimator.fit_rows(chunks, chunks.classes)
 
 
-def sgd_chunks(estimator, chunks: RowChunks, random_state):
-    """An SGD-type linear model: ``max_iter`` passes of ``partial_fit``, one call per chunk."""
+def sgd_chunks(wrapper, chunks: RowChunks, random_state):
+    """An SGD-type linear model (inside a :class:`~featurecache.heads.sklearn_heads.DecisionSoftmaxClassifier`):
+    ``max_iter`` passes of ``partial_fit``, one call per chunk."""
     generator = torch.Generator().manual_seed(int(random_state or 0))
+    estimator = clone(wrapper.estimator)
     if estimator.class_weight == "balanced":  # partial_fit takes weights, not "balanced"
         weights = compute_class_weight("balanced", classes=chunks.classes, y=chunks.raw_labels)
         estimator.set_params(class_weight=dict(zip(chunks.classes.tolist(), weights)))
     for _ in range(estimator.max_iter):
         for X, y in chunks.shuffled(generator):
             estimator.partial_fit(X, chunks.classes[y], classes=chunks.classes)
-    return estimator
+    wrapper.estimator_, wrapper.classes_, wrapper.n_features_in_ = estimator, estimator.classes_, chunks.n_features
+    return wrapper
 
 
 def centroid_chunks(estimator, chunks: RowChunks, random_state):
