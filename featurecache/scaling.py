@@ -82,14 +82,6 @@ def memory_cap(max_memory) -> int:
     return int(MEMORY_SHARE * available_memory()) if max_memory is None else parse_size(max_memory)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def check_budget(budget) -> float | None:
     """Seconds, or None (0 too) for a sweep without a bound."""
     if budget is None or budget == 0:
