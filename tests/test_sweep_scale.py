@@ -113,7 +113,8 @@ def test_over_budget_heads_get_a_stand_in_or_a_sample(tmp_path, many_rows):
     res = featurecache.fit_head(cache, head=grid, jobs=1, budget=1e-6, halving=False)
     heads = {e["head"].partition(":")[0]: e for e in res.leaderboard}
     stand_in = heads["rbf-map"]
-    assert stand_in["head"] == "rbf-map:C=10;pre=standardize" and stand_in["status"] == "fitted"
+    # timed on a few rows first, the RBF SVM became a kernel map; timed again, a smaller one
+    assert stand_in["head"] == "rbf-map:C=10;n_components=100;pre=standardize" and stand_in["status"] == "fitted"
     assert stand_in["reason"].startswith("stand-in for svm:C=10;pre=standardize (estimated ")
     assert heads["knn"]["status"] == "subsampled" and heads["knn"]["rows"] < 600  # knn has no stand-in
     assert "fitted on a stratified sample of" in heads["knn"]["reason"]
@@ -253,3 +254,15 @@ def test_a_killed_sweep_reuses_its_finished_fits(tmp_path, monkeypatch):
     fresh = featurecache.fit_head(_cache(tmp_path / "fresh", sizes=(("train", 300), ("val", 150))), head=SLOW, jobs=1)
     strip = lambda board: [{k: v for k, v in e.items() if k != "fit_seconds"} for e in board]  # noqa: E731
     assert strip(resumed.leaderboard) == strip(fresh.leaderboard)
+
+
+@pytest.mark.slow
+def test_stage_three_starts_from_the_kernel_map_stand_in(tmp_path):
+    from conftest import FAST, make_split_folder
+
+    root = make_split_folder(tmp_path / "images", splits=(("train", 12), ("val", 6)))
+    cache = featurecache.extract(str(root), cache_dir=str(tmp_path / "c"), **FAST).cache
+    run = featurecache.fit_head(cache, head=("rbf-map:n_components=10;pre=standardize",), jobs=1)
+    tuned = featurecache.finetune(run.run_dir, epochs=1, batch_size=4, workers=0, progress=False)
+    assert tuned.head.startswith("rbf-map:") and tuned.start_accuracy == tuned.head_accuracy  # an exact start
+    assert len(featurecache.predict(tuned.model, [str(root / "val")], workers=0, progress=False)["predictions"]) == 12

@@ -68,18 +68,18 @@ def torch_module(head) -> nn.Module:
 
 class RBFKernel(nn.Module):
     """``exp(-gamma * ||x * scale - center||^2)`` against fixed centers: a layer with fixed weights (buffers).
-    Distances are computed in float64 (the expansion ``|z|^2 - 2 z.c + |c|^2`` cancels), the result is float32."""
+    Distances are taken directly, not by the expansion ``|z|^2 - 2 z.c + |c|^2``, which cancels in float32."""
 
     def __init__(self, centers: np.ndarray, gamma: float):
         super().__init__()
-        self.register_buffer("centers", torch.tensor(np.asarray(centers), dtype=torch.float64))  # a copy
-        self.register_buffer("scale", torch.ones(self.centers.shape[1], dtype=torch.float64))
+        self.register_buffer("centers", torch.tensor(np.asarray(centers), dtype=torch.float32))  # a copy
+        self.register_buffer("scale", torch.ones(self.centers.shape[1]))
         self.gamma = float(gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.double() * self.scale
-        d2 = (z * z).sum(1, keepdim=True) - 2.0 * z @ self.centers.T + (self.centers * self.centers).sum(1)
-        return torch.exp(-self.gamma * d2.clamp_min(0.0)).float()
+        z = x.to(self.centers.dtype) * self.scale
+        d = torch.cdist(z, self.centers, compute_mode="donot_use_mm_for_euclid_dist")
+        return torch.exp(-self.gamma * d * d)
 
 
 class KernelMapNet(nn.Module):
@@ -99,7 +99,7 @@ class KernelMapNet(nn.Module):
             scale = np.ones_like(mean) if pre.scale_ is None else pre.scale_
             with torch.no_grad():
                 self.kernel.scale.copy_(torch.from_numpy(1.0 / scale))
-                self.kernel.centers.add_(torch.from_numpy(mean / scale))
+                self.kernel.centers.add_(torch.from_numpy(mean / scale).float())
             return self
         if isinstance(pre, PCA):
             identity = np.eye(pre.n_components_)
