@@ -207,7 +207,8 @@ class _Plan:
     run_dir: Path
     budget: float | None = None
     halving: bool = True
-    memory: int = 0  # bytes of features a sweep may hold (max_memory)
+    memory: int = 0  # bytes of features a sweep may hold
+    max_memory: str | int | None = None  # as given (None: a share of the memory available)
     rungs: list = field(default_factory=list)  # rows and heads of each rung, for run.json
 
     @property
@@ -232,8 +233,8 @@ def _run_id(plan: _Plan) -> str:
               "cv": plan.cv, "class_weight": plan.class_weight, "format": RUN_FORMAT}
     if plan.large:  # these change what is fitted only on many rows
         fields.update(budget=plan.budget, halving=plan.halving)
-        if plan.bytes("train") > plan.memory:
-            fields["memory"] = plan.memory
+        if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
+            fields["max_memory"] = plan.max_memory
     payload = json.dumps(fields, sort_keys=True)
     return f"{plan.cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
@@ -260,7 +261,7 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
     selection = _selection(meta)
     final = "test" if "test" in meta["splits"] else selection
     plan = _Plan(path, meta, configs, selection, final, cv if selection == "cv" else None, seed, class_weight,
-                 path, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory))
+                 path, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory)
     plan.run_dir = path.parent / RUNS / _run_id(plan)
     return plan
 

@@ -114,7 +114,7 @@ def test_over_budget_heads_get_a_stand_in_or_a_sample(tmp_path, many_rows):
     heads = {e["head"].partition(":")[0]: e for e in res.leaderboard}
     stand_in = heads["rbf-map"]
     # timed on a few rows first, the RBF SVM became a kernel map; timed again, a smaller one
-    assert stand_in["head"] == "rbf-map:C=10;n_components=100;pre=standardize" and stand_in["status"] == "fitted"
+    assert stand_in["head"] == "rbf-map:C=100.0;n_components=100;pre=standardize" and stand_in["status"] == "fitted"
     assert stand_in["reason"].startswith("stand-in for svm:C=10;pre=standardize (estimated ")
     assert heads["knn"]["status"] == "subsampled" and heads["knn"]["rows"] < 600  # knn has no stand-in
     assert "fitted on a stratified sample of" in heads["knn"]["reason"]
