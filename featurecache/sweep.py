@@ -703,8 +703,10 @@ def fit_head(
 
 def list_head_types() -> list[dict]:
     """The registry as rows: name, family, kind, transferable, class_weight, default parameters and the
-    facts the sweep uses (simplicity rank, relative cost, warm-start path)."""
+    facts the sweep uses (simplicity rank, relative cost, warm-start path; on many rows how the cost
+    grows with the rows, whether there is a stand-in and whether it learns from row chunks)."""
     return [{"name": h.name, "family": h.family, "kind": h.kind, "transferable": h.transferable,
              "class_weight": h.class_weight, "defaults": h.defaults, "description": h.description,
-             "simplicity": h.simplicity, "cost": h.cost, "warm_path": h.warm_path}
+             "simplicity": h.simplicity, "cost": h.cost, "warm_path": h.warm_path, "growth": h.growth,
+             "stand_in": h.stand_in is not None, "chunked": h.chunked is not None}
             for h in HEADS.values()]
