@@ -49,8 +49,8 @@ def _sweep(cache: str) -> dict:
 
 @pytest.mark.slow
 def test_features_beyond_the_cap_are_read_in_chunks_under_the_cap(tmp_path):
-    big = _cache(tmp_path / "big.h5", 50_000)  # 128 MB of train features: four times the cap
-    assert store.info(big)["splits"]["train"]["n"] * 640 * 4 >= 4 * CAP
+    big = _cache(tmp_path / "big.h5", 50_000)  # 128 MB of train features: 3.8 times the cap
+    assert store.info(big)["splits"]["train"]["n"] * 640 * 4 > 3.5 * CAP
     baseline = _sweep(_cache(tmp_path / "small.h5", 4_100))  # the interpreter, torch and the heads, measured alike
     large = _sweep(big)
     assert large["peak"] <= baseline["peak"] + CAP, (large["peak"] >> 20, baseline["peak"] >> 20)
