@@ -222,6 +222,7 @@ featurecache.fit_head(sys.argv[1], head=sys.argv[2:], jobs=1, seed=0)
 SLOW = tuple(f"mlp:hidden=64;epochs=60;dropout={d};pre=standardize" for d in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))
 
 
+@pytest.mark.slow  # a child process with torch, killed midway
 def test_a_killed_sweep_reuses_its_finished_fits(tmp_path, monkeypatch):
     cache = _cache(tmp_path, sizes=(("train", 300), ("val", 150)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(featurecache.__file__).parents[1]),
