@@ -117,9 +117,10 @@ def fashion_mnist(limit: int, root: str, extra: list[str]) -> None:
         result, sweep_seconds = fc("fit-head", extracted["cache"], "--cache-dir", cache_dir, *extra)
     best = result["leaderboard"][0]
     splits = ", ".join(f"{k} {v['n']:,}" for k, v in extracted["splits"].items())
+    test = best["metrics"]["test"]["accuracy"]
     print(f"Fashion-MNIST ({splits}), MobileNetV2 IMAGENET1K_V1: extract {extract_seconds:.1f} s, "
           f"sweep {sweep_seconds:.1f} s ({len(result['leaderboard'])} heads, selected on "
-          f"{best['selection_split']}); selected {best['head']}: test accuracy {best['metrics']['test']['accuracy']:.4f}")
+          f"{best['selection_split']}); selected {best['head']}: test accuracy {test:.4f}")
 
 
 def main() -> None:
