@@ -125,11 +125,13 @@ class Rung:
 
 def rungs(n_rows: int, n_heads: int, halving: bool, budget: float | None) -> list[Rung]:
     """The rungs of a sweep on ``n_rows``: one rung up to :data:`LARGE_ROWS` rows (and without
-    halving or budget); else geometric sizes up to all rows, a third of the heads kept each time."""
-    if n_rows <= LARGE_ROWS or not (halving or budget):
+    halving or budget); a timing rung and all rows without halving (or with too few heads to prune);
+    else geometric sizes up to all rows, a third of the heads kept each time."""
+    if n_rows <= LARGE_ROWS:
         return [Rung(0, n_rows, n_heads)]
-    if not halving:
-        return [Rung(0, min(FIRST_RUNG_ROWS, n_rows), n_heads), Rung(1, n_rows, n_heads)]
+    if not halving or n_heads <= FINAL_HEADS:  # nothing to prune: with a budget, time the heads on a sample first
+        return [Rung(0, n_rows, n_heads)] if budget is None else \
+            [Rung(0, min(FIRST_RUNG_ROWS, n_rows), n_heads), Rung(1, n_rows, n_heads)]
     steps = max(1, math.floor(math.log(n_rows / FIRST_RUNG_ROWS, ETA) + 1e-9))
     out, keep = [], n_heads
     for i in range(steps + 1):

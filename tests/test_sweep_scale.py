@@ -54,6 +54,7 @@ def test_rungs_grow_the_rows_and_keep_a_third_of_the_heads():
     assert [(r.rows, r.keep) for r in scaling.rungs(20000, 22, True, None)] == [(2222, 22), (6667, 8), (20000, 3)]
     assert [(r.rows, r.keep) for r in scaling.rungs(20000, 22, False, 240)] == [(1500, 22), (20000, 22)]
     assert scaling.rungs(20000, 22, False, None) == [scaling.Rung(0, 20000, 22)]
+    assert scaling.rungs(20000, 2, True, 240) == [scaling.Rung(0, 1500, 2), scaling.Rung(1, 20000, 2)]
 
 
 def test_a_stratified_order_gives_stratified_prefixes():
