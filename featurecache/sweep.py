@@ -555,12 +555,16 @@ def _echo_estimates(sweep: _Sweep, alive: list) -> None:
 
 @contextlib.contextmanager
 def _heartbeat(progress: Progress):
-    """A log line at least every ``progress.every`` seconds while fits run, also when none finishes."""
+    """A log line at least every ``progress.every`` seconds while fits run, also when none finishes (on a
+    terminal: the bar redrawn every second, so that its elapsed time and ETA move during a long fit)."""
     stop = threading.Event()
 
     def beat():
         while not stop.wait(1.0):
-            if progress.enabled and progress.bar is None and time.monotonic() - progress.last >= progress.every:
+            bar = progress.bar
+            if bar is not None:
+                bar.refresh()
+            elif progress.enabled and time.monotonic() - progress.last >= progress.every:
                 progress.log()
 
     thread = threading.Thread(target=beat, daemon=True)
