@@ -342,3 +342,38 @@ def test_make_estimator_refuses_unknown_params():
 def test_logreg_head_is_lbfgs_logistic_regression():
     head = make_estimator(HeadConfig("logreg", {"C": 0.5})).named_steps["head"]
     assert isinstance(head, LogisticRegression) and head.solver == "lbfgs" and head.C == 0.5
+
+
+# --------------------------------------------------------------------------- learning from row chunks
+
+
+@pytest.mark.parametrize("spec, exact", [("nearest-centroid:pre=l2", True), ("linear:epochs=30;lr=0.01;pre=standardize",
+                                                                          False), ("sgd:pre=standardize", False)])
+def test_heads_learn_from_row_chunks_as_from_memory(digits, spec, exact):
+    from featurecache.heads.chunked import RowChunks, can_learn_from_chunks, fit_chunked
+
+    X_train, y_train, X_test, y_test = digits
+    cfg = parse_grid(spec)[0]
+    reads = []
+
+    def read(rows):
+        reads.append(len(rows))
+        return X_train[rows]
+
+    chunked = fit_chunked(cfg, RowChunks(read, np.arange(len(y_train)), y_train, X_train.shape[1], 100))
+    in_memory = make_estimator(cfg).fit(X_train, y_train)
+    assert can_learn_from_chunks(cfg) and max(reads) == 100  # never more than one chunk at a time
+    if exact:
+        np.testing.assert_allclose(chunked.predict_proba(X_test), in_memory.predict_proba(X_test), atol=1e-9)
+    else:
+        assert (chunked.predict(X_test) == y_test).mean() > (in_memory.predict(X_test) == y_test).mean() - 0.03
+    if cfg.pre == "standardize":  # running moments: the scaler of all rows
+        np.testing.assert_allclose(chunked.named_steps["pre"].mean_, X_train.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(chunked.named_steps["pre"].var_, X_train.var(axis=0), rtol=1e-4, atol=1e-4)
+
+
+def test_heads_that_need_every_row_refuse_chunks():
+    from featurecache.heads.chunked import can_learn_from_chunks
+
+    assert not can_learn_from_chunks(parse_grid("logreg")[0])
+    assert not can_learn_from_chunks(parse_grid("linear:pre=pca:8")[0])
