@@ -544,13 +544,13 @@ def _echo_plan(sweep: _Sweep) -> None:
 
 
 def _echo_estimates(sweep: _Sweep, alive: list) -> None:
-    """The plan after the first rung's timed fits: each head's estimate on all rows, and what it becomes."""
+    """The plan after the first rung's timed fits: each head's estimate on all rows, and what it became."""
     final = sweep.rungs[-1].rows
     for state in sorted(alive, key=lambda s: -(s.estimate(final) or 0.0)):
         estimate = state.estimate(final)
+        name = state.requested.spec if state.form == state.requested else f"{state.requested.spec} -> {state.form.spec}"
         what = f"estimated {estimate:,.1f} s on {final:,} rows" if estimate is not None else "not timed yet"
-        print(f"fit-head:   {state.requested.spec}: {what}{'; ' + state.reason if state.reason else ''}",
-              file=sys.stderr)
+        print(f"fit-head:   {name}: {what}{'; ' + state.reason if state.reason else ''}", file=sys.stderr)
 
 
 @contextlib.contextmanager
