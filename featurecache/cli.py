@@ -89,13 +89,16 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def call_stage(function, as_json: bool, options: dict):
+def call_stage(function, as_json: bool, options: dict, progress: bool | None = None):
     """Call a stage's API function with the command's options.
 
-    A progress bar shows when stderr is a terminal and there is no --json. With --json the
-    result is printed as JSON and None returned; otherwise the result is returned to print.
+    ``progress`` None: a progress bar shows when stderr is a terminal and there is no --json.
+    True: the stage shows a bar on a terminal and log lines otherwise (:mod:`featurecache.progress`).
+    With --json the result is printed as JSON and None returned; otherwise the result is returned to print.
     """
-    result = function(**options, progress=not as_json and sys.stderr.isatty())
+    if progress is None:
+        progress = not as_json and sys.stderr.isatty()
+    result = function(**options, progress=progress)
     if not as_json:
         return result
     emit_json(result.to_dict())
@@ -165,11 +168,19 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
 @click.option("--batch-size", type=_count, default=None,
               help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
-@_workers
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding worker processes (default: on a CPU, the cores split between decoding and the model "
+                   "by their measured costs; on a GPU, every core).")
 @_device
 @_precision
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage type of the features.")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: gpu (batched, on the CUDA device; part of the cache key), cpu (PIL in "
+                   "the workers), auto (gpu on a CUDA device that can, else cpu).")
+@click.option("--shard", metavar="I/N", default=None,
+              help="Compute slice I of N (0 <= I < N) for schedulers without torchrun (Slurm arrays); the last slice "
+                   "to finish, or a later run without --shard, writes the cache.")
 @_cache_dir
 @click.option("--strict", is_flag=True, help="Fail on the first unusable image instead of skipping it.")
 @click.option("--max-image-pixels", type=_count, default=None,
@@ -185,10 +196,18 @@ def extract(as_json, **options):
     DATA is a folder with train/ val/ test/ class folders, one folder of class
     folders (with --split), a CSV manifest (path,label[,split]) or torchvision:NAME.
     """
+    from .distributed import is_primary
     from .extractor import extract as run_extract
 
-    result = call_stage(run_extract, as_json, options)
-    if result is None:
+    # Under torchrun the first rank speaks for the job; the others print progress only.
+    result = call_stage(run_extract, as_json and is_primary(), options, progress=True)
+    if result is None or not is_primary():
+        return
+    if not result.splits:  # a --shard slice whose cache is not written yet
+        done = f"slice {options['shard']} done ({result.images_per_s:.1f} images/s, {result.seconds:.1f} s)"
+        rest = (f"{plural(result.missing, 'image')} of other slices to go: the last slice to finish, or fc extract "
+                "without --shard, writes" if result.missing else "another process is writing")
+        click.echo(f"{done}; {rest} {result.cache}")
         return
     state = "reused" if result.reused else f"{result.images_per_s:.1f} images/s"
     click.echo(f"{result.cache}  ({state}, {result.seconds:.1f} s, {result.feature_dim} features)")
@@ -356,7 +375,7 @@ def finetune(as_json, **options):
     from .finetuning import finetune as run_finetune
     from .metrics import summary
 
-    result = call_stage(run_finetune, as_json, options)
+    result = call_stage(run_finetune, as_json, options, progress=True)
     if result is None:
         return
     rows = []
@@ -401,7 +420,7 @@ def predict(as_json, **options):
     from .prediction import predict as run_predict
     from .prediction import to_csv
 
-    result = run_predict(**options, progress=not as_json and sys.stderr.isatty())
+    result = run_predict(**options, progress=True)
     if as_json:
         emit_json(result)
     else:
