@@ -61,6 +61,7 @@ from .model import (
     load_run_head,
     save_weights,
 )
+from .progress import Progress
 
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
@@ -229,13 +230,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
 def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, classes, device, precision,
              batch_size: int, workers: int, progress: bool, desc: str = "eval") -> dict:
     """classification_metrics of ``network`` on ``images`` (every image must decode)."""
-    from tqdm.auto import tqdm
-
     network.eval()
     probs = np.zeros((len(labels), len(classes)), dtype=np.float32)
     loader = image_loader(images, batch_size, workers, device)
-    with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img", leave=False,
-                                      disable=not progress, dynamic_ncols=True) as bar:
+    with torch.inference_mode(), Progress(len(images), desc, unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
             bad = [r for r in reasons if r]
             if bad:
@@ -515,8 +513,6 @@ class _Trainer:
 
     def train_epoch(self, state: _State) -> None:
         """The rest of epoch ``state.epoch``, from batch ``state.batch`` on, in a seeded order."""
-        from tqdm.auto import tqdm
-
         s, epoch = self.s, state.epoch
         self.started = time.perf_counter()
         order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
@@ -524,15 +520,15 @@ class _Trainer:
         loader = image_loader(self.train_images, s.batch_size, self.job.workers, self.dev,
                               order[state.batch * s.batch_size:].tolist(), self.drop_last)
         train_mode(self.net, s.bn)
-        with tqdm(total=self.n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
-                  leave=False, disable=not self.job.progress, dynamic_ncols=True) as bar:
+        total = min(len(order), self.n_batches * s.batch_size)  # images of the epoch
+        with Progress(total, f"epoch {epoch + 1}/{s.epochs}", unit="images", enabled=self.job.progress,
+                      initial=min(total, state.batch * s.batch_size)) as bar:
             for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
                 group = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
                 self.batch(state, index, batch, reasons, group)
                 if (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches:
                     self.optimizer_step(state, b + 1)
-                bar.update(1)
-                bar.set_postfix(loss=f"{state.loss_sum / max(1, state.seen):.4f}")
+                bar.update(len(index), current=f"loss {state.loss_sum / max(1, state.seen):.4f}")
 
     def end_epoch(self, state: _State) -> bool:
         """Evaluate, record the epoch and the best so far, checkpoint; whether the epoch improved."""

@@ -186,16 +186,19 @@ def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.
 
     if not datas:
         return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: "moving to TorchCodec"
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            return [_decode_one(decode_jpeg, data, ImageReadMode.RGB, device) for data in datas]
+
+
+def _decode_one(decode_jpeg, data: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:
     try:
-        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        return decode_jpeg(data, mode=mode, device=device)
     except RuntimeError:
-        out: list[torch.Tensor | None] = []
-        for data in datas:
-            try:
-                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
+        return None
 
 
 #: Decoders by ``--decode`` name: where JPEGs are decoded. ``auto`` picks ``gpu`` on a CUDA
@@ -209,7 +212,9 @@ def _device_decodes_jpeg(device: str) -> str:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     try:
-        decode_jpeg(encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)), device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decode_jpeg(encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)), device=device)
     except Exception as exc:  # no nvjpeg, no driver, ...
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return ""

@@ -28,6 +28,7 @@ from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
 from .errors import DataError, UsageError
 from .images import ImageTensors, image_loader, normalize_batch
 from .model import MODEL_FILE, Exported, assemble, is_finetune_dir, load_exported, load_finetuned
+from .progress import Progress
 
 Probabilities = Callable[[torch.Tensor], np.ndarray]
 
@@ -120,8 +121,6 @@ def predict(
     head of a run (``best``, ``best-transferable``, a spec or a slug); a fine-tuned model has its own.
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     """
-    from tqdm.auto import tqdm
-
     if topk < 1 or batch_size < 1:
         raise UsageError("--topk and --batch-size must be at least 1")
     files = image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
@@ -132,8 +131,7 @@ def predict(
     loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
     k = min(topk, len(classes))
     predictions, skipped = [], []
-    with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="predict", leave=False,
-                                      disable=not progress, dynamic_ncols=True) as bar:
+    with torch.inference_mode(), Progress(len(files), "predict", unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [{"path": files[int(i)], "reason": r} for i, r in zip(index, reasons) if r]
