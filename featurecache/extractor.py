@@ -23,7 +23,7 @@ import torch
 
 from . import backbones, distributed, runtime, store
 from .data import Dataset, Preprocess, open_dataset
-from .errors import CacheLockedError, DataError, UsageError
+from .errors import CacheLockedError, DataError, UsageError, plural
 from .files import versions
 from .images import DECODERS, image_loader, normalize_batch, resolve_decode
 from .progress import Progress
@@ -314,17 +314,18 @@ def _rate(counts: list[tuple[int, float]]) -> float:
 
 def _write(job: _Job, writer: store.ShardWriter, counts: list[tuple[int, float]]) -> ExtractResult:
     """Assemble every shard into the cache file (the entry is locked), then remove the shards."""
-    features, ok, reasons, graphs = writer.collect(job.net.feature_dim, job.run.dtype)
+    features, ok, reasons, tags = writer.collect(job.net.feature_dim, job.run.dtype)
     splits = _assemble(job.dataset, features, ok, reasons)
-    store.write_cache(job.entry.path, job.dataset.classes, _provenance(job, graphs), splits, key=job.key)
+    store.write_cache(job.entry.path, job.dataset.classes, _provenance(job, tags), splits, key=job.key)
     writer.remove()
     result = _summary(job.entry.path, job.key, False, job.started, _rate(counts))
     result.skipped = [(s, p, r) for s, part in splits.items() for p, r in part["skipped"]]
     return result
 
 
-def _provenance(job: _Job, graphs: set[str]) -> dict:
-    """The cache's record of what made it: the key's parts and how it ran."""
+def _provenance(job: _Job, tags: dict[str, set[str]]) -> dict:
+    """The cache's record of what made it: the key's parts and how it ran (``tags``: how the
+    shards were computed, by each process that computed some)."""
     net, dataset, run = job.net, job.dataset, job.run
     return {
         **job.key_config,
@@ -334,7 +335,8 @@ def _provenance(job: _Job, graphs: set[str]) -> dict:
                  "fingerprint": job.key_config["dataset"]},
         "device": str(run.device),
         "batch_size": run.batch_size,
-        "graph": ", ".join(sorted(graphs)) or "eager",
+        "graph": "; ".join(sorted(tags.get("graph", ()))) or "eager",
+        "cores": "; ".join(sorted(tags.get("cores", ()))),
         "decode": run.decode,
         "processes": job.group.world,
         "versions": {**versions("torch", "torchvision", "numpy", "PIL"), "h5py": store.h5py_version()},
@@ -361,6 +363,7 @@ class _Features:
         self.model, self.mode = None, "eager"
         self.example: torch.Tensor | None = None  # the first normalized batch
         self.dtype = np.dtype(run.dtype)
+        self.cores = ""  # how the cores are split between decoding workers and the model
 
     def _choose(self, x: torch.Tensor) -> None:
         self.example = x
@@ -427,9 +430,13 @@ def _batches(images, features: _Features, run: _Run):
     forward pass from the two measured costs, and the workers decode the rest.
     """
     probe = min(len(images), max(PROBE_IMAGES, run.batch_size))
-    start = time.perf_counter()
-    items = [images[i] for i in range(probe)]
-    decode_s = (time.perf_counter() - start) / max(1, probe)
+    features.cores = _cores(0, torch.get_num_threads())
+    items, seconds = [], []
+    for i in range(probe):
+        start = time.perf_counter()
+        items.append(images[i])
+        seconds.append(time.perf_counter() - start)
+    decode_s = float(np.median(seconds))  # the first image also pays for imports and first calls
     for first in range(0, probe, run.batch_size):
         indices, payload, reasons = images.collate(items[first:first + run.batch_size])
         yield indices, *images.to_batch(indices, payload, reasons, run.device)
@@ -438,9 +445,14 @@ def _batches(images, features: _Features, run: _Run):
     given = 0 if run.workers is None and len(images) < FREEZE_MIN_IMAGES else run.workers
     workers, threads = runtime.split_cores(run.device, run.cores, given, decode_s, features.seconds)
     torch.set_num_threads(threads)
+    features.cores = _cores(workers, threads)
     for indices, payload, reasons in image_loader(images, run.batch_size, workers, run.device,
                                                   order=range(probe, len(images))):
         yield indices, *images.to_batch(indices, payload, reasons, run.device)
+
+
+def _cores(workers: int, threads: int) -> str:
+    return f"{plural(workers, 'decoding worker')}, {plural(threads, 'model thread')}"
 
 
 class _ShardBuffer:
@@ -467,7 +479,8 @@ class _ShardBuffer:
     def flush(self) -> None:
         if self.parts:
             indices, features, ok = (np.concatenate([p[i] for p in self.parts]) for i in range(3))
-            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]], graph=self.features.mode)
+            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]],
+                              tags={"graph": self.features.mode, "cores": self.features.cores})
         self.parts = []
         self.since = time.monotonic()
 

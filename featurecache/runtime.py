@@ -126,7 +126,8 @@ def split_cores(device: torch.device, cores: int, workers: int | None, decode_s:
         return workers, max(1, cores - workers) if workers else cores
     if cores == 1:
         return 0, 1
-    full, one = forward_s(cores), forward_s(1)
+    rounds = [(forward_s(cores), forward_s(1)) for _ in range(2)]  # interleaved: a busy moment spoils one of each
+    full, one = min(r[0] for r in rounds), min(r[1] for r in rounds)
     serial = min(1.0, max(0.0, (full / one - 1 / cores) / (1 - 1 / cores)))
 
     def forward(threads: int) -> float:

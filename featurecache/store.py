@@ -180,30 +180,33 @@ class ShardWriter:
         return rows_done(self.dir, self.n)
 
     def write(self, indices: np.ndarray, features: np.ndarray, ok: np.ndarray, reasons: list[str],
-              graph: str = "") -> None:
-        """Store one batch: ``features`` holds rows for the ``ok`` images only; ``graph`` says how the model ran."""
+              tags: dict[str, str] | None = None) -> None:
+        """Store one batch: ``features`` holds rows for the ``ok`` images only; ``tags`` say how it
+        was computed (the graph, the split of the cores), for the provenance."""
         indices = np.asarray(indices, dtype=np.int64)
         name = f"shard-{int(indices.min()):012d}-{int(indices.max()):012d}-{uuid.uuid4().hex[:8]}.npz"
+        labels = {f"tag_{k}": np.asarray(v) for k, v in (tags or {}).items()}
 
         def save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to a temporary name
                 np.savez(fh, indices=indices, features=features, ok=np.asarray(ok, bool),
-                         reasons=np.asarray(reasons, dtype=str), graph=np.asarray(graph))
+                         reasons=np.asarray(reasons, dtype=str), **labels)
 
         atomic_write(self.dir / name, save)
 
     def collect(self, dim: int | None, dtype: str):
-        """Assemble all shards into ``(features, ok, reasons, graphs)`` indexed by record; ``graphs``:
-        how the model ran for them (a set: ranks and slices choose for themselves)."""
+        """Assemble all shards into ``(features, ok, reasons, tags)`` indexed by record; ``tags``: each
+        tag's values over the shards (processes, ranks and slices choose for themselves)."""
         ok = np.zeros(self.n, dtype=bool)
         seen = np.zeros(self.n, dtype=bool)
         reasons = [""] * self.n
         rows: dict[int, np.ndarray] = {}
-        graphs: set[str] = set()
+        tags: dict[str, set[str]] = {}
         for shard in _shards(self.dir):
             with np.load(shard) as z:
                 idx, feats, good, why = z["indices"], z["features"], z["ok"], z["reasons"]
-                graphs.add(str(z["graph"]) if "graph" in z.files else "")
+                for name in (n for n in z.files if n.startswith("tag_")):
+                    tags.setdefault(name[4:], set()).add(str(z[name]))
             if seen[idx].any():  # a duplicate batch from an interrupted rename: keep the first
                 keep = ~seen[idx]
                 feats = feats[keep[good]]
@@ -221,7 +224,7 @@ class ShardWriter:
         features = np.zeros((int(ok.sum()), dim or 0), dtype=dtype)
         for out_row, i in enumerate(np.flatnonzero(ok)):
             features[out_row] = rows[int(i)]
-        return features, ok, reasons, graphs - {""}
+        return features, ok, reasons, tags
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

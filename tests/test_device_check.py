@@ -40,3 +40,14 @@ def test_device_check_dry_run_on_the_cpu():
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", text)]
     assert len(losses) == 2 and all(0 < x < 5 for x in losses), text
     assert "24 images, 0 skipped" in text
+
+
+@pytest.mark.slow  # about 40 s: it also starts torchrun twice
+def test_extract_benchmark_smoke_run():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "bench/extract.py", "--quick"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for label in ("pure forward, eager, batch 4", "eager limit", "fc extract, hymenoptera_data", "of fc's form (goal",
+                  "x the eager limit (goal", "torchrun, 1 process", "torchrun, 2 processes", "torchrun speed-up"):
+        assert label in out.stdout, out.stdout

@@ -94,7 +94,8 @@ def test_the_cli_says_what_a_slice_left(cli_runner, data, tmp_path):
     args = ["extract", data, "--weights", "none", "--resize", 48, "--crop", 40, "--workers", 0, "--cache-dir", tmp_path]
     out = run_cli(cli_runner, *args, "--shard", "0/2")
     assert out.exit_code == 0, out.output
-    assert out.stdout.startswith("slice 0/2 done (") and "; 8 images of other slices to go: the last slice" in out.stdout
+    assert out.stdout.startswith("slice 0/2 done (")
+    assert "; 8 images of other slices to go: the last slice" in out.stdout
     done = run_cli(cli_runner, *args, "--shard", "1/2", "--json")
     assert done.exit_code == 0 and '"missing": 0' in done.stdout and '"n": 10' in done.stdout
 
@@ -110,7 +111,7 @@ def test_who_does_which_rows(monkeypatch):
     group = distributed.Group.from_environment()
     assert (group.mode, group.rank, group.world, group.local_rank, group.local_world) == ("torchrun", 2, 4, 0, 2)
     assert group.prefix == "[rank 2/4] " and not distributed.is_primary()
-    with pytest.raises(UsageError, match="^--shard is for launches without torchrun"):
+    with pytest.raises(UsageError, match=r"^--shard is for launches without torchrun"):
         distributed.Group.from_environment("0/2")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.Group.from_environment("1/3").prefix == "[shard 1/3] "
