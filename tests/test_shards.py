@@ -4,6 +4,8 @@ run, writes it."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,17 @@ def test_who_does_which_rows(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.Group.from_environment("1/3").prefix == "[shard 1/3] "
     assert distributed.Group.from_environment().prefix == ""
+
+
+def test_sigterm_becomes_an_exit_that_runs_the_cleanup():
+    """torchrun stops the other ranks with SIGTERM: the exit runs ``finally`` steps (the last shard)."""
+    before = signal.getsignal(signal.SIGTERM)
+    flushed = []
+    with pytest.raises(SystemExit) as stop, distributed.sigterm_exits():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("SIGTERM did not stop the block")
+        finally:
+            flushed.append(True)
+    assert stop.value.code == 128 + signal.SIGTERM and flushed == [True]
+    assert signal.getsignal(signal.SIGTERM) == before
