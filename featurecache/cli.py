@@ -195,6 +195,8 @@ def extract(as_json, **options):
 
     DATA is a folder with train/ val/ test/ class folders, one folder of class
     folders (with --split), a CSV manifest (path,label[,split]) or torchvision:NAME.
+    Under torchrun (torchrun --nproc-per-node N -m featurecache extract ...) every
+    rank computes a share and the first writes the cache.
     """
     from .distributed import is_primary
     from .extractor import extract as run_extract
