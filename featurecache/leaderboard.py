@@ -75,12 +75,14 @@ def tied_count(leaderboard: list[dict]) -> int | None:
     return sum(1 for e in leaderboard if e.get("tied")) - 1
 
 
-def with_interval(metrics: dict, key: str = "accuracy") -> str:
+def format_interval(value: float, ci: list | None) -> str:
     """``0.9608 [0.928, 0.987]``: a score and its 95% interval (the score alone when it has none)."""
-    if key not in metrics:
-        return ""
-    ci = metrics.get(f"{key}_ci")
-    return f"{metrics[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def with_interval(metrics: dict, key: str = "accuracy") -> str:
+    """:func:`format_interval` of ``metrics[key]`` and ``metrics[key + "_ci"]`` ("" when there is no such score)."""
+    return format_interval(metrics[key], metrics.get(f"{key}_ci")) if key in metrics else ""
 
 
 def calibrated(entry: dict, split: str) -> dict:
