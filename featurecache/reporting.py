@@ -184,7 +184,7 @@ def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
         confidence = np.array([np.nan if c is None else c for c in bins["confidence"]])
         ax.bar(left, np.nan_to_num(accuracy), width=width, align="edge", edgecolor="black", alpha=0.6,
                label="accuracy in the bin")
-        ax.plot(confidence, accuracy, "o", color="tab:red", markersize=4, label="mean confidence in the bin")
+        ax.plot(left + width / 2, confidence, "o", color="tab:red", markersize=4, label="mean confidence in the bin")
         ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
         ax.legend(fontsize=7, loc="upper left")
@@ -265,6 +265,11 @@ def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[s
     return columns, rows
 
 
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper case (the rest as it is: head specs keep their case)."""
+    return text[:1].upper() + text[1:]
+
+
 def _calibration_line(head_meta: dict, split: str) -> list[str]:
     """How the head was calibrated and what it changed on ``split`` (nothing for a head that was not)."""
     calibration = head_meta.get("calibration")
@@ -300,7 +305,7 @@ def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict
         f"Head: {head_meta['head']}, {final_split} accuracy {with_interval(head_meta['metrics'][final_split])} ("
         + ("the best" if head_meta["head"] == meta["best"] else f"the best is {meta['best']}")
         + f" of {len(run.leaderboard)} heads; 95% bootstrap interval)",
-        selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard).capitalize(),
+        _sentence(selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard)),
         *_calibration_line(head_meta, final_split),
     ]
     return lines + [_finetune_line(ft, final_split) for ft in finetunes]
