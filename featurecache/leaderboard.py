@@ -111,11 +111,11 @@ def csv_rows(leaderboard: list[dict]) -> list[dict]:
 
 def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
     tied = tied_count(leaderboard)
-    if tied is None or not leaderboard:
+    if tied is None or len(leaderboard) < 2:
         return ""
     top = leaderboard[0].get("gap", {}).get("to", leaderboard[0]["head"])
     if tied == 0:
-        return f"; no other head is tied with the most accurate one on {chosen}"
+        return f"; no other head is tied with the most accurate one, {top}, on {chosen}"
     heads = "1 other head is" if tied == 1 else f"{tied} other heads are"
     return (f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): "
             "the lowest log-loss among them ranks first")
@@ -123,13 +123,13 @@ def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
 
 def selection_note(selection_split: str, final_split: str, cv: int | None = None,
                    leaderboard: list[dict] | None = None) -> str:
-    """One line saying which numbers chose the head, how many heads tie with the winner, and what is held out."""
+    """One line saying which numbers chose the head, what is held out, and how many heads tie with the winner."""
     chosen = f"{cv}-fold cross-validation on train (cv)" if selection_split == "cv" else selection_split
     ties = _ties_clause(leaderboard or [], selection_split)
     if final_split != selection_split:
-        return f"heads selected on {chosen}{ties}; {final_split} is held out: quote its scores"
-    return (f"heads selected on {chosen}{ties}; there is no test split, so these scores chose the head "
-            "and are not a held-out estimate")
+        return f"heads selected on {chosen}; {final_split} is held out: quote its scores{ties}"
+    return (f"heads selected on {chosen}; there is no test split, so these scores chose the head "
+            f"and are not a held-out estimate{ties}")
 
 
 def _calibration_cells(entry: dict, split: str) -> dict:
