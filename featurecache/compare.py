@@ -143,8 +143,9 @@ def _blocks(runs: list[tuple]) -> tuple[list[tuple], object]:
 
     which, families = _split(runs), _families(runs)
     labels = [f"{m.get('config', {}).get('backbone')} ({m['run_id'][-12:]}): {m['best']}" for _, m, _ in runs]
-    series = {which: [(b[0]["metrics"][m[f"{which}_split"]]["accuracy"],
-                       b[0]["metrics"][m[f"{which}_split"]].get("accuracy_ci")) for _, m, b in runs]}
+    scores = [b[0]["metrics"][m[f"{which}_split"]] for _, m, b in runs]
+    split_names = " / ".join(sorted({m[f"{which}_split"] for _, m, _ in runs}))
+    series = {split_names: [(score["accuracy"], score.get("accuracy_ci")) for score in scores]}
     chart = Chart("intervals", "The best head of each run with its 95% interval", interval_chart(labels, series))
     blocks = [("title", f"featurecache comparison of {len(runs)} runs", None),
               ("list", "Summary", _notes(runs, which)),
