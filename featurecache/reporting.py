@@ -173,7 +173,8 @@ def interval_chart(labels: list[str], series: dict[str, list[tuple[float, list]]
 
 
 def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
-    """One reliability diagram per ``(title, bins)``: accuracy against confidence per bin, and the diagonal."""
+    """One reliability diagram per ``(title, bins)``: accuracy against confidence per bin (with its image
+    count), and the diagonal."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
@@ -186,8 +187,11 @@ def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
                label="accuracy in the bin")
         ax.plot(left + width / 2, confidence, "o", color="tab:red", markersize=4, label="mean confidence in the bin")
         ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+        for x, n, a in zip(left + width / 2, bins["count"], np.nan_to_num(accuracy)):
+            if n:  # how many images each bar stands on
+                ax.text(x, min(a + 0.02, 0.93), str(n), ha="center", fontsize=6)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="center left")  # confidences below 1/C are rare: the left is free
     return _png(fig)
 
 
