@@ -86,7 +86,7 @@ def test_a_corrupt_image_is_reported_and_skipped(small_run, cli_runner, tmp_path
 def test_a_calibrated_run_predicts_tempered_probabilities(tmp_path):
     from featurecache.calibration import apply_temperature
 
-    data = make_split_folder(tmp_path / "images", splits=(("train", 8), ("val", 6)), classes=("a", "b", "c"))
+    data = make_split_folder(tmp_path / "images", splits=(("train", 6), ("val", 3)), classes=("a", "b", "c"))
     cache_dir = str(tmp_path / "cache")
     # random-weight MobileNetV2 features are all but zero; random ResNet-18 ones tell the images apart
     cache = featurecache.extract(str(data), **{**FAST, "backbone": "resnet18"}, cache_dir=cache_dir).cache

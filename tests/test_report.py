@@ -19,13 +19,13 @@ CLASSES = ("ants", "bees", "wasps")
 HEADS = ("logreg:C=1", "knn:n_neighbors=3", "nearest-centroid")
 
 
-def _make_run(root: Path, splits=(("train", 6), ("val", 4), ("test", 3)), cv=5, weights="none", fit=None, **extract):
+def _make_run(root: Path, splits=(("train", 6), ("val", 4), ("test", 3)), cv=5, weights="none", **extract):
     import featurecache
 
     data = make_split_folder(root / "images", splits=splits, classes=CLASSES)
     cache_dir = root / "cache"
     res = featurecache.extract(str(data), **{**FAST, "weights": weights, **extract}, cache_dir=str(cache_dir))
-    run = featurecache.fit_head(res.cache, head=HEADS, jobs=1, cv=cv, cache_dir=str(cache_dir), **(fit or {}))
+    run = featurecache.fit_head(res.cache, head=HEADS, jobs=1, cv=cv, cache_dir=str(cache_dir))
     return Path(run.run_dir), data
 
 
@@ -105,10 +105,13 @@ def test_html_is_self_contained(tiny_report):
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing to fetch from anywhere
 
 
-def test_a_calibrated_run_reports_its_temperature_and_ece(tmp_path):
+def test_a_calibrated_run_reports_its_temperature_and_ece(tiny_run, tmp_path):
     import featurecache
 
-    run_dir, _ = _make_run(tmp_path, fit={"calibrate": "temperature"})
+    cache = tmp_path / "cache" / "copy.h5"  # the session's features, in a cache directory of this test's own
+    cache.parent.mkdir()
+    shutil.copyfile(json.loads((tiny_run / "run.json").read_text())["cache"], cache)
+    run_dir = Path(featurecache.fit_head(str(cache), head=HEADS, jobs=1, calibrate="temperature").run_dir)
     path = featurecache.report(run_dir, samples=0)
     md = (path.parent / "report.md").read_text()
     best = json.loads((run_dir / "leaderboard.json").read_text())[0]
