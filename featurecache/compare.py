@@ -32,8 +32,11 @@ def _read(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def _weights(config: dict) -> str:
+    """``IMAGENET1K_V1``, ``none``, or the first 12 hex of a weights file's sha256."""
     identity = config.get("weights") or {}
-    return str(identity.get("weights") or identity.get("sha256", ""))[:24]
+    if identity.get("weights"):
+        return str(identity["weights"]).rpartition(".")[2]
+    return str(identity.get("sha256", ""))[:12]
 
 
 def run_row(run_dir: Path, meta: dict, leaderboard: list[dict]) -> dict:
