@@ -74,7 +74,7 @@ def calibrate_entries(entries: list[dict], probas: dict, labels: dict) -> None:
         head_probas = probas[entry["head"]]
         temperature = fit_temperature(head_probas[split], labels[split])
         after = {s: calibration_metrics(labels[s], apply_temperature(head_probas[s], temperature))
-                 for s in entry["metrics"]}
+                 for s, m in entry["metrics"].items() if m.get("n")}
         entry["calibration"] = {"method": "temperature", "temperature": temperature, "fitted_on": split,
                                 "metrics": after}
 

@@ -89,7 +89,8 @@ def seed_spread(entries: list[dict], probas: dict, data: dict, labels: dict, k: 
     with Progress(len(todo) * k, f"refitting {len(todo)} heads with {k} seeds", "fit", progress) as bar:
         for entry in todo:
             saved = probas[entry["head"]]
-            splits, n_classes = list(entry["metrics"]), saved[entry["selection_split"]].shape[1]
+            splits = [s for s, m in entry["metrics"].items() if m.get("n")]
+            n_classes = saved[entry["selection_split"]].shape[1]
 
             def refit(s: int, spec=entry["head"], splits=splits, n_classes=n_classes) -> dict:
                 return _refit(spec, data, splits, n_classes, s, device, folds)
