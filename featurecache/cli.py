@@ -453,6 +453,8 @@ def _echo_pipeline(result: dict) -> None:
     click.echo(f"done in {result['seconds']:.1f} s")
     for line in reports:
         click.echo(line)
+    if result.get("comparison"):
+        click.echo(f"comparison: {result['comparison']}")
 
 
 @cli.command("run")
@@ -488,18 +490,21 @@ def demo_command(set, as_json):
 
 
 @cli.command("report")
-@click.argument("run")
+@click.argument("run", metavar="RUN...", nargs=-1, required=True)
 @click.option("--head", default="best", show_default=True,
               help="The head to detail: best, best-transferable, a spec or a slug.")
 @click.option("--samples", type=click.IntRange(min=0), default=16, show_default=True,
               help="Images in the grid of sample predictions (0: none).")
+@click.option("--compare", is_flag=True,
+              help="Compare the RUNs in one table of backbone x head family, with intervals and seconds.")
 @_trust
 @_cache_dir
 @_json
 def report_command(as_json, **options):
     """Write the Markdown and HTML report of a stage-two RUN under RUN/report/.
 
-    RUN is a run directory, run id or unique prefix.
+    RUN is a run directory, run id or unique prefix. With --compare, several RUNs go into one
+    comparison under <cache dir>/comparisons/.
     """
     from .reporting import report
 
@@ -517,7 +522,7 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
     from .leaderboard import leaderboard_table, selection_note
 
     rows, columns = leaderboard_table(leaderboard, final_split)
-    click.echo(selection_note(selection_split, final_split, cv))
+    click.echo(selection_note(selection_split, final_split, cv, leaderboard))
     click.echo(table(rows, columns))
 
 
@@ -534,6 +539,10 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the cross-validation on train when there is no val split.")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@click.option("--seeds", type=_count, default=1, show_default=True,
+              help="Refit the heads whose fit depends on a seed with K seeds and show the mean and spread.")
+@click.option("--calibrate", type=click.Choice(["temperature"]), default=None,
+              help="Fit one temperature per head on the selection split; predict and export apply it.")
 @_cache_dir
 @_json
 def fit_head(as_json, **options):
@@ -541,7 +550,9 @@ def fit_head(as_json, **options):
 
     Without --head or --sweep-file a default sweep of heads across several families runs.
     Heads are selected on val, or by cross-validation on train when there is no val split;
-    test, when the cache has it, is held out. `fc heads` lists the heads and their parameters.
+    test, when the cache has it, is held out. Every accuracy has a 95% bootstrap interval; heads not
+    significantly worse than the most accurate one are tied, and the lowest log-loss among them
+    ranks first. `fc heads` lists the heads and their parameters.
     """
     from .sweep import fit_head as run_fit_head
 
@@ -555,6 +566,28 @@ def fit_head(as_json, **options):
     for failure in result.failed:
         click.echo(f"not fitted: {failure['head']}: {failure['error']}", err=True)
     click.echo(f"best: {result.best}")
+
+
+@cli.command("runs")
+@_cache_dir
+@_json
+def runs_command(cache_dir, as_json):
+    """The runs of the cache directory: backbone, best head, its score with a 95% interval."""
+    from .compare import list_runs
+    from .leaderboard import format_interval as _ci
+
+    rows = list_runs(cache_dir)
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        row["selection"] = f"{row['selection_split']} {_ci(row['selection_accuracy'], row['selection_accuracy_ci'])}"
+        held_out = row["final_split"] != row["selection_split"]
+        row["held out"] = f"{row['final_split']} {_ci(row['final_accuracy'], row['final_accuracy_ci'])}" \
+            if held_out else ""
+        row["tied"] = "" if row["tied"] is None else row["tied"]
+    columns = ["run", "backbone", "weights", "best", "selection", "held out", "tied", "heads"]
+    click.echo(table(rows, columns) if rows else "no runs")
 
 
 @cli.group(invoke_without_command=True)

@@ -81,7 +81,7 @@ def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict[str, by
     head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
                  "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
                  "metrics": entry["metrics"], "selection_split": entry["selection_split"],
-                 "fit_seconds": entry["fit_seconds"]}
+                 "fit_seconds": entry["fit_seconds"], **{k: entry[k] for k in ("calibration",) if k in entry}}
     if record is not None:
         head_meta["estimator"] = record
     files.write_json(folder / HEAD_FILE, head_meta)

@@ -59,8 +59,9 @@ from .heads import (
     thread_limit,
     threads_per_job,
 )
-from .leaderboard import make_entry, rank_key
+from .leaderboard import make_entry, rank
 from .metrics import classification_metrics
+from .postpass import post_options, post_pass
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_run, write_run
 
 CLASS_WEIGHTS = ("balanced",)
@@ -284,9 +285,9 @@ def _cv_folds(y: np.ndarray, cv: int, seed: int, classes: list[str]) -> list[tup
     return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def _run_id(cache: Path, key: str, specs: list[str], seed: int, cv: int, class_weight) -> str:
+def _run_id(cache: Path, key: str, specs: list[str], seed: int, cv: int, class_weight, post: dict) -> str:
     payload = json.dumps({"cache_key": key, "heads": sorted(specs), "seed": seed, "cv": cv,
-                          "class_weight": class_weight, "format": RUN_FORMAT}, sort_keys=True)
+                          "class_weight": class_weight, "format": RUN_FORMAT, **post}, sort_keys=True)
     return f"{cache.stem}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -313,7 +314,7 @@ class _Plan:
         return list(self.meta["splits"])
 
 
-def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir) -> _Plan:
+def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post) -> _Plan:
     """Check the inputs and decide the grid, the selection and the run directory."""
     from .runtime import resolve_device
 
@@ -328,7 +329,7 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
     selection = "val" if "val" in meta["splits"] else "cv"
     final = "test" if "test" in meta["splits"] else selection
     folds = cv if selection == "cv" else None
-    run_id = _run_id(path, meta["key"], [c.spec for c in configs], seed, folds, class_weight)
+    run_id = _run_id(path, meta["key"], [c.spec for c in configs], seed, folds, class_weight, post)
     return _Plan(path, meta, configs, selection, final, folds, seed, class_weight, path.parent / RUNS / run_id)
 
 
@@ -438,7 +439,7 @@ def _rank(plan: _Plan, data: dict, outcome: _Outcome, specs) -> list[dict]:
         if cfg.spec in specs:
             metrics = {s: classification_metrics(labels[s], outcome.probas[cfg.spec][s], plan.classes) for s in order}
             entries.append(make_entry(cfg, metrics, plan.selection, outcome.seconds[cfg.spec]))
-    return sorted(entries, key=rank_key)
+    return rank(entries, outcome.probas, labels)
 
 
 def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) -> dict:
@@ -464,6 +465,8 @@ def fit_head(
     cv: int = 5,
     device: str = "auto",
     cache_dir: str | None = None,
+    seeds: int = 1,
+    calibrate: str | None = None,
     progress: bool = False,
 ) -> SweepResult:
     """Fit every head of the grid on ``cache``, rank them and save them in a run directory.
@@ -476,9 +479,13 @@ def fit_head(
     cache has it, else ``cv``-fold stratified cross-validation on ``train``.
     ``class_weight="balanced"`` weights every head that supports it. The same inputs
     and ``seed`` give the same leaderboard; rerunning them returns the saved run.
+    ``seeds`` > 1 refits the heads whose fit depends on a seed with that many seeds and
+    reports the spread; ``calibrate="temperature"`` fits one temperature per head on the
+    selection split (:mod:`featurecache.postpass`).
     """
     started = time.perf_counter()
-    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir)
+    post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
+    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post)
     reused = _reused(plan, started)
     if reused is not None:
         return reused
@@ -486,6 +493,7 @@ def fit_head(
     outcome = _run_tasks(plan, data, _tasks(plan, data), jobs, device, progress)
     dumped = _dump_heads(plan, outcome)
     entries = _rank(plan, data, outcome, dumped)
+    entries = post_pass(entries, outcome.probas, data, post, plan.seed, plan.cv, device, progress)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, dumped)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
