@@ -339,6 +339,7 @@ def _provenance(job: _Job, tags: dict[str, set[str]]) -> dict:
         "cores": "; ".join(sorted(tags.get("cores", ()))),
         "decode": run.decode,
         "processes": job.group.world,
+        "seconds": round(time.perf_counter() - job.started, 3),  # this run's wall time, up to writing the file
         "versions": {**versions("torch", "torchvision", "numpy", "PIL"), "h5py": store.h5py_version()},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime, store
+from .calibration import fit_temperature
 from .data import Dataset, Preprocess, Record, open_dataset
 from .errors import FinetuneError, UsageError, suggest
 from .files import atomic_write, write_json
@@ -230,8 +231,15 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
 def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, classes, device, precision,
              batch_size: int, workers: int, progress: bool, desc: str = "eval") -> dict:
     """classification_metrics of ``network`` on ``images`` (every image must decode)."""
+    probs = probabilities(network, images, len(classes), device, precision, batch_size, workers, progress, desc)
+    return classification_metrics(labels, probs, classes)
+
+
+def probabilities(network: nn.Module, images: ImageTensors, n_classes: int, device, precision, batch_size: int,
+                  workers: int, progress: bool, desc: str = "eval") -> np.ndarray:
+    """Class probabilities of ``network`` on ``images``, N x C (every image must decode)."""
     network.eval()
-    probs = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    probs = np.zeros((len(images), n_classes), dtype=np.float32)
     loader = image_loader(images, batch_size, workers, device)
     with torch.inference_mode(), Progress(len(images), desc, unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
@@ -244,7 +252,7 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
                 logits = network(x)
             probs[index.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
             bar.update(len(index))
-    return classification_metrics(labels, probs, classes)
+    return probs
 
 
 # --------------------------------------------------------------------------- the stage
@@ -267,6 +275,7 @@ class FinetuneResult:
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # {"head": {split: metrics}, "finetuned": {split: metrics}}
     weights: dict = field(default_factory=dict)  # {"file": "model.safetensors", "sha256": ...}
+    temperature: float = 1.0  # applied to the logits when the head was fitted with calibrate="temperature"
 
     def to_dict(self) -> dict:
         keys = ("model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split")
@@ -434,6 +443,15 @@ class _Trainer:
         return evaluate(self.net, images, labels, self.job.classes, self.dev, self.s.precision, self.s.batch_size,
                         self.job.workers, self.job.progress, desc)
 
+    def temperature(self) -> float:
+        """The network's own temperature on the selection split, for a head fitted with calibration (else 1)."""
+        if not self.job.head_meta.get("calibration"):
+            return 1.0
+        images, labels = self.images(self.job.split)
+        probs = probabilities(self.net, images, len(self.job.classes), self.dev, self.s.precision,
+                              self.s.batch_size, self.job.workers, self.job.progress, "calibrate")
+        return fit_temperature(probs, labels)
+
     # ----------------------------------------------------------------------- checkpoints
 
     def checkpoint(self, state: _State) -> None:
@@ -597,12 +615,13 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
     info = {"backbone": trainer.backbone.identity, "layer": trainer.backbone.layer, "head": job.head_meta["head"],
             "run_id": meta["run_id"], "cache_key": meta["cache_key"], "finetune": job.config,
             "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()}}
-    model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info)
+    temperature = trainer.temperature()
+    model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info, temperature)
     result = FinetuneResult(
         model=str(model_path), head=job.head_meta["head"], head_accuracy=job.head_accuracy,
         start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=job.split,
         output_dir=str(job.out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
-        metrics=metrics, weights=weights,
+        metrics=metrics, weights=weights, temperature=temperature,
     )
     saved = asdict(result)
     saved.pop("reused")

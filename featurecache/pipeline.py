@@ -89,9 +89,10 @@ STAGES = {
     )
 }
 # Parameters the pipeline passes to every stage that takes them: cache_dir from the
-# top level, progress from the caller of run(), and compare=False: each branch reports on
-# its own run, and a pipeline of several branches ends with their comparison (_compare).
-WIRED = ("cache_dir", "progress", "compare")
+# top level, progress from the caller of run(), compare=False: each branch reports on
+# its own run, and a pipeline of several branches ends with their comparison (_compare),
+# and shard=None: the later stages need the whole cache, so a pipeline extracts every slice.
+WIRED = ("cache_dir", "progress", "compare", "shard")
 TOP_LEVEL = {"data": str, "cache_dir": str, "fetch": str}
 
 
@@ -491,7 +492,7 @@ def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
         accepted = inspect.signature(fn).parameters
         kwargs = dict(options[name])
         kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
-        wired = {"cache_dir": plan.cache_dir, "progress": bars, "compare": False}
+        wired = {"cache_dir": plan.cache_dir, "progress": bars, "compare": False, "shard": None}
         kwargs.update({key: value for key, value in wired.items() if key in accepted})
         t0 = time.perf_counter()
         outputs[name] = _output(fn(**kwargs))
