@@ -92,12 +92,13 @@ def emit_json(obj) -> None:
 def call_stage(function, as_json: bool, options: dict, progress: bool | None = None):
     """Call a stage's API function with the command's options.
 
-    A progress bar shows when stderr is a terminal and there is no --json (``progress``
-    None); ``progress=True`` leaves the choice to the stage (a bar on a terminal, else log
-    lines on stderr, --json or not). With --json the result is printed as JSON and None
-    returned; otherwise the result is returned to print.
+    ``progress`` None: a progress bar shows when stderr is a terminal and there is no --json.
+    True: the stage shows a bar on a terminal and log lines otherwise (:mod:`featurecache.progress`).
+    With --json the result is printed as JSON and None returned; otherwise the result is returned to print.
     """
-    result = function(**options, progress=not as_json and sys.stderr.isatty() if progress is None else progress)
+    if progress is None:
+        progress = not as_json and sys.stderr.isatty()
+    result = function(**options, progress=progress)
     if not as_json:
         return result
     emit_json(result.to_dict())
@@ -167,11 +168,19 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
 @click.option("--batch-size", type=_count, default=None,
               help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
-@_workers
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding worker processes (default: on a CPU, the cores split between decoding and the model "
+                   "by their measured costs; on a GPU, every core).")
 @_device
 @_precision
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage type of the features.")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: gpu (batched, on the CUDA device; part of the cache key), cpu (PIL in "
+                   "the workers), auto (gpu on a CUDA device that can, else cpu).")
+@click.option("--shard", metavar="I/N", default=None,
+              help="Compute slice I of N (0 <= I < N) for schedulers without torchrun (Slurm arrays); the last slice "
+                   "to finish, or a later run without --shard, writes the cache.")
 @_cache_dir
 @click.option("--strict", is_flag=True, help="Fail on the first unusable image instead of skipping it.")
 @click.option("--max-image-pixels", type=_count, default=None,
@@ -186,11 +195,21 @@ def extract(as_json, **options):
 
     DATA is a folder with train/ val/ test/ class folders, one folder of class
     folders (with --split), a CSV manifest (path,label[,split]) or torchvision:NAME.
+    Under torchrun (torchrun --nproc-per-node N -m featurecache extract ...) every
+    rank computes a share and the first writes the cache.
     """
+    from .distributed import is_primary
     from .extractor import extract as run_extract
 
-    result = call_stage(run_extract, as_json, options)
-    if result is None:
+    # Under torchrun the first rank speaks for the job; the others print progress only.
+    result = call_stage(run_extract, as_json and is_primary(), options, progress=True)
+    if result is None or not is_primary():
+        return
+    if not result.splits:  # a --shard slice whose cache is not written yet
+        done = f"slice {options['shard']} done ({result.images_per_s:.1f} images/s, {result.seconds:.1f} s)"
+        rest = (f"{plural(result.missing, 'image')} of other slices to go: the last slice to finish, or fc extract "
+                "without --shard, writes" if result.missing else "another process is writing")
+        click.echo(f"{done}; {rest} {result.cache}")
         return
     state = "reused" if result.reused else f"{result.images_per_s:.1f} images/s"
     click.echo(f"{result.cache}  ({state}, {result.seconds:.1f} s, {result.feature_dim} features)")
@@ -358,7 +377,7 @@ def finetune(as_json, **options):
     from .finetuning import finetune as run_finetune
     from .metrics import summary
 
-    result = call_stage(run_finetune, as_json, options)
+    result = call_stage(run_finetune, as_json, options, progress=True)
     if result is None:
         return
     rows = []
@@ -403,7 +422,7 @@ def predict(as_json, **options):
     from .prediction import predict as run_predict
     from .prediction import to_csv
 
-    result = run_predict(**options, progress=not as_json and sys.stderr.isatty())
+    result = run_predict(**options, progress=True)
     if as_json:
         emit_json(result)
     else:
@@ -434,6 +453,8 @@ def _echo_pipeline(result: dict) -> None:
     click.echo(f"done in {result['seconds']:.1f} s")
     for line in reports:
         click.echo(line)
+    if result.get("comparison"):
+        click.echo(f"comparison: {result['comparison']}")
 
 
 @cli.command("run")
@@ -469,18 +490,21 @@ def demo_command(set, as_json):
 
 
 @cli.command("report")
-@click.argument("run")
+@click.argument("run", metavar="RUN...", nargs=-1, required=True)
 @click.option("--head", default="best", show_default=True,
               help="The head to detail: best, best-transferable, a spec or a slug.")
 @click.option("--samples", type=click.IntRange(min=0), default=16, show_default=True,
               help="Images in the grid of sample predictions (0: none).")
+@click.option("--compare", is_flag=True,
+              help="Compare the RUNs in one table of backbone x head family, with intervals and seconds.")
 @_trust
 @_cache_dir
 @_json
 def report_command(as_json, **options):
     """Write the Markdown and HTML report of a stage-two RUN under RUN/report/.
 
-    RUN is a run directory, run id or unique prefix.
+    RUN is a run directory, run id or unique prefix. With --compare, several RUNs go into one
+    comparison under <cache dir>/comparisons/.
     """
     from .reporting import report
 
@@ -498,7 +522,7 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
     from .leaderboard import leaderboard_table, selection_note
 
     rows, columns = leaderboard_table(leaderboard, final_split)
-    click.echo(selection_note(selection_split, final_split, cv))
+    click.echo(selection_note(selection_split, final_split, cv, leaderboard))
     click.echo(table(rows, columns))
 
 
@@ -515,6 +539,10 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the cross-validation on train when there is no val split.")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@click.option("--seeds", type=_count, default=1, show_default=True,
+              help="Refit the heads whose fit depends on a seed with K seeds and show the mean and spread.")
+@click.option("--calibrate", type=click.Choice(["temperature"]), default=None,
+              help="Fit one temperature per head on the selection split; predict and export apply it.")
 @click.option("--budget", type=click.FloatRange(min=0), default=210.0, show_default=True, metavar="SECONDS",
               help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
                    "planned from timed small fits (0: no bound).")
@@ -536,7 +564,9 @@ def fit_head(as_json, **options):
     Without --head or --sweep-file a default sweep of heads across several families runs.
     Heads are selected on val, or by cross-validation on train when there is no val split
     (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
-    Progress goes to stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
+    Every accuracy has a 95% bootstrap interval; heads not significantly worse than the most
+    accurate one are tied, and the lowest log-loss among them ranks first. Progress goes to
+    stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
     """
     from .sweep import fit_head as run_fit_head
 
@@ -553,6 +583,28 @@ def fit_head(as_json, **options):
         if entry.get("reason") and entry["status"] != "pruned":
             click.echo(f"{entry['status']}: {entry['head']}: {entry['reason']}", err=True)
     click.echo(f"best: {result.best}")
+
+
+@cli.command("runs")
+@_cache_dir
+@_json
+def runs_command(cache_dir, as_json):
+    """The runs of the cache directory: backbone, best head, its score with a 95% interval."""
+    from .compare import list_runs
+    from .leaderboard import format_interval as _ci
+
+    rows = list_runs(cache_dir)
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        row["selection"] = f"{row['selection_split']} {_ci(row['selection_accuracy'], row['selection_accuracy_ci'])}"
+        held_out = row["final_split"] != row["selection_split"]
+        row["held out"] = f"{row['final_split']} {_ci(row['final_accuracy'], row['final_accuracy_ci'])}" \
+            if held_out else ""
+        row["tied"] = "" if row["tied"] is None else row["tied"]
+    columns = ["run", "backbone", "weights", "best", "selection", "held out", "tied", "heads"]
+    click.echo(table(rows, columns) if rows else "no runs")
 
 
 @cli.group(invoke_without_command=True)

@@ -2,12 +2,17 @@
 
 :func:`extract` checks its options, resolves the preprocessing and the cache key, looks
 the key up, and otherwise runs the model over the images that have no features yet
-(finished batches are checkpointed as shards) and writes the cache file.
+(finished batches are checkpointed as shards, named by their rows) and writes the cache
+file. It runs as one process, as one rank of a ``torchrun`` job or as one ``--shard I/N``
+slice (:mod:`featurecache.distributed`): all of them add to the same shards, so any of
+them resumes the work of any other, and all of them write the same file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,15 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import backbones, runtime, store
-from .data import Dataset, open_dataset
-from .errors import DataError, UsageError
+from . import backbones, distributed, runtime, store
+from .data import Dataset, Preprocess, open_dataset
+from .errors import CacheLockedError, DataError, UsageError, plural
 from .files import versions
-from .images import ImageTensors, image_loader, normalize_batch
+from .images import DECODERS, image_loader, normalize_batch, resolve_decode
+from .progress import Progress
 
 DTYPES = ("float32", "float16")
-# Below this many images to extract, eager mode runs: freezing would cost more than it saves.
+# Below this many images to extract, eager mode runs (freezing would cost more than it
+# saves) and images are decoded in the process itself (no worker processes to start).
 FREEZE_MIN_IMAGES = 128
+# The first images are decoded in the process itself and timed: with the forward pass's
+# time, that sets how many cores decode and how many run the model.
+PROBE_IMAGES = 8
 
 
 @dataclass
@@ -37,6 +47,7 @@ class ExtractResult:
     seconds: float
     key: str = ""
     skipped: list = field(default_factory=list)  # (split, path, reason)
+    missing: int = 0  # images without features yet: other --shard slices still to finish
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -53,11 +64,41 @@ class _Run:
     precision: str
     dtype: str
     batch_size: int
-    workers: int
+    workers: int | None  # None: from measured costs
     strict: bool
     max_image_pixels: int | None
     checkpoint_every: int
     progress: bool
+    decode: str  # a name of images.DECODERS
+    cores: int  # this process's share of the machine's cores
+
+
+@dataclass
+class _Job:
+    """One extraction: its data, preprocessing, key and entry, how it runs, and the processes it runs in."""
+
+    backbone: dict  # backbones.build's arguments but the preprocessing
+    dataset: Dataset
+    pre: Preprocess
+    key_config: dict
+    key: str
+    entry: store.Entry
+    run: _Run
+    group: distributed.Group
+    lock_timeout: float | None
+    started: float
+
+    @functools.cached_property
+    def net(self) -> backbones.Backbone:
+        return backbones.build(**self.backbone, preprocess=self.pre)
+
+    @property
+    def n(self) -> int:
+        return len(self.dataset.records)
+
+    @property
+    def manifest(self) -> dict:
+        return {"key": self.key, "records": self.n}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -84,6 +125,8 @@ def extract(
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float32",
+    decode: str = "auto",
+    shard: str | None = None,
     cache_dir: str | None = None,
     strict: bool = False,
     max_image_pixels: int | None = None,
@@ -96,11 +139,14 @@ def extract(
     Returns an :class:`ExtractResult`; ``result.cache`` is the HDF5 file to pass to
     :func:`featurecache.load_features` or :func:`featurecache.fit_head`. Finished features are
     checkpointed every ``checkpoint_every`` images and every 5 seconds; an interrupted run
-    resumes from the last checkpoint.
+    resumes from the last checkpoint. Under ``torchrun`` every rank computes a share and the
+    first writes the cache; ``shard="I/N"`` computes slice I of N, and the last slice to
+    finish (or any later plain run) writes it (``result.missing`` counts what is left).
     """
     started = time.perf_counter()
-    run = _settings(device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
-                    progress)
+    group = distributed.Group.from_environment(shard)
+    run = _settings(group, device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
+                    progress, decode, draft)
     if lock_timeout is not None and lock_timeout < 0:
         raise UsageError(f"--lock-timeout must be 0 or more seconds, not {lock_timeout}")
     dataset = _open_data(data, split, root, seed, limit, strict)
@@ -109,21 +155,21 @@ def extract(
     key_config = _key_config(backbone, weights, weights_file, layer, pre.to_dict(), run, dataset)
     key = store.cache_key(key_config)
     entry = store.Entry.locate(store.default_cache_dir(cache_dir), _label(backbone, dataset), key)
-    if not store.is_complete(entry.path):
-        with store.locked(entry, wait=lock_timeout, on_wait=_waiting(entry)):
-            if not store.is_complete(entry.path):  # else another process finished it while this one waited
-                net = backbones.build(backbone, weights=weights, weights_file=weights_file, layer=layer,
-                                      preprocess=pre)
-                return _compute(net, dataset, entry, key_config, run, started)
-    store.clear_leftovers(entry)
-    return _summary(entry.path, key, True, started)
+    job = _Job(dict(name=backbone, weights=weights, weights_file=weights_file, layer=layer), dataset, pre, key_config,
+               key, entry, run, group, lock_timeout, started)
+    try:
+        group.connect(run.device)
+        group.agree(key_config)
+        return _MODES[group.mode](job)
+    finally:
+        group.close()
 
 
 # --------------------------------------------------------------------------- its steps
 
 
-def _settings(device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
-              progress) -> _Run:
+def _settings(group: distributed.Group, device, precision, dtype, batch_size, workers, strict, max_image_pixels,
+              checkpoint_every, progress, decode, draft) -> _Run:
     """The loop's options, checked (a UsageError for a value that cannot be used) and resolved."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: choose float32 or float16")
@@ -131,11 +177,12 @@ def _settings(device, precision, dtype, batch_size, workers, strict, max_image_p
                           ("--max-image-pixels", max_image_pixels)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, not {value}")
-    dev = runtime.resolve_device(device)
+    dev = runtime.resolve_device(device, group.local_rank)
     return _Run(device=dev, precision=runtime.resolve_precision(precision, dev), dtype=dtype,
-                batch_size=batch_size or runtime.default_batch_size(dev), workers=runtime.resolve_workers(workers),
-                strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
-                progress=progress)
+                batch_size=batch_size or runtime.default_batch_size(dev),
+                workers=None if workers is None else runtime.resolve_workers(workers), strict=strict,
+                max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every, progress=progress,
+                decode=resolve_decode(decode, dev, draft), cores=runtime.cores_per_process(group.local_world))
 
 
 def _strict_error(path: str, reason: str) -> DataError:
@@ -151,8 +198,9 @@ def _open_data(data, split, root, seed, limit, strict) -> Dataset:
 
 
 def _key_config(backbone, weights, weights_file, layer, preprocess: dict, run: _Run, dataset: Dataset) -> dict:
-    """Everything that changes the features: its hash is the cache key."""
-    return {
+    """Everything that changes the features: its hash is the cache key. The decoder is part of
+    it only when it is not PIL on the CPU, so that the caches made before it was an option stay valid."""
+    config = {
         "backbone": backbone,
         "weights": backbones.weights_identity(backbone, weights, weights_file),
         "preprocess": preprocess,
@@ -162,6 +210,9 @@ def _key_config(backbone, weights, weights_file, layer, preprocess: dict, run: _
         "max_image_pixels": run.max_image_pixels,
         "dataset": dataset.fingerprint(),
     }
+    if run.decode != "cpu":
+        config["decode"] = run.decode
+    return config
 
 
 def _label(backbone: str, dataset: Dataset) -> str:
@@ -184,36 +235,117 @@ def _summary(path, key: str, reused: bool, started: float, rate: float = 0.0) ->
     return ExtractResult(str(Path(path).resolve()), reused, dim, splits, rate, time.perf_counter() - started, key)
 
 
-def _compute(net: backbones.Backbone, dataset: Dataset, entry: store.Entry, key_config: dict, run: _Run,
-             started: float) -> ExtractResult:
-    """Run the model over the images without features yet, then write the cache (the entry is locked)."""
-    key = store.cache_key(key_config)
-    writer = store.ShardWriter(entry, len(dataset.records), {"key": key, "records": len(dataset.records)})
-    pending = np.flatnonzero(~writer.done())
-    seconds, mode = _run_model(net, dataset, pending, writer, run)
-    features, ok, reasons = writer.collect(net.feature_dim, run.dtype)
-    splits = _assemble(dataset, features, ok, reasons)
-    store.write_cache(entry.path, dataset.classes, _provenance(net, dataset, key_config, run, mode), splits, key=key)
+def _reused(job: _Job) -> ExtractResult:
+    store.clear_leftovers(job.entry)
+    return _summary(job.entry.path, job.key, True, job.started)
+
+
+# --------------------------------------------------------------------------- one process, ranks, slices
+
+
+def _alone(job: _Job) -> ExtractResult:
+    """A single process: lock the entry, compute the rows without features, write the cache."""
+    entry = job.entry
+    if not store.is_complete(entry.path):
+        with store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry)):
+            if not store.is_complete(entry.path):  # else another process finished it while this one waited
+                writer = store.ShardWriter(entry, job.n, job.manifest)
+                pending = np.flatnonzero(~writer.done())
+                return _write(job, writer, [_work(job, writer, pending, job.n - len(pending))])
+    return _reused(job)
+
+
+def _ranks(job: _Job) -> ExtractResult:
+    """One torchrun rank. The first locks the entry for the job and says which rows are left;
+    every rank computes its share of them; once all are done, the first writes the cache."""
+    group = job.group
+    with contextlib.ExitStack() as held:
+        pending = group.lead(lambda: _open_entry(job, held))
+        if pending is None:
+            return _reused(job)
+        writer = store.ShardWriter(job.entry, job.n, job.manifest, owner=False)
+        counts = group.gather(_work(job, writer, group.share(pending), 0))  # also the barrier
+        return group.lead(lambda: _write(job, writer, counts))
+
+
+def _open_entry(job: _Job, held: contextlib.ExitStack) -> np.ndarray | None:
+    """The rows left, the entry locked until ``held`` closes; None when the cache is complete."""
+    entry = job.entry
+    if not store.is_complete(entry.path):
+        held.enter_context(store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry)))
+        if not store.is_complete(entry.path):
+            return np.flatnonzero(~store.ShardWriter(entry, job.n, job.manifest).done())
+    return None
+
+
+def _slice(job: _Job) -> ExtractResult:
+    """One ``--shard I/N`` slice, computed beside the others (they share the entry's lock)."""
+    entry = job.entry
+    if store.is_complete(entry.path):
+        return _reused(job)
+    rows = job.group.rows(job.n)
+    with store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry), shared=True):
+        writer = store.ShardWriter(entry, job.n, job.manifest, owner=False)
+        pending = rows[~writer.done()[rows]]
+        done = _work(job, writer, pending, len(rows) - len(pending))
+    return _finish_slice(job, done)
+
+
+def _finish_slice(job: _Job, done: tuple[int, float]) -> ExtractResult:
+    """Write the cache when every row is done and no other process holds the entry; else say how
+    many rows are missing (the slice that finishes last, or a later plain run, writes it)."""
+    entry = job.entry
+    with contextlib.suppress(CacheLockedError), store.locked(entry, wait=0):
+        if store.is_complete(entry.path):  # another process wrote it meanwhile
+            return _summary(entry.path, job.key, False, job.started, _rate([done]))
+        writer = store.ShardWriter(entry, job.n, job.manifest)
+        if writer.done().all():
+            return _write(job, writer, [done])
+    missing = int((~store.rows_done(entry.partial, job.n)).sum())
+    return ExtractResult(str(entry.path.resolve()), False, job.net.feature_dim, {}, _rate([done]),
+                         time.perf_counter() - job.started, job.key, missing=missing)
+
+
+def _rate(counts: list[tuple[int, float]]) -> float:
+    """Images per second of processes that ran side by side: ``(images, seconds)`` of each."""
+    seconds = max(c[1] for c in counts)
+    return sum(c[0] for c in counts) / seconds if seconds > 0 else 0.0
+
+
+def _write(job: _Job, writer: store.ShardWriter, counts: list[tuple[int, float]]) -> ExtractResult:
+    """Assemble every shard into the cache file (the entry is locked), then remove the shards."""
+    features, ok, reasons, tags = writer.collect(job.net.feature_dim, job.run.dtype)
+    splits = _assemble(job.dataset, features, ok, reasons)
+    store.write_cache(job.entry.path, job.dataset.classes, _provenance(job, tags), splits, key=job.key)
     writer.remove()
-    result = _summary(entry.path, key, False, started, len(pending) / seconds if seconds > 0 else 0.0)
+    result = _summary(job.entry.path, job.key, False, job.started, _rate(counts))
     result.skipped = [(s, p, r) for s, part in splits.items() for p, r in part["skipped"]]
     return result
 
 
-def _provenance(net: backbones.Backbone, dataset: Dataset, key_config: dict, run: _Run, mode: str) -> dict:
-    """The cache's record of what made it: the key's parts and how it ran."""
+def _provenance(job: _Job, tags: dict[str, set[str]]) -> dict:
+    """The cache's record of what made it: the key's parts and how it ran (``tags``: how the
+    shards were computed, by each process that computed some)."""
+    net, dataset, run = job.net, job.dataset, job.run
     return {
-        **key_config,
+        **job.key_config,
         "weights": net.identity,
         "feature_dim": net.feature_dim,
         "data": {"root": str(Path(dataset.root).resolve()), "source": dataset.source, **dataset.description,
-                 "fingerprint": key_config["dataset"]},
+                 "fingerprint": job.key_config["dataset"]},
         "device": str(run.device),
         "batch_size": run.batch_size,
-        "graph": mode,
+        "graph": "; ".join(sorted(tags.get("graph", ()))) or "eager",
+        "cores": "; ".join(sorted(tags.get("cores", ()))),
+        "decode": run.decode,
+        "processes": job.group.world,
+        "seconds": round(time.perf_counter() - job.started, 3),  # this run's wall time, up to writing the file
         "versions": {**versions("torch", "torchvision", "numpy", "PIL"), "h5py": store.h5py_version()},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+_MODES = {"single": _alone, "torchrun": _ranks, "shard": _slice}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -230,20 +362,22 @@ class _Features:
         self.net, self.run, self.n_images = net, run, n_images
         self.eager = net.model.to(run.device).to(memory_format=torch.channels_last)
         self.model, self.mode = None, "eager"
+        self.example: torch.Tensor | None = None  # the first normalized batch
         self.dtype = np.dtype(run.dtype)
+        self.cores = ""  # how the cores are split between decoding workers and the model
 
     def _choose(self, x: torch.Tensor) -> None:
+        self.example = x
         if self.n_images >= FREEZE_MIN_IMAGES:  # freezing costs about a second: not worth it for a few images
             self.model, self.mode = runtime.inference_model(self.eager, self.run.device, self.run.precision, x)
         else:
             self.model = self.eager
-        torch.set_num_threads(runtime.model_threads(self.run.device, self.run.workers, self.mode))
 
     def __call__(self, batch: torch.Tensor, ok: np.ndarray) -> np.ndarray:
         """Rows for the ``ok`` images of ``batch``."""
         if not ok.any():
             return np.zeros((0, self.net.feature_dim), dtype=self.dtype)
-        x = batch if ok.all() else batch[torch.from_numpy(ok)]
+        x = batch if ok.all() else batch[torch.from_numpy(ok).to(batch.device)]
         x = normalize_batch(x.to(self.run.device, non_blocking=True), self.net.preprocess)
         if self.model is None:
             self._choose(x)
@@ -251,30 +385,75 @@ class _Features:
             features = self.model(x)
         return features.float().cpu().numpy().astype(self.dtype, copy=False)
 
+    def seconds(self, threads: int) -> float:
+        """Seconds per image of the forward pass on ``threads`` threads."""
+        x = self.example
+        if x is None:  # no image of the first batches could be read
+            crop = self.net.preprocess.crop
+            x = torch.zeros(self.run.batch_size, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(self.run.device, self.run.precision):
+            return runtime.forward_seconds(self.model or self.eager, x, threads)
 
-def _run_model(net: backbones.Backbone, dataset: Dataset, pending: np.ndarray, writer: store.ShardWriter,
-               run: _Run) -> tuple[float, str]:
-    """Features of the ``pending`` records into ``writer``'s shards: ``(seconds, graph mode)``."""
+
+def _work(job: _Job, writer: store.ShardWriter, pending: np.ndarray, already: int) -> tuple[int, float]:
+    """Features of the ``pending`` records into ``writer``'s shards: ``(images, seconds)``.
+    ``already``: images of this process's part done before (progress counts them)."""
     if len(pending) == 0:
-        return 0.0, "eager"
-    from tqdm.auto import tqdm
-
-    images = ImageTensors(dataset, pending, net.preprocess, run.max_image_pixels)
-    loader = image_loader(images, run.batch_size, run.workers, run.device)
-    features = _Features(net, run, len(pending))
-    total = len(dataset.records)
-    bar = tqdm(total=total, initial=total - len(pending), unit="img", desc="extract", disable=not run.progress,
-               dynamic_ncols=True, leave=False)
+        return 0, 0.0
+    run = job.run
+    images = DECODERS[run.decode](job.dataset, pending, job.pre, run.max_image_pixels)
+    features = _Features(job.net, run, len(pending))
+    bar = Progress(already + len(pending), "extract", unit="images", enabled=run.progress, initial=already,
+                   prefix=job.group.prefix)
     start = time.perf_counter()
-    with torch.inference_mode(), runtime.num_threads(), _ShardBuffer(writer, run.checkpoint_every) as shard, bar:
-        for indices, batch, reasons in loader:
+    with (distributed.sigterm_exits(), torch.inference_mode(), runtime.num_threads(_threads(run)),
+          _ShardBuffer(writer, features, run.checkpoint_every) as shard, bar):
+        for indices, batch, reasons in _batches(images, features, run):
             ok = np.array([r == "" for r in reasons], dtype=bool)
             if run.strict and not ok.all():
                 bad = int(np.flatnonzero(~ok)[0])
-                raise _strict_error(dataset.records[int(indices[bad])].path, reasons[bad])
+                raise _strict_error(job.dataset.records[int(indices[bad])].path, reasons[bad])
             shard.add(indices.numpy(), features(batch, ok), ok, list(reasons))
             bar.update(len(reasons))
-    return time.perf_counter() - start, features.mode
+    return len(pending), time.perf_counter() - start
+
+
+def _threads(run: _Run) -> int | None:
+    """Intra-op threads until the cores are split: all of this process's on a CPU."""
+    return run.cores if run.device.type == "cpu" else None
+
+
+def _batches(images, features: _Features, run: _Run):
+    """``(indices, uint8 batch on the device, reasons)`` for every image of ``images``.
+
+    The first images are decoded in this process and timed; the model is chosen on them.
+    Then :func:`runtime.split_cores` splits the cores between decoding workers and the
+    forward pass from the two measured costs, and the workers decode the rest.
+    """
+    probe = min(len(images), max(PROBE_IMAGES, run.batch_size))
+    features.cores = _cores(0, torch.get_num_threads())
+    items, seconds = [], []
+    for i in range(probe):
+        start = time.perf_counter()
+        items.append(images[i])
+        seconds.append(time.perf_counter() - start)
+    decode_s = float(np.median(seconds))  # the first image also pays for imports and first calls
+    for first in range(0, probe, run.batch_size):
+        indices, payload, reasons = images.collate(items[first:first + run.batch_size])
+        yield indices, *images.to_batch(indices, payload, reasons, run.device)
+    if probe == len(images):
+        return
+    given = 0 if run.workers is None and len(images) < FREEZE_MIN_IMAGES else run.workers
+    workers, threads = runtime.split_cores(run.device, run.cores, given, decode_s, features.seconds)
+    torch.set_num_threads(threads)
+    features.cores = _cores(workers, threads)
+    for indices, payload, reasons in image_loader(images, run.batch_size, workers, run.device,
+                                                  order=range(probe, len(images))):
+        yield indices, *images.to_batch(indices, payload, reasons, run.device)
+
+
+def _cores(workers: int, threads: int) -> str:
+    return f"{plural(workers, 'decoding worker')}, {plural(threads, 'model thread')}"
 
 
 class _ShardBuffer:
@@ -282,8 +461,8 @@ class _ShardBuffer:
     first: small forward batches (the fastest on a CPU) do not become thousands of files,
     and a kill loses at most a few seconds of work."""
 
-    def __init__(self, writer: store.ShardWriter, rows: int = 256, seconds: float = 5.0):
-        self.writer, self.rows, self.seconds = writer, rows, seconds
+    def __init__(self, writer: store.ShardWriter, features: _Features, rows: int = 256, seconds: float = 5.0):
+        self.writer, self.features, self.rows, self.seconds = writer, features, rows, seconds
         self.parts: list[tuple] = []
         self.since = time.monotonic()
 
@@ -296,12 +475,13 @@ class _ShardBuffer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush()  # also on an error or Ctrl-C: the finished batches are kept for the rerun
+        self.flush()  # also on an error, Ctrl-C or SIGTERM: the finished batches are kept for the rerun
 
     def flush(self) -> None:
         if self.parts:
             indices, features, ok = (np.concatenate([p[i] for p in self.parts]) for i in range(3))
-            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]])
+            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]],
+                              tags={"graph": self.features.mode, "cores": self.features.cores})
         self.parts = []
         self.since = time.monotonic()
 

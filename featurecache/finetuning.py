@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime, store
+from .calibration import fit_temperature
 from .data import Dataset, Preprocess, Record, open_dataset
 from .errors import FinetuneError, UsageError, suggest
 from .files import atomic_write, write_json
@@ -61,6 +62,7 @@ from .model import (
     load_run_head,
     save_weights,
 )
+from .progress import Progress
 
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
@@ -229,13 +231,17 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
 def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, classes, device, precision,
              batch_size: int, workers: int, progress: bool, desc: str = "eval") -> dict:
     """classification_metrics of ``network`` on ``images`` (every image must decode)."""
-    from tqdm.auto import tqdm
+    probs = probabilities(network, images, len(classes), device, precision, batch_size, workers, progress, desc)
+    return classification_metrics(labels, probs, classes)
 
+
+def probabilities(network: nn.Module, images: ImageTensors, n_classes: int, device, precision, batch_size: int,
+                  workers: int, progress: bool, desc: str = "eval") -> np.ndarray:
+    """Class probabilities of ``network`` on ``images``, N x C (every image must decode)."""
     network.eval()
-    probs = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    probs = np.zeros((len(images), n_classes), dtype=np.float32)
     loader = image_loader(images, batch_size, workers, device)
-    with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img", leave=False,
-                                      disable=not progress, dynamic_ncols=True) as bar:
+    with torch.inference_mode(), Progress(len(images), desc, unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
             bad = [r for r in reasons if r]
             if bad:
@@ -246,7 +252,7 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
                 logits = network(x)
             probs[index.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
             bar.update(len(index))
-    return classification_metrics(labels, probs, classes)
+    return probs
 
 
 # --------------------------------------------------------------------------- the stage
@@ -269,6 +275,7 @@ class FinetuneResult:
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # {"head": {split: metrics}, "finetuned": {split: metrics}}
     weights: dict = field(default_factory=dict)  # {"file": "model.safetensors", "sha256": ...}
+    temperature: float = 1.0  # applied to the logits when the head was fitted with calibrate="temperature"
 
     def to_dict(self) -> dict:
         keys = ("model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split")
@@ -436,6 +443,15 @@ class _Trainer:
         return evaluate(self.net, images, labels, self.job.classes, self.dev, self.s.precision, self.s.batch_size,
                         self.job.workers, self.job.progress, desc)
 
+    def temperature(self) -> float:
+        """The network's own temperature on the selection split, for a head fitted with calibration (else 1)."""
+        if not self.job.head_meta.get("calibration"):
+            return 1.0
+        images, labels = self.images(self.job.split)
+        probs = probabilities(self.net, images, len(self.job.classes), self.dev, self.s.precision,
+                              self.s.batch_size, self.job.workers, self.job.progress, "calibrate")
+        return fit_temperature(probs, labels)
+
     # ----------------------------------------------------------------------- checkpoints
 
     def checkpoint(self, state: _State) -> None:
@@ -515,8 +531,6 @@ class _Trainer:
 
     def train_epoch(self, state: _State) -> None:
         """The rest of epoch ``state.epoch``, from batch ``state.batch`` on, in a seeded order."""
-        from tqdm.auto import tqdm
-
         s, epoch = self.s, state.epoch
         self.started = time.perf_counter()
         order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
@@ -524,15 +538,15 @@ class _Trainer:
         loader = image_loader(self.train_images, s.batch_size, self.job.workers, self.dev,
                               order[state.batch * s.batch_size:].tolist(), self.drop_last)
         train_mode(self.net, s.bn)
-        with tqdm(total=self.n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
-                  leave=False, disable=not self.job.progress, dynamic_ncols=True) as bar:
+        total = min(len(order), self.n_batches * s.batch_size)  # images of the epoch
+        with Progress(total, f"epoch {epoch + 1}/{s.epochs}", unit="images", enabled=self.job.progress,
+                      initial=min(total, state.batch * s.batch_size)) as bar:
             for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
                 group = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
                 self.batch(state, index, batch, reasons, group)
                 if (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches:
                     self.optimizer_step(state, b + 1)
-                bar.update(1)
-                bar.set_postfix(loss=f"{state.loss_sum / max(1, state.seen):.4f}")
+                bar.update(len(index), current=f"loss {state.loss_sum / max(1, state.seen):.4f}")
 
     def end_epoch(self, state: _State) -> bool:
         """Evaluate, record the epoch and the best so far, checkpoint; whether the epoch improved."""
@@ -601,12 +615,13 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
     info = {"backbone": trainer.backbone.identity, "layer": trainer.backbone.layer, "head": job.head_meta["head"],
             "run_id": meta["run_id"], "cache_key": meta["cache_key"], "finetune": job.config,
             "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()}}
-    model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info)
+    temperature = trainer.temperature()
+    model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info, temperature)
     result = FinetuneResult(
         model=str(model_path), head=job.head_meta["head"], head_accuracy=job.head_accuracy,
         start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=job.split,
         output_dir=str(job.out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
-        metrics=metrics, weights=weights,
+        metrics=metrics, weights=weights, temperature=temperature,
     )
     saved = asdict(result)
     saved.pop("reused")

@@ -4,11 +4,15 @@
 image to RGB, or raises :class:`ImageSkipped` with the reason that is recorded.
 :class:`ImageTensors` turns records into uint8 CHW tensors of the crop size (a failure
 becomes a reason, not a crash), :func:`image_loader` batches them with DataLoader
-workers, and :func:`normalize_batch` normalizes a whole batch on its device.
+workers, and :func:`normalize_batch` normalizes a whole batch on its device. For stage
+one, :data:`DECODERS` names where JPEGs are decoded: ``cpu`` (PIL in the workers) or
+``gpu`` (:class:`JpegFiles`: batched ``torchvision.io.decode_jpeg`` on the model's device).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import warnings
 
@@ -20,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 
 from . import runtime
 from .data import Dataset, Preprocess, Record
+from .errors import UsageError
 
 # --------------------------------------------------------------------------- loading images
 
@@ -75,7 +80,8 @@ class ImageTensors(torch.utils.data.Dataset):
     """Decodes records into uint8 CHW tensors of the crop size; failures become reasons.
 
     Normalization happens later on the whole batch (on the GPU when there is one), which
-    keeps worker-to-main traffic four times smaller than float tensors.
+    keeps worker-to-main traffic four times smaller than float tensors. This is the ``cpu``
+    decoder of :data:`DECODERS`: PIL in the DataLoader workers.
     """
 
     def __init__(self, dataset: Dataset, indices: np.ndarray, pre: Preprocess, max_pixels: int | None):
@@ -88,22 +94,146 @@ class ImageTensors(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def transform(self, img) -> torch.Tensor:
+    def resize_crop(self, img):
+        """Resize the shorter side and center-crop: a PIL image or a CHW tensor on any device alike."""
         img = TF.resize(img, [self.pre.resize], interpolation=self.interpolation, antialias=True)
-        img = TF.center_crop(img, [self.pre.crop])
-        return TF.pil_to_tensor(img)
+        return TF.center_crop(img, [self.pre.crop])
 
-    def __getitem__(self, i: int):
-        index = int(self.indices[i])
+    def transform(self, img) -> torch.Tensor:
+        return TF.pil_to_tensor(self.resize_crop(img))
+
+    def decode(self, index: int) -> tuple[torch.Tensor, str]:
+        """Record ``index`` as a uint8 crop and ``""``, or zeros and the reason it cannot be used."""
         record = self.dataset.records[index]
         try:
             img = load_rgb(self.dataset, record, self.pre.resize if self.pre.draft else None, self.max_pixels)
-            return index, self.transform(img), ""
+            return self.transform(img), ""
         except ImageSkipped as exc:
-            return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), str(exc)
+            reason = str(exc)
         except Exception as exc:  # any decoder failure is a skip, not a crash
             reason = f"unreadable image: {type(exc).__name__}: {exc}".splitlines()[0]
-            return index, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), reason
+        return torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), reason
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        return (index, *self.decode(index))
+
+    collate = staticmethod(torch.utils.data.default_collate)
+
+    def to_batch(self, indices: torch.Tensor, payload, reasons, device: torch.device):
+        """``(uint8 NCHW batch on device, reasons)`` from what :attr:`collate` made of the items."""
+        return payload.to(device, non_blocking=True), reasons
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class JpegFiles(ImageTensors):
+    """The ``gpu`` decoder: workers only read the bytes of JPEG files, which are decoded in
+    batches on the model's device (``torchvision.io.decode_jpeg``), then resized, cropped and
+    normalized there. Any other image (PNG, CMYK JPEG, a torchvision dataset, one the device
+    cannot decode) is decoded with PIL as :class:`ImageTensors` does.
+    """
+
+    def jpeg_bytes(self, index: int) -> torch.Tensor | None:
+        """The file's bytes as a 1-D uint8 tensor when the device can decode it, else None."""
+        if self.dataset.loader is not None or self.pre.draft:
+            return None
+        try:
+            with open(os.path.join(self.dataset.root, self.dataset.records[index].path), "rb") as fh:
+                data = fh.read()
+            if not data.startswith(JPEG_MAGIC):
+                return None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                    too_big = self.max_pixels and img.width * img.height > self.max_pixels
+                    if img.mode not in ("RGB", "L") or too_big:
+                        return None
+        except Exception:  # unreadable, a bomb, ...: the PIL path says why
+            return None
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        data = self.jpeg_bytes(index)
+        return (index, *self.decode(index)) if data is None else (index, data, "")
+
+    @staticmethod
+    def collate(items):
+        indices, payloads, reasons = zip(*items)
+        return torch.tensor(indices), list(payloads), reasons
+
+    def to_batch(self, indices: torch.Tensor, payload, reasons, device: torch.device):
+        out = torch.empty((len(payload), 3, self.pre.crop, self.pre.crop), dtype=torch.uint8, device=device)
+        reasons = list(reasons)
+        jpegs = [i for i, p in enumerate(payload) if p.dim() == 1]
+        decoded = dict(zip(jpegs, decode_jpegs([payload[i] for i in jpegs], device)))
+        for i, item in enumerate(payload):
+            image = decoded.get(i, item)
+            if image is None:  # the device could not decode it: PIL on the CPU
+                image, reasons[i] = self.decode(int(indices[i]))
+            elif i in decoded:
+                image = self.resize_crop(image)
+            out[i] = image.to(device, non_blocking=True)
+        return out, tuple(reasons)
+
+
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes to RGB uint8 CHW tensors on ``device``, in one batched call when they all
+    decode; otherwise one by one, with None for those that do not."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: "moving to TorchCodec"
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            return [_decode_one(decode_jpeg, data, ImageReadMode.RGB, device) for data in datas]
+
+
+def _decode_one(decode_jpeg, data: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        return None
+
+
+#: Decoders by ``--decode`` name: where JPEGs are decoded. ``auto`` picks ``gpu`` on a CUDA
+#: device whose torchvision decodes JPEGs there, else ``cpu``.
+DECODERS: dict[str, type[ImageTensors]] = {"cpu": ImageTensors, "gpu": JpegFiles}
+
+
+@functools.cache
+def _device_decodes_jpeg(device: str) -> str:
+    """``""`` when ``device`` decodes a JPEG with torchvision, else why not."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decode_jpeg(encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)), device=device)
+    except Exception as exc:  # no nvjpeg, no driver, ...
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return ""
+
+
+def resolve_decode(decode: str, device: torch.device, draft: bool = False) -> str:
+    """``cpu`` or ``gpu`` for ``--decode auto|cpu|gpu``; a UsageError when ``gpu`` cannot be had."""
+    if decode not in ("auto", *DECODERS):
+        raise UsageError(f"unknown --decode {decode!r}: choose auto, cpu or gpu")
+    if decode == "cpu" or (decode == "auto" and (device.type != "cuda" or draft)):
+        return "cpu"
+    why = "no CUDA device" if device.type != "cuda" else _device_decodes_jpeg(str(device))
+    if decode == "auto":
+        return "cpu" if why else "gpu"
+    if why:
+        raise UsageError(f"--decode gpu needs a CUDA device that decodes JPEGs ({why}); use --decode cpu or auto")
+    if draft:
+        raise UsageError("--draft is a way of decoding with PIL on the CPU; use it with --decode cpu or auto")
+    return "gpu"
 
 
 def image_loader(images: ImageTensors, batch_size: int, workers: int, device: torch.device, order=None,
@@ -116,6 +246,7 @@ def image_loader(images: ImageTensors, batch_size: int, workers: int, device: to
     return torch.utils.data.DataLoader(
         images,
         batch_size=batch_size,
+        collate_fn=images.collate,
         sampler=None if order is None else list(order),
         num_workers=workers,
         pin_memory=device.type == "cuda",

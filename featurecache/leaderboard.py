@@ -1,24 +1,35 @@
 """The leaderboard: how heads are ranked, and how a ranking is shown.
 
 Every number a person reads about a head comes from its leaderboard entry: the
-accuracy on the split that chose it, and the metrics of every split. The entries are
-ranked by selection accuracy, then log-loss, then the head type's registered
-simplicity; the printed table, the CSV and the report read the same entries.
+accuracy on the split that chose it, with its 95% interval, and the metrics of every
+split. :func:`rank` finds the most accurate head on the selection split and marks
+every head that is not significantly worse than it as ``tied`` (a paired bootstrap of
+per-image correctness, :func:`featurecache.metrics.paired_difference`). The tied heads
+come first, the lower log-loss first, then the head type's registered simplicity; the
+others follow by accuracy. The printed table, the CSV and the report read the same entries.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .heads import HeadConfig, head_type
-from .metrics import SUMMARY_KEYS
+from .metrics import SUMMARY_KEYS, paired_difference
 
 
 def rank_key(entry: dict):
-    """Heads pruned on a sample after the others; then accuracy on the selection split, log-loss, and
-    the head type's registered simplicity."""
+    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity."""
     metrics = entry["metrics"][entry["selection_split"]]
     simplicity = head_type(entry["head"].partition(":")[0]).simplicity
-    return (entry.get("status") == "pruned", -entry["selection_accuracy"], metrics["log_loss"], simplicity,
-            entry["head"])
+    return (-entry["selection_accuracy"], metrics["log_loss"], simplicity, entry["head"])
+
+
+def selection_key(entry: dict):
+    """Heads tied with the most accurate one first, by log-loss then simplicity; then the others by :func:`rank_key`."""
+    if not entry.get("tied"):
+        return (1, *rank_key(entry))
+    accuracy, log_loss, simplicity, spec = rank_key(entry)
+    return (0, log_loss, simplicity, accuracy, spec)
 
 
 def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, status: str = "fitted",
@@ -33,43 +44,140 @@ def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, s
             "fit_seconds": round(seconds, 4), "status": status, "reason": reason, "rows": rows}
 
 
+def _ranked(entry: dict) -> bool:
+    """Whether an entry has scores on its selection split (a head that was not fitted has none)."""
+    return entry.get("selection_split") in entry.get("metrics", {})
+
+
+def rank(entries: list[dict], probas: dict, labels: dict) -> list[dict]:
+    """Mark the heads tied with the most accurate one and sort the entries, best first.
+
+    ``probas`` maps each head spec to ``split -> N x C`` probabilities and ``labels``
+    each split to its labels (``cv``: out-of-fold, on train). Every ranked entry gets
+    ``tied`` and ``gap``: the most accurate head's selection accuracy minus this one's,
+    ``{"to", "difference", "ci"}``; a head is tied when the interval reaches zero.
+    Heads pruned on a sample (``status``) are never tied and come after the others;
+    entries without scores keep their order, after all.
+    """
+    ranked = [e for e in entries if _ranked(e)]
+    if ranked:
+        top = min(ranked, key=lambda e: (e.get("status") == "pruned", *rank_key(e)))
+        split = top["selection_split"]
+        correct = {e["head"]: probas[e["head"]][split].argmax(axis=1) == np.asarray(labels[split]) for e in ranked}
+        for entry in ranked:
+            gap = paired_difference(correct[top["head"]], correct[entry["head"]])
+            entry["gap"] = {"to": top["head"], **gap}
+            entry["tied"] = gap["ci"][0] <= 0 and entry.get("status") != "pruned"
+    ranked.sort(key=lambda e: (e.get("status") == "pruned", selection_key(e)))
+    return ranked + [e for e in entries if not _ranked(e)]
+
+
+def tied_count(leaderboard: list[dict]) -> int | None:
+    """How many heads besides the most accurate one are tied with it (None: a ranking without ties)."""
+    if not any("tied" in e for e in leaderboard):
+        return None
+    return sum(1 for e in leaderboard if e.get("tied")) - 1
+
+
+def format_interval(value: float, ci: list | None) -> str:
+    """``0.9608 [0.928, 0.987]``: a score and its 95% interval (the score alone when it has none)."""
+    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def with_interval(metrics: dict, key: str = "accuracy") -> str:
+    """:func:`format_interval` of ``metrics[key]`` and ``metrics[key + "_ci"]`` ("" when there is no such score)."""
+    return format_interval(metrics[key], metrics.get(f"{key}_ci")) if key in metrics else ""
+
+
+def calibrated(entry: dict, split: str) -> dict:
+    """The entry's calibration metrics on ``split`` after temperature scaling ({} when not calibrated)."""
+    return (entry.get("calibration") or {}).get("metrics", {}).get(split, {})
+
+
 def csv_rows(leaderboard: list[dict]) -> list[dict]:
-    """One flat row per head: rank, spec, selection, every summary metric per split, fit time."""
+    """One flat row per head: rank, spec, selection, every summary metric and interval per split, fit time."""
     rows = []
-    for rank, entry in enumerate(leaderboard, 1):
-        row = {"rank": rank, "head": entry["head"], "selection_split": entry["selection_split"],
-               "selection_accuracy": entry["selection_accuracy"]}
+    for rank_, entry in enumerate(leaderboard, 1):
+        row = {"rank": rank_, "head": entry["head"], "selection_split": entry["selection_split"],
+               "selection_accuracy": entry["selection_accuracy"], "tied": entry.get("tied", "")}
         for split, metrics in entry["metrics"].items():
             row.update({f"{split}_{k}": metrics[k] for k in SUMMARY_KEYS if k in metrics})
+            for key in ("accuracy", "balanced_accuracy"):
+                low, high = metrics.get(f"{key}_ci", ("", ""))
+                row.update({f"{split}_{key}_low": low, f"{split}_{key}_high": high})
+            if calibrated(entry, split):
+                row[f"{split}_ece_calibrated"] = calibrated(entry, split)["ece"]
+        row["temperature"] = (entry.get("calibration") or {}).get("temperature", "")
         row["fit_seconds"] = entry["fit_seconds"]
+        row.update({k: entry[k] for k in ("status", "rows") if k in entry})
         rows.append(row)
     return rows
 
 
-def selection_note(selection_split: str, final_split: str, cv: int | None = None) -> str:
-    """One line saying which numbers chose the head and which, if any, are held out."""
+def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
+    tied = tied_count(leaderboard)
+    if tied is None or len(leaderboard) < 2:
+        return ""
+    top = leaderboard[0].get("gap", {}).get("to", leaderboard[0]["head"])
+    if tied == 0:
+        return f"; no other head is tied with the most accurate one, {top}, on {chosen}"
+    heads = "1 other head is" if tied == 1 else f"{tied} other heads are"
+    return (f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): "
+            "the lowest log-loss among them ranks first")
+
+
+def selection_note(selection_split: str, final_split: str, cv: int | None = None,
+                   leaderboard: list[dict] | None = None) -> str:
+    """One line saying which numbers chose the head, what is held out, and how many heads tie with the winner."""
     chosen = {"cv": f"{cv}-fold cross-validation on train (cv)",
               "holdout": "a stratified holdout of train (holdout)"}.get(selection_split, selection_split)
+    ties = _ties_clause(leaderboard or [], selection_split)
     if final_split != selection_split:
-        return f"heads selected on {chosen}; {final_split} is held out: quote its scores"
+        return f"heads selected on {chosen}; {final_split} is held out: quote its scores{ties}"
     return (f"heads selected on {chosen}; there is no test split, so these scores chose the head "
-            "and are not a held-out estimate")
+            f"and are not a held-out estimate{ties}")
+
+
+def _calibration_cells(entry: dict, split: str) -> dict:
+    """``ECE`` on ``split`` before and, for a calibrated head, after temperature scaling."""
+    metrics = entry["metrics"].get(split, {})
+    if "ece" not in metrics:
+        return {}
+    cells = {f"{split} ece": f"{metrics['ece']:.4f}"}
+    after = calibrated(entry, split)
+    if after:
+        temperature = entry["calibration"]["temperature"]
+        cells.update({f"{split} ece calibrated": f"{after['ece']:.4f}", "T": f"{temperature:.3g}"})
+    return cells
+
+
+def _seed_cells(entry: dict, split: str) -> dict:
+    """The mean and spread of the selection accuracy over ``--seeds`` refits."""
+    seeds = entry.get("seeds")
+    if not seeds:
+        return {}
+    acc = seeds["accuracy"].get(split)
+    if not seeds["stochastic"] or acc is None:
+        return {f"{split} acc over seeds": "deterministic"}
+    return {f"{split} acc over seeds": f"{acc['mean']:.4f} ± {acc['std']:.4f} ({len(acc['values'])})"}
 
 
 def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[dict], list[str]]:
     """Rows and columns of the printed leaderboard."""
     rows = []
-    for rank, entry in enumerate(leaderboard, 1):
+    for rank_, entry in enumerate(leaderboard, 1):
         sel = entry["selection_split"]
         m = entry["metrics"]
-        row = {"#": rank, "head": entry["head"], f"{sel} acc (selection)": f"{entry['selection_accuracy']:.4f}",
-               f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}"}
+        row = {"#": rank_, "head": entry["head"], f"{sel} acc (selection)": with_interval(m[sel]),
+               "tied": "tied" if entry.get("tied") else "", f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}",
+               **_seed_cells(entry, sel)}
         if final_split != sel:
-            row.update({f"{final_split} acc": f"{m[final_split]['accuracy']:.4f}",
+            row.update({f"{final_split} acc": with_interval(m[final_split]),
                         f"{final_split} bal_acc": f"{m[final_split]['balanced_accuracy']:.4f}",
                         f"{final_split} macro_f1": f"{m[final_split]['macro_f1']:.4f}"})
+        row.update(_calibration_cells(entry, final_split))
         row.update({"train acc": f"{m['train']['accuracy']:.4f}", "fit s": f"{entry['fit_seconds']:.3f}"})
         if "status" in entry:  # runs of older versions have none
             row.update({"rows": f"{entry['rows']:,}" if entry["rows"] else "", "status": entry["status"]})
         rows.append(row)
-    return rows, list(rows[0]) if rows else []
+    return rows, list(dict.fromkeys(k for row in rows for k in row))

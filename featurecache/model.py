@@ -61,21 +61,23 @@ class Network(nn.Module):
 
 
 class Exported(nn.Module):
-    """uint8 images (resized and center-cropped) -> class probabilities.
+    """uint8 images (resized and center-cropped) -> class probabilities, ``softmax(logits / temperature)``.
 
     Normalization repeats :func:`featurecache.images.normalize_batch` operation for
-    operation, so an exported model sees exactly what extraction and training saw.
+    operation, so an exported model sees exactly what extraction and training saw. The
+    temperature is 1 unless the head was calibrated (:mod:`featurecache.calibration`).
     """
 
-    def __init__(self, network: nn.Module, preprocess: Preprocess):
+    def __init__(self, network: nn.Module, preprocess: Preprocess, temperature: float = 1.0):
         super().__init__()
         self.network = network
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div(255.0).sub(self.mean).div(self.std).contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.network(x).float(), dim=1)
+        return torch.softmax(self.network(x).float() / self.temperature, dim=1)
 
 
 def weights_argument(identity: dict) -> str:
@@ -165,9 +167,10 @@ def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklear
 # --------------------------------------------------------------------------- TorchScript export
 
 
-def export(network: Network, preprocess: Preprocess, classes: list[str], path: Path, info: dict) -> Path:
-    """Trace ``network`` with its normalization into a TorchScript file that needs only torch."""
-    model = Exported(copy.deepcopy(network).float().cpu(), preprocess).eval().requires_grad_(False)
+def export(network: Network, preprocess: Preprocess, classes: list[str], path: Path, info: dict,
+           temperature: float = 1.0) -> Path:
+    """Trace ``network`` with its normalization (and ``temperature``) into a TorchScript file that needs only torch."""
+    model = Exported(copy.deepcopy(network).float().cpu(), preprocess, temperature).eval().requires_grad_(False)
     example = torch.zeros(2, 3, preprocess.crop, preprocess.crop, dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -179,6 +182,7 @@ def export(network: Network, preprocess: Preprocess, classes: list[str], path: P
         "input": f"uint8 RGB images, N x 3 x {preprocess.crop} x {preprocess.crop}: the shorter side resized to "
                  f"{preprocess.resize} ({preprocess.interpolation}, antialiased), then center-cropped",
         "output": "class probabilities, N x C, in the order of classes",
+        "temperature": float(temperature),
         **info,
     }
     files = {EXPORT_INFO: json.dumps(extra, indent=2)}
@@ -226,9 +230,9 @@ def _read_json(path: Path) -> dict:
         raise RunError(f"{path} cannot be read: {exc}".splitlines()[0]) from None
 
 
-def _checked_weights(folder: Path) -> Path:
+def _checked_weights(folder: Path, result: dict) -> Path:
     """The folder's safetensors file, if its bytes have the sha256 that ``result.json`` records."""
-    recorded = _read_json(folder / RESULT_FILE).get("weights")
+    recorded = result.get("weights")
     if not recorded:
         raise RunError(f"{folder} has no {WEIGHTS_FILE} (fine-tuned by an older featurecache); "
                        f"give {folder / MODEL_FILE} instead, or re-run fc finetune")
@@ -257,13 +261,16 @@ def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu"
     """``(uint8 images -> probabilities, {"classes", "preprocess"})`` of a fine-tuning folder.
 
     The architecture comes from the run the folder lives in (``RUN/finetune/<hash>``) and the
-    head it started from; the weights from ``model.safetensors`` after checking its hash.
+    head it started from; the weights from ``model.safetensors`` after checking its hash. The
+    probabilities are divided by the temperature ``result.json`` records for the fine-tuned
+    network (1 when it records none): a temperature fitted to the head before fine-tuning
+    does not describe the fine-tuned network, so it is not applied.
     """
     from .runs import RUN_FILE
 
     folder = Path(folder)
-    config = _read_json(folder / CONFIG_FILE)
-    weights = _checked_weights(folder)
+    config, result = _read_json(folder / CONFIG_FILE), _read_json(folder / RESULT_FILE)
+    weights = _checked_weights(folder, result)
     run_dir = folder.parent.parent
     if folder.parent.name != FINETUNE_DIR or not (run_dir / RUN_FILE).is_file():
         raise RunError(f"{folder} is not inside the run it was fine-tuned from (RUN/{FINETUNE_DIR}/...)")
@@ -272,6 +279,6 @@ def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu"
         raise RunError(f"{folder} was fine-tuned from run {config['run_id']}, but lies under {parts.meta['run_id']}")
     _load_tensors(parts.network, weights, parts.head_meta["head"])
     pre = parts.backbone.preprocess
-    model = Exported(parts.network, pre).to(device).eval()
+    model = Exported(parts.network, pre, float(result.get("temperature", 1.0))).to(device).eval()
     # the classes and preprocessing in the JSON form of model.pt's info
     return model, json.loads(json.dumps({"classes": parts.meta["classes"], "preprocess": pre.to_dict()}))

@@ -21,6 +21,8 @@ directory. ``--set KEY=VALUE`` overrides a key (``STAGE.KEY`` inside a table; th
 is read as TOML, else as a string) and ``--set STAGE=false`` skips a stage. Every stage
 is content-addressed (caches, runs, fine-tuned models and reports are found by the hash
 of what made them), so running an unchanged pipeline again only looks its results up.
+A pipeline with a ``[report]`` stage whose branches fit heads on several caches (several
+backbones, say) ends with one comparison of their runs (:mod:`featurecache.compare`).
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ STAGES = {
     )
 }
 # Parameters the pipeline passes to every stage that takes them: cache_dir from the
-# top level, progress from the caller of run().
-WIRED = ("cache_dir", "progress")
+# top level, progress from the caller of run(), compare=False: each branch reports on
+# its own run, and a pipeline of several branches ends with their comparison (_compare),
+# and shard=None: the later stages need the whole cache, so a pipeline extracts every slice.
+WIRED = ("cache_dir", "progress", "compare", "shard")
 TOP_LEVEL = {"data": str, "cache_dir": str, "fetch": str}
 
 
@@ -441,7 +445,9 @@ def run(pipeline: str | os.PathLike, set: tuple[str, ...] = (), progress: bool =
     """Run the stages a pipeline file declares; ``set`` holds ``KEY=VALUE`` overrides.
 
     Returns ``{"pipeline", "seconds", "branches": [{"label", "options", "stages": {stage: output}}]}``,
-    where each stage's output is its result's ``to_dict()`` (the report: the path of report.html).
+    where each stage's output is its result's ``to_dict()`` (the report: the path of report.html),
+    and ``"comparison"``: the path of comparison.html when a pipeline with a [report] stage
+    fitted heads on two runs or more (several backbones, say).
     """
     started = time.perf_counter()
     plan = load(pipeline, set)
@@ -458,7 +464,23 @@ def run(pipeline: str | os.PathLike, set: tuple[str, ...] = (), progress: bool =
             echo(f"branch    {label}")
         outputs = _run_branch(plan, options, echo, bars=progress and sys.stderr.isatty())
         branches.append({"label": label, "options": options, "stages": outputs})
-    return {"pipeline": str(plan.path), "seconds": round(time.perf_counter() - started, 3), "branches": branches}
+    result = {"pipeline": str(plan.path), "seconds": 0.0, "branches": branches}
+    comparison = _compare(plan, branches, echo)
+    if comparison is not None:
+        result["comparison"] = comparison
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _compare(plan: Plan, branches: list[dict], echo) -> str | None:
+    """With a [report] stage and two runs or more, one comparison of them: the path of its HTML page."""
+    runs = list(dict.fromkeys(b["stages"]["fit-head"]["run_dir"] for b in branches if "fit-head" in b["stages"]))
+    if "report" not in plan.stages or len(runs) < 2:
+        return None
+    t0 = time.perf_counter()
+    path = str(STAGES["report"].function()(runs, cache_dir=plan.cache_dir, compare=True))
+    echo(f"{'compare':<9} {path}  [{time.perf_counter() - t0:.1f} s]")
+    return path
 
 
 def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
@@ -470,7 +492,7 @@ def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
         accepted = inspect.signature(fn).parameters
         kwargs = dict(options[name])
         kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
-        wired = {"cache_dir": plan.cache_dir, "progress": bars}
+        wired = {"cache_dir": plan.cache_dir, "progress": bars, "compare": False, "shard": None}
         kwargs.update({key: value for key, value in wired.items() if key in accepted})
         t0 = time.perf_counter()
         outputs[name] = _output(fn(**kwargs))

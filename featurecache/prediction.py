@@ -8,7 +8,8 @@ MODEL is one of:
 - an exported ``model.pt`` (TorchScript), which carries its class names and preprocessing;
 - a run directory or run id: the backbone of its cache and one of its heads, with no
   fine-tuning. Heads that have no torch form (knn, forests, ...) get the backbone's features
-  and answer with their own ``predict_proba``.
+  and answer with their own ``predict_proba``. A head fitted with ``calibrate="temperature"``
+  has its probabilities tempered as its leaderboard entry says, in both forms.
 
 Images are decoded exactly as extraction decodes them; an image that cannot be read is
 reported in ``skipped`` and the others are still predicted.
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 
 from . import runtime
+from .calibration import apply_temperature, head_temperature
 from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
 from .errors import DataError, UsageError
 from .images import ImageTensors, image_loader, normalize_batch
 from .model import MODEL_FILE, Exported, assemble, is_finetune_dir, load_exported, load_finetuned
+from .progress import Progress
 
 Probabilities = Callable[[torch.Tensor], np.ndarray]
 
@@ -63,14 +66,15 @@ def _loaded(model: torch.nn.Module, info: dict):
 
 def _from_run(run, head: str, device: torch.device, cache_dir, trust: bool):
     parts = assemble(run, head, cache_dir, allow_sklearn=True, trust=trust)
-    pre = parts.backbone.preprocess
+    pre, temperature = parts.backbone.preprocess, head_temperature(parts.head_meta)
     if parts.network is not None:
-        return _module_probabilities(Exported(parts.network, pre).to(device).eval()), list(parts.meta["classes"]), pre
+        exported = Exported(parts.network, pre, temperature).to(device).eval()
+        return _module_probabilities(exported), list(parts.meta["classes"]), pre
     backbone = parts.backbone.model.to(device).to(memory_format=torch.channels_last).eval()
 
     def probabilities(images: torch.Tensor) -> np.ndarray:
         features = backbone(normalize_batch(images, pre)).float().cpu().numpy()
-        return np.asarray(parts.pipeline.predict_proba(features), dtype=np.float64)
+        return apply_temperature(parts.pipeline.predict_proba(features), temperature)
 
     return probabilities, list(parts.meta["classes"]), pre
 
@@ -120,8 +124,6 @@ def predict(
     head of a run (``best``, ``best-transferable``, a spec or a slug); a fine-tuned model has its own.
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     """
-    from tqdm.auto import tqdm
-
     if topk < 1 or batch_size < 1:
         raise UsageError("--topk and --batch-size must be at least 1")
     files = image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
@@ -132,8 +134,7 @@ def predict(
     loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
     k = min(topk, len(classes))
     predictions, skipped = [], []
-    with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="predict", leave=False,
-                                      disable=not progress, dynamic_ncols=True) as bar:
+    with torch.inference_mode(), Progress(len(files), "predict", unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [{"path": files[int(i)], "reason": r} for i, r in zip(index, reasons) if r]

@@ -30,10 +30,12 @@ from .data import TORCHVISION_PREFIX, Dataset, Record, open_dataset
 from .errors import UsageError, plural
 from .files import atomic_write, sha256_file, versions, write_json
 from .images import ImageSkipped, load_rgb
-from .metrics import SUMMARY_KEYS
+from .leaderboard import calibrated, selection_note, with_interval
+from .metrics import SUMMARY_KEYS, class_probabilities
 from .model import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
 
 REPORT_DIR = "report"
+INTERVAL_HEADS = 30  # heads drawn with their intervals
 
 
 @dataclass
@@ -81,14 +83,6 @@ def _image_dataset(config: dict) -> Dataset:
     if source.startswith(TORCHVISION_PREFIX):
         return open_dataset(source, root=root)
     return Dataset(root, [], [], source)
-
-
-def _full_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """predict_proba with one column per class of the cache, even if training lacked some."""
-    proba = estimator.predict_proba(X)
-    out = np.zeros((len(X), n_classes))
-    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = proba
-    return out
 
 
 # --------------------------------------------------------------------------- figures
@@ -152,6 +146,55 @@ def _curves_figure(finetunes: list[dict]) -> bytes:
     return _png(fig)
 
 
+def interval_chart(labels: list[str], series: dict[str, list[tuple[float, list]]],
+                   shaded: list[bool] | None = None) -> bytes:
+    """Points with horizontal 95% intervals, one row per label (top first), one marker per series
+    (``name -> [(value, [low, high]), ...]``); ``shaded`` rows get a green band."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 1.4 + 0.3 * len(labels)), dpi=100)
+    ax = fig.add_subplot()
+    rows = np.arange(len(labels))
+    for i, flag in enumerate(shaded or []):
+        if flag:
+            ax.axhspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.1, linewidth=0)
+    for k, (name, points) in enumerate(series.items()):
+        value = np.array([p[0] for p in points])
+        ci = np.array([p[1] if p[1] else [p[0], p[0]] for p in points])
+        offset = (k - (len(series) - 1) / 2) * 0.25
+        ax.errorbar(value, rows + offset, xerr=[value - ci[:, 0], ci[:, 1] - value], fmt="o", capsize=3,
+                    markersize=4, label=name)
+    ax.set_yticks(rows, labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel("accuracy (95% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
+    """One reliability diagram per ``(title, bins)``: accuracy against confidence per bin (with its image
+    count), and the diagonal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
+    for ax, (title, bins) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        width = 1.0 / bins["bins"]
+        left = np.arange(bins["bins"]) * width
+        accuracy = np.array([np.nan if a is None else a for a in bins["accuracy"]])
+        confidence = np.array([np.nan if c is None else c for c in bins["confidence"]])
+        ax.bar(left, np.nan_to_num(accuracy), width=width, align="edge", edgecolor="black", alpha=0.6,
+               label="accuracy in the bin")
+        ax.plot(left + width / 2, confidence, "o", color="tab:red", markersize=4, label="mean confidence in the bin")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+        for x, n, a in zip(left + width / 2, bins["count"], np.nan_to_num(accuracy)):
+            if n:  # how many images each bar stands on
+                ax.text(x, min(a + 0.02, 0.93), str(n), ha="center", fontsize=6)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
+        ax.legend(fontsize=7, loc="center left")  # confidences below 1/C are rare: the left is free
+    return _png(fig)
+
+
 def _samples_figure(images: list, titles: list[str], correct: list[bool]) -> bytes:
     from matplotlib.figure import Figure
 
@@ -210,15 +253,37 @@ def _fmt(value) -> str:
 
 
 def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[str], list[list[str]]]:
-    columns = ["rank", "head", "selected on", "selection accuracy", f"{final_split} accuracy",
-               f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss", "fit s"]
+    """Accuracies with their 95% intervals, ties, the final split's scores and calibration, fit time."""
+    calibrated_ = any(calibrated(e, final_split) for e in leaderboard)
+    columns = ["rank", "head", "selected on", "selection accuracy [95%]", "tied", f"{final_split} accuracy [95%]",
+               f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss",
+               f"{final_split} ECE", *([f"{final_split} ECE calibrated"] if calibrated_ else []), "fit s"]
     rows = []
     for rank, entry in enumerate(leaderboard, start=1):
         final = entry["metrics"][final_split]
-        rows.append([str(rank), entry["head"], entry["selection_split"], _fmt(entry["selection_accuracy"]),
-                     _fmt(final["accuracy"]), _fmt(final["balanced_accuracy"]), _fmt(final["macro_f1"]),
-                     _fmt(final["log_loss"]), f"{entry['fit_seconds']:.2f}"])
+        after = [_fmt(calibrated(entry, final_split).get("ece"))] if calibrated_ else []
+        rows.append([str(rank), entry["head"], entry["selection_split"],
+                     with_interval(entry["metrics"][entry["selection_split"]]), "tied" if entry.get("tied") else "",
+                     with_interval(final), _fmt(final["balanced_accuracy"]), _fmt(final["macro_f1"]),
+                     _fmt(final["log_loss"]), _fmt(final.get("ece")), *after, f"{entry['fit_seconds']:.2f}"])
     return columns, rows
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper case (the rest as it is: head specs keep their case)."""
+    return text[:1].upper() + text[1:]
+
+
+def _calibration_line(head_meta: dict, split: str) -> list[str]:
+    """How the head was calibrated and what it changed on ``split`` (nothing for a head that was not)."""
+    calibration = head_meta.get("calibration")
+    after = (calibration or {}).get("metrics", {}).get(split)
+    before = head_meta["metrics"][split]
+    if not after or "ece" not in before:
+        return []
+    return [f"Calibration: temperature {calibration['temperature']:.3g} fitted on {calibration['fitted_on']}; "
+            f"{split} ECE {before['ece']:.4f} before, {after['ece']:.4f} after; {split} log-loss "
+            f"{before['log_loss']:.4f} before, {after['log_loss']:.4f} after"]
 
 
 def _finetune_line(ft: dict, final_split: str) -> str:
@@ -233,9 +298,7 @@ def _finetune_line(ft: dict, final_split: str) -> str:
     return line
 
 
-def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict, summary: dict) -> list[str]:
-    from .leaderboard import selection_note
-
+def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict) -> list[str]:
     meta = run.meta
     config, final_split = meta["config"], meta["final_split"]
     weights = config.get("weights", {})
@@ -243,10 +306,11 @@ def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict
         f"Data: {config.get('data', {}).get('root')} ({len(meta['classes'])} classes; "
         + ", ".join(f"{k} {v['n']}" for k, v in cache_info["splits"].items()) + " images)",
         f"Backbone: {config.get('backbone')}, weights {weights.get('weights', weights.get('sha256', ''))}",
-        f"Head: {head_meta['head']}, {final_split} accuracy {_fmt(summary.get('accuracy'))} ("
+        f"Head: {head_meta['head']}, {final_split} accuracy {with_interval(head_meta['metrics'][final_split])} ("
         + ("the best" if head_meta["head"] == meta["best"] else f"the best is {meta['best']}")
-        + f" of {len(run.leaderboard)} heads)",
-        selection_note(meta["selection_split"], final_split, meta.get("cv")).capitalize(),
+        + f" of {len(run.leaderboard)} heads; 95% bootstrap interval)",
+        _sentence(selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard)),
+        *_calibration_line(head_meta, final_split),
     ]
     return lines + [_finetune_line(ft, final_split) for ft in finetunes]
 
@@ -282,10 +346,15 @@ def _provenance(run) -> dict:
     }
 
 
+def _figure_blocks(figures: dict, *names: str) -> list[tuple]:
+    """The figure blocks of those ``names`` that were drawn."""
+    return [("figure", figures[name].title, figures[name]) for name in names if name in figures]
+
+
 def _finetune_blocks(finetunes: list[dict], figures: dict) -> list[tuple]:
     if "finetune_curves" not in figures:
         return []
-    blocks: list[tuple] = [("figure", figures["finetune_curves"].title, figures["finetune_curves"])]
+    blocks = _figure_blocks(figures, "finetune_curves")
     for ft in finetunes:
         keys = [k for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in ft["epochs"][0]]
         blocks.append(("table", f"Fine-tuning history ({ft['name']})",
@@ -303,17 +372,18 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
                  for name, m in metrics.get("per_class", {}).items()]
     blocks: list[tuple] = [
         ("title", f"featurecache report: {meta['run_id']}", None),
-        ("list", "Summary", _summary_lines(run, head_meta, finetunes, cache_info, summary)),
+        ("list", "Summary", _summary_lines(run, head_meta, finetunes, cache_info)),
         ("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)),
+        *_figure_blocks(figures, "intervals"),
         ("table", f"Metrics of {head_meta['head']} on {final_split}",
          (list(summary), [[_fmt(v) for v in summary.values()]])),
-        ("figure", figures["confusion_matrix"].title, figures["confusion_matrix"]),
+        *_figure_blocks(figures, "reliability"),
+        *_figure_blocks(figures, "confusion_matrix"),
         ("table", f"Per-class metrics on {final_split}",
          (["class", "precision", "recall", "f1", "support"], per_class)),
         *_finetune_blocks(finetunes, figures),
+        *_figure_blocks(figures, "samples"),
     ]
-    if "samples" in figures:
-        blocks.append(("figure", figures["samples"].title, figures["samples"]))
     provenance = _provenance(run)
     blocks.append(("table", "Provenance", (["item", "value"], [[k, _fmt(v)] for k, v in provenance.items()])))
     return blocks
@@ -353,7 +423,8 @@ _HTML = {
 }
 
 
-def _markdown(blocks: list[tuple]) -> str:
+def markdown_document(blocks: list[tuple]) -> str:
+    """The Markdown of ``(kind, title, payload)`` blocks: title, list, table or figure."""
     return "\n".join(_MARKDOWN[kind](title, payload) for kind, title, payload in blocks)
 
 
@@ -368,7 +439,8 @@ td { word-break: break-word; }
 """
 
 
-def _html(blocks: list[tuple]) -> str:
+def html_document(blocks: list[tuple]) -> str:
+    """The self-contained HTML page of the same blocks, figures embedded."""
     title = html.escape(next(t for kind, t, _ in blocks if kind == "title"))
     body = "\n".join(_HTML[kind](heading, payload) for kind, heading, payload in blocks)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
@@ -393,7 +465,7 @@ def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cach
     grid_split = split if split in cache_info["splits"] else "train"
     if samples:
         X, y, paths = store.load_features(meta["cache"], grid_split)
-        proba = _full_proba(estimator, X, len(classes))
+        proba = class_probabilities(estimator, X, len(classes))
         title = (f"Sample {grid_split} images: predicted class (probability) and true class, "
                  "misclassified ones first (in red)")
         if grid_split == "train":
@@ -403,35 +475,84 @@ def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cach
     return figures
 
 
-def report(run: str | os.PathLike, head: str = "best", samples: int = 16, trust: bool = False,
-           cache_dir: str | None = None) -> Path:
+def _honest_figures(leaderboard: list[dict], head_meta: dict, meta: dict) -> dict[str, Chart]:
+    """The accuracy of every head with its interval, and the reliability diagram of the head shown."""
+    shown, selection, split = leaderboard[:INTERVAL_HEADS], meta["selection_split"], meta["final_split"]
+    series = {s: [(e["metrics"][s]["accuracy"], e["metrics"][s].get("accuracy_ci")) for e in shown]
+              for s in dict.fromkeys([selection, split])}
+    first = f" (the first {len(shown)} of {len(leaderboard)})" if len(shown) < len(leaderboard) else ""
+    title = (f"Accuracy of every head{first} with its 95% bootstrap interval; green: tied with the most "
+             f"accurate head on {selection}")
+    figures = {"intervals": Chart("intervals", title, interval_chart(
+        [e["head"] for e in shown], series, [bool(e.get("tied")) for e in shown]))}
+    before = head_meta["metrics"][split].get("reliability")
+    if before is not None:
+        panels = [(f"{split}: ECE {head_meta['metrics'][split]['ece']:.4f}", before)]
+        after = calibrated(head_meta, split)
+        if after:
+            panels.append((f"temperature {head_meta['calibration']['temperature']:.3g}: ECE {after['ece']:.4f}",
+                           after["reliability"]))
+        figures["reliability"] = Chart("reliability", f"Reliability diagram of {head_meta['head']} on {split} "
+                                       f"({before['bins']} bins of the top probability)", _reliability_figure(panels))
+    return figures
+
+
+def up_to_date(html_path: Path, stamp: Path, key: str) -> bool:
+    """Whether the page at ``html_path`` was written for ``key`` (recorded in the JSON ``stamp``)."""
+    return html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+
+
+def write_document(out_dir: Path, stem: str, blocks: list[tuple], charts) -> Path:
+    """``<stem>.md`` next to its PNG ``charts`` and the self-contained ``<stem>.html``; returns the latter."""
+    for fig in charts:
+        atomic_write(out_dir / f"{fig.name}.png", fig.png)
+    atomic_write(out_dir / f"{stem}.md", markdown_document(blocks).encode("utf-8"))
+    return atomic_write(out_dir / f"{stem}.html", html_document(blocks).encode("utf-8"))
+
+
+def _one_run(run):
+    """The run of a single report: ``run`` itself, or the one item of a list."""
+    if isinstance(run, (str, os.PathLike)):
+        return run
+    runs = list(run)
+    if len(runs) != 1:
+        raise UsageError(f"a report is of one run, got {len(runs)}: pass --compare (compare=True) to compare runs")
+    return runs[0]
+
+
+def report(run, head: str = "best", samples: int = 16, trust: bool = False, cache_dir: str | None = None,
+           compare: bool = False) -> Path:
     """Write the report of a fit-head run (and its fine-tunes); return the path of ``report.html``.
 
     ``run`` is a run directory, run id or unique prefix; ``head`` the head to detail ("best",
     "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none);
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
+    With ``compare``, ``run`` is a list of runs and one table compares them, backbone by head
+    family (:func:`featurecache.compare.compare_runs`); the path of ``comparison.html`` is returned.
     """
     from .runs import load_head, load_run, resolve_run
 
+    if compare:
+        from .compare import compare_runs
+
+        return compare_runs([run] if isinstance(run, (str, os.PathLike)) else list(run), cache_dir)
     if samples < 0:
         raise UsageError("--samples must be 0 or more")
-    run_dir = Path(resolve_run(run, cache_dir))
+    run_dir = Path(resolve_run(_one_run(run), cache_dir))
     out_dir = run_dir / REPORT_DIR
     html_path, stamp = out_dir / "report.html", out_dir / "report.json"
     key = _report_key(run_dir, head, samples)
-    if html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    if up_to_date(html_path, stamp, key):
         return html_path
 
     loaded = load_run(run_dir)
     estimator, head_meta = load_head(run_dir, head, trust=trust)
     cache_info = store.info(loaded.meta["cache"])
     finetunes = _finetunes(run_dir)
-    figures = _figures(loaded.meta, estimator, head_meta, finetunes, cache_info, samples)
+    figures = {**_figures(loaded.meta, estimator, head_meta, finetunes, cache_info, samples),
+               **_honest_figures(loaded.leaderboard, head_meta, loaded.meta)}
     blocks = _sections(loaded, head_meta, finetunes, figures, cache_info)
-    for fig in figures.values():
-        atomic_write(out_dir / f"{fig.name}.png", fig.png)
-    atomic_write(out_dir / "report.md", _markdown(blocks).encode("utf-8"))
-    atomic_write(html_path, _html(blocks).encode("utf-8"))
+    write_document(out_dir, "report", blocks, figures.values())
     metrics = head_meta["metrics"][loaded.meta["final_split"]]  # what fit-head computed: the leaderboard's numbers
     write_json(stamp, {"key": key, "head": head_meta["head"], "split": loaded.meta["final_split"],
                        "metrics": {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}, "figures": sorted(figures)})

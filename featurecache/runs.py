@@ -90,7 +90,7 @@ def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict, record
                  "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
                  "metrics": entry["metrics"], "selection_split": entry["selection_split"],
                  "fit_seconds": entry["fit_seconds"],
-                 **{k: entry[k] for k in ("status", "reason", "rows") if k in entry}}
+                 **{k: entry[k] for k in ("status", "reason", "rows", "calibration") if k in entry}}
     if record is not None:
         head_meta["estimator"] = record
     files.write_json(folder / HEAD_FILE, head_meta)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,11 +39,15 @@ _DEVICE_TYPES = {
 }
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
+def resolve_device(device: str | None = "auto", local_rank: int | None = None) -> torch.device:
     """``auto`` picks CUDA when there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
-    ``mps`` name one. A UsageError for any other name or a device this machine lacks."""
+    ``mps`` name one. A UsageError for any other name or a device this machine lacks.
+
+    ``local_rank``: the process's rank on its node, under torchrun; ``auto`` and ``cuda``
+    then mean that rank's GPU (``cuda:LOCAL_RANK``).
+    """
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -50,8 +56,14 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if not _DEVICE_TYPES[dev.type]():
         raise UsageError(f"device {device} asked for, but this machine has no {dev.type.upper()} device")
+    gpus = plural(torch.cuda.device_count(), "GPU") if dev.type == "cuda" else ""
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"local rank {local_rank} has no GPU of its own: this machine has {gpus}; start at most "
+                             "one process per GPU (torchrun --nproc-per-node)")
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device} asked for, but this machine has {plural(torch.cuda.device_count(), 'GPU')}")
+        raise UsageError(f"device {device} asked for, but this machine has {gpus}")
     return dev
 
 
@@ -89,16 +101,49 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 4
 
 
-def model_threads(device: torch.device, workers: int, mode: str) -> int:
-    """Intra-op threads for the model while ``workers`` processes decode images.
+def cores_per_process(processes: int = 1) -> int:
+    """This process's share of the usable cores when ``processes`` run on the node (torchrun)."""
+    return max(1, usable_cores() // max(1, processes))
 
-    A frozen graph on a CPU gets half the cores and leaves the rest to the decoders: its
-    OpenMP pool stalls at every barrier when it shares cores with them (MobileNetV2 on 2
-    cores with 2 workers: 1.15x the images/s of 2 threads). Otherwise torch's setting stays.
+
+def split_cores(device: torch.device, cores: int, workers: int | None, decode_s: float,
+                forward_s: Callable[[int], float]) -> tuple[int, int]:
+    """``(decode workers, forward threads)`` for a process with ``cores`` cores.
+
+    On a CPU, unless ``workers`` is given, the split comes from measured costs: ``decode_s``,
+    the seconds one core takes to decode an image, and ``forward_s(threads)``, the seconds per
+    image of the forward pass on that many threads (measured with all cores and with one;
+    other counts follow Amdahl's law). Decoding in the process itself (0 workers) costs
+    ``decode + forward(cores)`` per image; ``w`` workers give ``min(w / decode, 1 /
+    forward(cores - w))`` images per second. The best estimate wins: tiny images (Fashion-MNIST)
+    leave every core to the forward pass, photos get workers. On a GPU every core decodes.
+    A thread count that shares a core with a worker stalls the OpenMP pool, so the threads
+    are the cores the workers leave.
     """
-    if device.type != "cpu" or workers == 0 or mode != "torchscript-frozen":
-        return torch.get_num_threads()
-    return max(1, usable_cores() // 2)
+    if device.type != "cpu":
+        return (cores if workers is None else workers), torch.get_num_threads()
+    if workers is not None:
+        return workers, max(1, cores - workers) if workers else cores
+    if cores == 1:
+        return 0, 1
+    rounds = [(forward_s(cores), forward_s(1)) for _ in range(2)]  # interleaved: a busy moment spoils one of each
+    full, one = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    serial = min(1.0, max(0.0, (full / one - 1 / cores) / (1 - 1 / cores)))
+
+    def forward(threads: int) -> float:
+        return one * (serial + (1 - serial) / threads)
+
+    decode_s = max(decode_s, 1e-9)
+    rates = {0: 1 / (decode_s + full)} | {w: min(w / decode_s, 1 / forward(cores - w)) for w in range(1, cores)}
+    best = max(rates, key=rates.__getitem__)
+    return best, (cores - best) if best else cores
+
+
+def forward_seconds(model, x: torch.Tensor, threads: int, repeats: int = 2) -> float:
+    """Seconds per image of ``model`` on batch ``x`` with ``threads`` intra-op threads (the best of ``repeats``)."""
+    with num_threads(threads), torch.inference_mode():
+        model(x)  # a new thread count starts its pool on the first pass
+        return min(_seconds(model, x) for _ in range(repeats)) / len(x)
 
 
 @contextlib.contextmanager
@@ -114,8 +159,6 @@ def num_threads(n: int | None = None):
 
 
 def _seconds(fn, x: torch.Tensor) -> float:
-    import time
-
     start = time.perf_counter()
     fn(x)
     return time.perf_counter() - start

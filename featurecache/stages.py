@@ -37,6 +37,7 @@ FUNCTIONS: tuple[Function, ...] = (
     Function("finetune", "featurecache.finetuning", "finetune"),
     Function("predict", "featurecache.prediction", "predict"),
     Function("report", "featurecache.reporting", "report"),
+    Function("list_runs", "featurecache.compare", "runs"),
     Function("run", "featurecache.pipeline", "run"),
 )
 # The stage modules are named extractor, sweep, finetuning, prediction, reporting and pipeline

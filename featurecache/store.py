@@ -88,36 +88,44 @@ class Entry:
 # --------------------------------------------------------------------------- locking
 
 
+def _holder(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def locked(entry: Entry, wait: float | None = None, on_wait=None) -> Iterator[None]:
-    """Hold an exclusive lock on ``entry``. ``wait``: seconds to wait (None: forever, 0: fail at once).
+def locked(entry: Entry, wait: float | None = None, on_wait=None, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on ``entry``. ``wait``: seconds to wait (None: forever, 0: fail at once).
 
     The lock is an ``flock`` on a side file: the kernel releases it when the holder dies,
-    even by SIGKILL, so a crashed run never blocks the next one.
+    even by SIGKILL, so a crashed run never blocks the next one. A run that writes the
+    cache holds it exclusively; the slices of ``--shard I/N`` hold it ``shared``, so that
+    they run side by side while a plain run waits for them (and they for it).
     """
     entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(entry.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = None if wait is None else time.monotonic() + wait
         told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+        while not _try_flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
             if deadline is not None and time.monotonic() >= deadline:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise CacheLockedError(
-                    f"another process (pid {holder}) is writing {entry.path.name}; try again when it is done"
+                    f"another process (pid {_holder(fd)}) is writing {entry.path.name}; try again when it is done"
                 )
             if not told and on_wait:
-                on_wait(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
+                on_wait(_holder(fd))
                 told = True
             time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid():<12d}".encode(), 0)  # fixed width: holders sharing it overwrite each other whole
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
@@ -126,56 +134,79 @@ def locked(entry: Entry, wait: float | None = None, on_wait=None) -> Iterator[No
 # --------------------------------------------------------------------------- shards
 
 
-class ShardWriter:
-    """Collects finished batches as atomic ``.npz`` shards under ``entry.partial``."""
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("shard-*.npz"))
 
-    def __init__(self, entry: Entry, n_records: int, manifest: dict):
-        """Open ``entry``'s shards (the caller holds its lock); shards of another ``manifest`` are dropped."""
+
+def rows_done(folder: Path, n_records: int) -> np.ndarray:
+    """Boolean mask of the records that the shards in ``folder`` (an entry's ``partial``) hold."""
+    mask = np.zeros(n_records, dtype=bool)
+    for shard in _shards(folder):
+        with contextlib.suppress(FileNotFoundError), np.load(shard) as z:  # vanished: the cache was just written
+            mask[z["indices"]] = True
+    return mask
+
+
+class ShardWriter:
+    """Collects finished batches as atomic ``.npz`` shards under ``entry.partial``.
+
+    A shard is named by the first and last record (row) it holds, never by the process
+    that wrote it: any number of processes, of this run or of an earlier one with another
+    world size, add shards side by side, and :meth:`done` tells every one of them which
+    rows are left.
+    """
+
+    def __init__(self, entry: Entry, n_records: int, manifest: dict, owner: bool = True):
+        """Open ``entry``'s shards. The ``owner`` holds the entry's lock alone: it drops the shards
+        of another ``manifest`` and what killed runs were writing. The others (ranks but the
+        first, ``--shard`` slices) only add shards, and refuse those of another manifest."""
         self.dir = entry.partial
         self.n = n_records
         meta = self.dir / "manifest.json"
         text = json.dumps(manifest, sort_keys=True)
         if meta.is_file() and meta.read_text() != text:  # same key, different records: start over
+            if not owner:
+                raise CacheError(f"{self.dir} holds the shards of other records; a plain fc extract starts it over")
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.is_file():
             atomic_write(meta, text)
-        # What a killed run was writing: shards and cache files under temporary names.
-        for stale in [p for p in self.dir.iterdir() if is_temp_name(p)] + entry.temp_files():
-            stale.unlink(missing_ok=True)
-
-    def _shards(self) -> list[Path]:
-        return sorted(self.dir.glob("shard-*.npz"))
+        if owner:  # what a killed run was writing: shards and cache files under temporary names
+            for stale in [p for p in self.dir.iterdir() if is_temp_name(p)] + entry.temp_files():
+                stale.unlink(missing_ok=True)
 
     def done(self) -> np.ndarray:
         """Boolean mask of the record indices already written."""
-        mask = np.zeros(self.n, dtype=bool)
-        for shard in self._shards():
-            with np.load(shard) as z:
-                mask[z["indices"]] = True
-        return mask
+        return rows_done(self.dir, self.n)
 
-    def write(self, indices: np.ndarray, features: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
-        """Store one batch: ``features`` holds rows for the ``ok`` images only."""
+    def write(self, indices: np.ndarray, features: np.ndarray, ok: np.ndarray, reasons: list[str],
+              tags: dict[str, str] | None = None) -> None:
+        """Store one batch: ``features`` holds rows for the ``ok`` images only; ``tags`` say how it
+        was computed (the graph, the split of the cores), for the provenance."""
         indices = np.asarray(indices, dtype=np.int64)
-        name = f"shard-{int(indices.min()):012d}-{uuid.uuid4().hex[:8]}.npz"
+        name = f"shard-{int(indices.min()):012d}-{int(indices.max()):012d}-{uuid.uuid4().hex[:8]}.npz"
+        labels = {f"tag_{k}": np.asarray(v) for k, v in (tags or {}).items()}
 
         def save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to a temporary name
                 np.savez(fh, indices=indices, features=features, ok=np.asarray(ok, bool),
-                         reasons=np.asarray(reasons, dtype=str))
+                         reasons=np.asarray(reasons, dtype=str), **labels)
 
         atomic_write(self.dir / name, save)
 
     def collect(self, dim: int | None, dtype: str):
-        """Assemble all shards into ``(features, ok, reasons)`` indexed by record."""
+        """Assemble all shards into ``(features, ok, reasons, tags)`` indexed by record; ``tags``: each
+        tag's values over the shards (processes, ranks and slices choose for themselves)."""
         ok = np.zeros(self.n, dtype=bool)
         seen = np.zeros(self.n, dtype=bool)
         reasons = [""] * self.n
         rows: dict[int, np.ndarray] = {}
-        for shard in self._shards():
+        tags: dict[str, set[str]] = {}
+        for shard in _shards(self.dir):
             with np.load(shard) as z:
                 idx, feats, good, why = z["indices"], z["features"], z["ok"], z["reasons"]
+                for name in (n for n in z.files if n.startswith("tag_")):
+                    tags.setdefault(name[4:], set()).add(str(z[name]))
             if seen[idx].any():  # a duplicate batch from an interrupted rename: keep the first
                 keep = ~seen[idx]
                 feats = feats[keep[good]]
@@ -193,7 +224,7 @@ class ShardWriter:
         features = np.zeros((int(ok.sum()), dim or 0), dtype=dtype)
         for out_row, i in enumerate(np.flatnonzero(ok)):
             features[out_row] = rows[int(i)]
-        return features, ok, reasons
+        return features, ok, reasons, tags
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

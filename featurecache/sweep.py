@@ -48,11 +48,12 @@ import numpy as np
 
 from . import engine, files, scaling, store
 from .engine import Task
-from .errors import HeadError, suggest
+from .errors import HeadError, UsageError, suggest
 from .heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
 from .heads.chunked import can_learn_from_chunks
-from .leaderboard import make_entry, rank_key
+from .leaderboard import make_entry, rank
 from .metrics import classification_metrics
+from .postpass import post_options, post_pass
 from .progress import LOG_EVERY, Progress
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
 
@@ -205,6 +206,7 @@ class _Plan:
     seed: int
     class_weight: str | None
     run_dir: Path
+    post: dict = field(default_factory=dict)  # --seeds and --calibrate, as featurecache.postpass checked them
     budget: float | None = None
     halving: bool = True
     memory: int = 0  # bytes of features a sweep may hold
@@ -230,7 +232,7 @@ class _Plan:
 
 def _run_id(plan: _Plan) -> str:
     fields = {"cache_key": plan.meta["key"], "heads": sorted(c.spec for c in plan.configs), "seed": plan.seed,
-              "cv": plan.cv, "class_weight": plan.class_weight, "format": RUN_FORMAT}
+              "cv": plan.cv, "class_weight": plan.class_weight, "format": RUN_FORMAT, **plan.post}
     if plan.large:  # these change what is fitted only on many rows
         fields.update(budget=plan.budget, halving=plan.halving)
         if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
@@ -245,7 +247,7 @@ def _selection(meta: dict) -> str:
     return "holdout" if meta["splits"]["train"]["n"] > scaling.LARGE_ROWS else "cv"
 
 
-def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, budget, halving,
+def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
           max_memory) -> _Plan:
     """Check the inputs and decide the grid, the selection and the run directory."""
     from .runtime import resolve_device
@@ -259,9 +261,12 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
     if "train" not in meta["splits"]:
         raise HeadError(f"{path.name} has no train split (it has {', '.join(meta['splits'])})")
     selection = _selection(meta)
+    if post.get("seeds", 1) > 1 and meta["splits"]["train"]["n"] > scaling.LARGE_ROWS:
+        raise UsageError(f"seeds > 1 refits every head on all training rows: it is for caches of up to "
+                         f"{scaling.LARGE_ROWS:,} training rows, and {path.name} has {meta['splits']['train']['n']:,}")
     final = "test" if "test" in meta["splits"] else selection
     plan = _Plan(path, meta, configs, selection, final, cv if selection == "cv" else None, seed, class_weight,
-                 path, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory)
+                 path, post, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory)
     plan.run_dir = path.parent / RUNS / _run_id(plan)
     return plan
 
@@ -635,7 +640,16 @@ def _rank(plan: _Plan, labels: dict, outcome: _Outcome, specs) -> list[dict]:
         status, reason, rows = outcome.status[spec]
         entries.append(make_entry(cfg, metrics, plan.selection, outcome.seconds[spec], status=status, reason=reason,
                                   rows=rows))
-    return sorted(entries, key=rank_key)
+    return rank(entries, outcome.probas, labels)
+
+
+def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
+    """``name -> (features, labels)`` for :func:`featurecache.postpass.post_pass`: every split's rows
+    up to 4,000 training rows, where ``seeds`` may refit heads; above, the labels of every evaluation
+    (enough for ``calibrate``)."""
+    if plan.large:
+        return {name: (None, y) for name, y in labels.items() if name != "cv"}
+    return {s: (data.rows(s), data.labels[s]) for s in plan.splits}
 
 
 def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) -> dict:
@@ -667,6 +681,8 @@ def fit_head(
     backend: str = "local",
     scheduler: str | None = None,
     cache_dir: str | None = None,
+    seeds: int = 1,
+    calibrate: str | None = None,
     progress: bool = False,
 ) -> SweepResult:
     """Fit every head of the grid on ``cache``, rank them and save them in a run directory.
@@ -678,7 +694,10 @@ def fit_head(
     run one after another in one of them. Selection is on ``val`` when the
     cache has it, else ``cv``-fold stratified cross-validation on ``train`` (above
     4,000 training rows: one stratified holdout of train, ``holdout``).
-    ``class_weight="balanced"`` weights every head that supports it.
+    ``class_weight="balanced"`` weights every head that supports it. ``seeds`` > 1 refits
+    the heads whose fit depends on a seed with that many seeds and reports the spread (up
+    to 4,000 training rows); ``calibrate="temperature"`` fits one temperature per head on
+    the selection split (:mod:`featurecache.postpass`).
 
     Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head
     is fitted on a stratified sample first and only the best third moves on to larger
@@ -691,7 +710,8 @@ def fit_head(
     saved run, and a sweep killed midway reuses the fits it finished.
     """
     started = time.perf_counter()
-    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, budget, halving,
+    post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
+    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
                  max_memory)
     reused = _reused(plan, started)
     if reused is not None:
@@ -699,6 +719,8 @@ def fit_head(
     data = _read_data(plan)
     outcome, labels = _run_sweep(plan, data, jobs, device, progress, started, backend, scheduler)
     entries = _rank(plan, labels, outcome, outcome.files)
+    entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv, device,
+                        progress)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,

@@ -54,6 +54,9 @@ CASES = [
     ("demo", "--set extract.batch_sise=8", 2, r"extract\.batch_sise \(from --set\): unknown option"),
     ("report", "{run} --samples -1", 2, r"Invalid value for '--samples': -1 is not in the range x>=0"),
     ("report", "no-such-run", 3, r"no run matches 'no-such-run'"),
+    ("report", "{run} {run}", 2, r"pass --compare"),
+    ("runs", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
+    ("fit-head", "{cache} --seeds 0", 2, r"'--seeds'"),
 ]
 
 

@@ -30,13 +30,15 @@ ARGS = ["--weights", "none", "--resize", "64", "--crop", "56", "--batch-size", "
 
 # `fc extract ...` that stops itself before the Nth os.replace (or shutil.rmtree) of a path whose
 # name contains a text: FC_TEST_STOP="replace|shard-|3" stops just before the third shard is renamed.
-_STOPPING_FC = """
+# Under torchrun, FC_TEST_STOP_RANK names the only rank that stops.
+STOPPING_FC = """
 import os, shutil, signal
 what, text, nth = os.environ["FC_TEST_STOP"].split("|")
+here = os.environ.get("RANK", "0") == os.environ.get("FC_TEST_STOP_RANK", os.environ.get("RANK", "0"))
 seen = []
 def stopping(function, target_arg):
     def call(*args, **kwargs):
-        if text in os.path.basename(os.fspath(args[target_arg])):
+        if here and text in os.path.basename(os.fspath(args[target_arg])):
             seen.append(args[target_arg])
             if len(seen) == int(nth):
                 os.kill(os.getpid(), signal.SIGSTOP)
@@ -56,7 +58,7 @@ def _fc(data, cache_dir, *extra, stop: str | None = None) -> subprocess.Popen:
     program = ["-m", "featurecache"]
     if stop:
         env["FC_TEST_STOP"] = stop
-        program = ["-c", _STOPPING_FC]
+        program = ["-c", STOPPING_FC]
     return subprocess.Popen(
         [sys.executable, *program, "extract", str(data), *ARGS, "--cache-dir", str(cache_dir), "--json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -94,8 +94,8 @@ def test_json_output_shape(cli_runner, image_folder, tmp_path):
                   "--workers", 0, "--cache-dir", tmp_path, "--json")
     assert out.exit_code == 0, out.output
     obj = json.loads(out.stdout)
-    assert set(obj) == {"cache", "reused", "feature_dim", "splits", "images_per_s", "seconds"}
-    assert obj["splits"]["train"] == {"n": 12, "skipped": 0} and obj["images_per_s"] > 0
+    assert set(obj) == {"cache", "reused", "feature_dim", "splits", "images_per_s", "seconds", "missing"}
+    assert obj["splits"]["train"] == {"n": 12, "skipped": 0} and obj["images_per_s"] > 0 and obj["missing"] == 0
 
 
 def test_cache_list_info_rm(cli_runner, image_folder, tmp_path):
@@ -186,3 +186,55 @@ def test_an_aborted_run_keeps_its_finished_batches(tmp_path):
     assert kept >= 20  # everything before the last batch
     res = featurecache.extract(str(data), **kwargs)
     assert res.splits["val"] == {"n": 8, "skipped": 1}
+
+
+# --------------------------------------------------------------------------- keys and progress
+
+# What commit b0733ec (before --decode, --shard and torchrun) named these extractions of
+# _fixed_folder: decoding with PIL on the CPU keeps every existing cache valid.
+BASE_KEYS = {
+    "plain": "1c3ad293203dcc6db4e2f16f4f1feb694a327467c148615456914a83b3ff9195",
+    "float16, limit 2": "36bb9f7e48ca6027f5cac1c0b595f56168f0361d046cd50c2e6e408b86cf47a3",
+}
+_STAMP = 1_700_000_000_000_000_000  # the files' mtime (ns): part of the dataset's fingerprint
+
+
+def _fixed_folder(root):
+    """The same bytes and mtimes on every machine: raw PPM files."""
+    import os
+
+    rng = np.random.default_rng(7)
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            for i in range(3):
+                path = root / split / cls / f"{i}.ppm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"P6 24 20 255\n" + rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8).tobytes())
+                os.utime(path, ns=(_STAMP, _STAMP))
+    return root
+
+
+def test_cache_keys_of_cpu_decoding_are_those_of_before(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = str(_fixed_folder(tmp_path / "data"))
+    options = {**FAST, "cache_dir": str(tmp_path / "c")}
+    plain = featurecache.extract(data, **options)
+    assert plain.key == BASE_KEYS["plain"]
+    assert plain.cache.endswith("/mobilenet_v2-data-1c3ad293203dcc6d.h5")
+    assert featurecache.extract(data, dtype="float16", limit=2, **options).key == BASE_KEYS["float16, limit 2"]
+    # how it runs is not part of the key: batch, workers, the decoder by name
+    assert featurecache.extract(data, **{**options, "decode": "cpu", "batch_size": 2, "workers": 1}).reused
+
+
+def test_progress_lines_when_stderr_is_a_log(image_folder, tmp_path, capsys, monkeypatch):
+    from functools import partial
+
+    from featurecache import extractor
+    from featurecache.progress import Progress
+
+    monkeypatch.setattr(extractor, "Progress", partial(Progress, every=0.0))  # a line at every batch
+    featurecache.extract(str(image_folder), cache_dir=str(tmp_path), **{**FAST, "progress": True})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("extract: 20/20 images (100%), ") and "images/s" in lines[-1] and "ETA" in lines[-1]

@@ -23,7 +23,7 @@ from featurecache.data import Preprocess
 from featurecache.errors import FinetuneError, RunError, UsageError
 from featurecache.files import sha256_file
 from featurecache.heads import HEADS
-from featurecache.images import ImageTensors
+from featurecache.images import ImageTensors, normalize_batch
 from featurecache.metrics import classification_metrics
 from featurecache.runs import load_head
 
@@ -295,6 +295,29 @@ def test_safetensors_weights_round_trip_and_a_changed_file_is_refused(tmp_path, 
     refused = run_cli(cli_runner, "predict", out, test_images)
     lines = refused.stderr.strip().splitlines()
     assert refused.exit_code == 3 and len(lines) == 1 and "model.safetensors does not match" in lines[0], refused.stderr
+
+
+@pytest.mark.slow
+def test_a_calibrated_head_gives_a_network_with_its_own_temperature(tmp_path):
+    """--calibrate temperature: the fine-tuned network fits its own T on the selection split, and every
+    way of loading it (model.pt, model.safetensors) divides the logits by it."""
+    images = make_colored_images(tmp_path / "images", 2, (("train", 6), ("val", 4)))
+    res = featurecache.extract(str(images), weights="none", cache_dir=str(tmp_path / "cache"), **TINY)
+    run = featurecache.fit_head(res.cache, head=["logreg:pre=standardize"], calibrate="temperature", jobs=1)
+    result = featurecache.finetune(run.run_dir, epochs=1, batch_size=4, workers=0, augment="none", progress=False)
+    out = Path(result.output_dir)
+    assert json.loads((out / "result.json").read_text())["temperature"] == result.temperature
+    assert result.temperature != 1.0  # fitted, not the default
+
+    parts = model.assemble(run.run_dir, result.head)
+    parts.network.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+    batch = split_batch(res.cache, "val", parts.backbone.preprocess)
+    with torch.inference_mode():
+        logits = parts.network.eval()(normalize_batch(batch, parts.backbone.preprocess))
+        expected = torch.softmax(logits / result.temperature, dim=1).numpy()
+        from_weights = model.load_finetuned(out)[0](batch).numpy()
+        scripted = model.load_exported(out / "model.pt")[0](batch).numpy()
+    assert np.abs(from_weights - expected).max() < 1e-5 and np.abs(scripted - expected).max() < 1e-5
 
 
 def _checkpoint_state(path: Path) -> dict:

@@ -110,6 +110,7 @@ def test_a_list_runs_one_branch_per_value(tmp_path):
     caches = {b["stages"]["extract"]["cache"] for b in out["branches"]}
     runs = {b["stages"]["fit-head"]["run_dir"] for b in out["branches"]}
     assert len(caches) == 2 and len(runs) == 2
+    assert "comparison" not in out  # with a [report] stage, two runs end with their comparison (test_compare.py)
 
 
 # --------------------------------------------------------------------------- the plan

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import FAST, make_split_folder, run_cli
 from test_finetune import finetune_hymenoptera, tiny_run
 
 import featurecache
 from featurecache.errors import DataError, FinetuneError, UsageError
+from featurecache.images import normalize_batch
 from featurecache.prediction import image_paths
 from featurecache.runs import load_head
 
@@ -80,6 +81,47 @@ def test_a_corrupt_image_is_reported_and_skipped(small_run, cli_runner, tmp_path
     assert [p["path"] for p in result["predictions"]] == good
     assert all(set(p) == PREDICTION_KEYS and len(p["topk"]) == 3 for p in result["predictions"])
     assert sorted(Path(s["path"]).name for s in result["skipped"]) == ["broken.jpg", "empty.png"]
+
+
+def test_a_calibrated_run_predicts_tempered_probabilities(tmp_path):
+    from featurecache.calibration import apply_temperature
+
+    data = make_split_folder(tmp_path / "images", splits=(("train", 6), ("val", 3)), classes=("a", "b", "c"))
+    cache_dir = str(tmp_path / "cache")
+    # random-weight MobileNetV2 features are all but zero; random ResNet-18 ones tell the images apart
+    cache = featurecache.extract(str(data), **{**FAST, "backbone": "resnet18"}, cache_dir=cache_dir).cache
+    heads = ("logreg:C=10", "knn:n_neighbors=3")  # a layer of the network, and features into scikit-learn
+    run = featurecache.fit_head(cache, head=heads, jobs=1, calibrate="temperature", cache_dir=cache_dir)
+    X, _, paths = featurecache.load_features(cache, "val")
+    for head in heads:
+        pipeline, head_meta = load_head(run.run_dir, head)
+        temperature = head_meta["calibration"]["temperature"]
+        expected = apply_temperature(pipeline.predict_proba(X), temperature)
+        out = featurecache.predict(run.run_dir, [str(data / "val")], head=head, topk=3, workers=0, progress=False)
+        got = {Path(p["path"]).relative_to(data).as_posix(): _proba(p, ["a", "b", "c"]) for p in out["predictions"]}
+        assert np.abs(np.array([got[p] for p in paths]) - expected).max() < 1e-4, head
+    assert abs(load_head(run.run_dir, "logreg:C=10")[1]["calibration"]["temperature"] - 1) > 0.01
+
+
+def test_the_exported_model_divides_its_logits_by_the_temperature(tmp_path):
+    import torch
+    from torch import nn
+
+    from featurecache import model
+    from featurecache.data import Preprocess
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    network, pre = model.Network(backbone, nn.Linear(4, 3)), Preprocess(resize=12, crop=8)
+    path = model.export(network, pre, ["a", "b", "c"], tmp_path / "model.pt", {}, temperature=2.5)
+    exported, info = model.load_exported(path)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = network(normalize_batch(images, pre))
+        plain = model.Exported(network, pre).eval()(images)
+        assert info["temperature"] == 2.5
+        torch.testing.assert_close(exported(images), torch.softmax(logits / 2.5, dim=1))
+        torch.testing.assert_close(plain, torch.softmax(logits, dim=1))
 
 
 def test_paths_are_walked_recursively_by_extension(tmp_path):

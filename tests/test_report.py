@@ -53,7 +53,8 @@ def test_report_files(tiny_report, tiny_run):
     folder = tiny_run / "report"
     assert tiny_report == folder / "report.html"
     names = {p.name for p in folder.iterdir()}
-    assert {"report.html", "report.md", "report.json", "confusion_matrix.png", "samples.png"} <= names
+    assert {"report.html", "report.md", "report.json", "confusion_matrix.png", "samples.png", "intervals.png",
+            "reliability.png"} <= names
     assert "finetune_curves.png" not in names  # no fine-tune under this run
     md = (folder / "report.md").read_text()
     for png in re.findall(r"\]\(([^)]+\.png)\)", md):
@@ -72,7 +73,16 @@ def test_report_shows_the_leaderboard_metrics_and_provenance(tiny_report, tiny_r
     for name in CLASSES:
         m = test["per_class"][name]
         assert f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |" in per_class
-    assert "Heads selected on val; test is held out" in md
+    leaderboard = json.loads((tiny_run / "leaderboard.json").read_text())
+    tied = sum(e["tied"] for e in leaderboard) - 1
+    ties = "no other head is" if tied == 0 else ("1 other head is" if tied == 1 else f"{tied} other heads are")
+    assert f"- Heads selected on val; test is held out: quote its scores; {ties} tied with the most accurate one" in md
+    for rank, entry in enumerate(leaderboard, 1):  # the intervals fit-head computed
+        val, held_out = entry["metrics"]["val"], entry["metrics"]["test"]
+        assert (f"| {rank} | {entry['head']} | val | {val['accuracy']:.4f} [{val['accuracy_ci'][0]:.3f}, "
+                f"{val['accuracy_ci'][1]:.3f}] | {'tied' if entry['tied'] else ''} | {held_out['accuracy']:.4f} "
+                f"[{held_out['accuracy_ci'][0]:.3f}, {held_out['accuracy_ci'][1]:.3f}] |") in md
+    assert f"test accuracy {test['accuracy']:.4f} [{test['accuracy_ci'][0]:.3f}, {test['accuracy_ci'][1]:.3f}]" in md
     config = run_meta["config"]
     for value in (run_meta["cache_key"], config["data"]["fingerprint"], config["backbone"], "scikit-learn",
                   "matplotlib", config["versions"]["torch"]):
@@ -86,13 +96,34 @@ def test_html_is_self_contained(tiny_report):
 
     html = tiny_report.read_text()
     sources = _img_sources(html)
-    assert len(sources) == 2  # confusion matrix and samples
+    assert len(sources) == 4  # intervals, reliability diagram, confusion matrix and samples
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True))) as img:
             img.verify()
             assert img.format == "PNG" and img.width > 0 and img.height > 0
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing to fetch from anywhere
+
+
+def test_a_calibrated_run_reports_its_temperature_and_ece(tiny_run, tmp_path):
+    import featurecache
+
+    cache = tmp_path / "cache" / "copy.h5"  # the session's features, in a cache directory of this test's own
+    cache.parent.mkdir()
+    shutil.copyfile(json.loads((tiny_run / "run.json").read_text())["cache"], cache)
+    run_dir = Path(featurecache.fit_head(str(cache), head=HEADS, jobs=1, calibrate="temperature").run_dir)
+    path = featurecache.report(run_dir, samples=0)
+    md = (path.parent / "report.md").read_text()
+    best = json.loads((run_dir / "leaderboard.json").read_text())[0]
+    cal, before = best["calibration"], best["metrics"]["test"]
+    after = cal["metrics"]["test"]
+    assert cal["fitted_on"] == "val" and cal["temperature"] > 0
+    assert (f"- Calibration: temperature {cal['temperature']:.3g} fitted on val; test ECE {before['ece']:.4f} "
+            f"before, {after['ece']:.4f} after; test log-loss {before['log_loss']:.4f} before, "
+            f"{after['log_loss']:.4f} after") in md
+    assert "| test ECE | test ECE calibrated |" in md
+    assert f"## Reliability diagram of {best['head']} on test (15 bins of the top probability)" in md
+    assert (path.parent / "reliability.png").is_file()
 
 
 def test_report_is_reused_until_its_inputs_change(tiny_report, tiny_run):
@@ -195,7 +226,7 @@ def render_image_widths(html_path: Path, work: Path) -> list[int]:
 @pytest.mark.slow
 def test_html_renders_in_chromium_without_missing_images(tiny_report, tmp_path):
     widths = render_image_widths(tiny_report, tmp_path)
-    assert len(widths) == len(_img_sources(tiny_report.read_text())) == 2
+    assert len(widths) == len(_img_sources(tiny_report.read_text())) == 4
     assert all(w > 0 for w in widths), widths
 
 
@@ -205,7 +236,7 @@ def test_the_chromium_check_catches_a_broken_image(tiny_report, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(html.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
     widths = render_image_widths(broken, tmp_path)
-    assert widths[0] == 0 and widths[1] > 0
+    assert widths[0] == 0 and all(w > 0 for w in widths[1:])
 
 
 @pytest.mark.slow
@@ -223,4 +254,4 @@ def test_report_with_finetune_curves_renders(tmp_path, real_weights):
     history = md.split("## Fine-tuning history")[1].split("## ")[0]
     assert len(re.findall(r"^\| \d+ \|", history, flags=re.M)) == 3  # epochs 0 (the head), 1 and 2
     widths = render_image_widths(path, tmp_path)
-    assert len(widths) == 3 and all(w > 0 for w in widths), widths
+    assert len(widths) == 5 and all(w > 0 for w in widths), widths

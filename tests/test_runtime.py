@@ -76,15 +76,36 @@ def test_default_batch_size():
     assert runtime.default_batch_size(torch.device("cuda")) == 64
 
 
-def test_a_frozen_graph_leaves_cores_to_the_decoders(monkeypatch):
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
-    assert runtime.model_threads(CPU, 4, "torchscript-frozen") == 4
-    assert runtime.model_threads(CPU, 0, "torchscript-frozen") == torch.get_num_threads()
-    assert runtime.model_threads(CPU, 4, "eager") == torch.get_num_threads()
+def test_the_cores_are_split_by_measured_costs():
+    forward = {1: 0.010, 2: 0.0055}.__getitem__  # seconds per image on one and on two threads
+    # Fashion-MNIST: decoding a 28x28 image costs almost nothing, so both cores run the model
+    assert runtime.split_cores(CPU, 2, None, 0.0003, forward) == (0, 2)
+    # photos that cost about as much to decode as to run: one decoding worker, one model thread
+    assert runtime.split_cores(CPU, 2, None, 0.008, forward) == (1, 1)
+    # more cores: every one busy, the costlier the decoding the more workers
+    many = {1: 0.016, 16: 0.0015}.__getitem__
+    cheap, dear = runtime.split_cores(CPU, 16, None, 0.002, many), runtime.split_cores(CPU, 16, None, 0.02, many)
+    assert sum(cheap) == sum(dear) == 16 and 1 <= cheap[0] < dear[0]
+    assert runtime.split_cores(CPU, 1, None, 0.02, many) == (0, 1)
+
+
+def test_given_workers_and_gpus_are_not_measured():
+    def unmeasured(_threads):
+        raise AssertionError("nothing to measure")
+
+    assert runtime.split_cores(CPU, 8, 3, 0.01, unmeasured) == (3, 5)
+    assert runtime.split_cores(CPU, 8, 0, 0.01, unmeasured) == (0, 8)
+    assert runtime.split_cores(CPU, 2, 4, 0.01, unmeasured) == (4, 1)
+    assert runtime.split_cores(torch.device("cuda"), 8, None, 0.01, unmeasured) == (8, torch.get_num_threads())
     before = torch.get_num_threads()
     with runtime.num_threads():
         torch.set_num_threads(1)
     assert torch.get_num_threads() == before
+
+
+def test_torchrun_ranks_share_the_cores(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    assert [runtime.cores_per_process(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
 
 
 def test_devices_by_name(monkeypatch):
@@ -101,6 +122,11 @@ def test_devices_by_name(monkeypatch):
     assert runtime.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(UsageError, match=r"device cuda:1 asked for, but this machine has 1 GPU$"):
         runtime.resolve_device("cuda:1")
+    # a torchrun rank's GPU is its local rank's
+    assert runtime.resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert runtime.resolve_device("cuda:0", local_rank=3) == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match=r"^local rank 1 has no GPU of its own: this machine has 1 GPU; start at most"):
+        runtime.resolve_device("auto", local_rank=1)
 
 
 def test_precision_and_workers():

@@ -16,6 +16,7 @@ import featurecache
 from featurecache import engine, runs, store, sweep
 from featurecache.errors import HeadError, RunError
 from featurecache.heads import make_estimator, parse_grid
+from featurecache.leaderboard import selection_key
 from featurecache.metrics import classification_metrics
 
 GRID = (
@@ -26,7 +27,7 @@ GRID = (
     "mlp:hidden=32;epochs=10;pre=standardize",
 )
 ENTRY_KEYS = {"head", "params", "selection_split", "selection_accuracy", "metrics", "fit_seconds", "status", "reason",
-              "rows"}
+              "rows", "tied", "gap"}
 
 
 def digits_cache(folder: Path, sizes=(("train", 300), ("val", 150), ("test", 150)), name="digits", seed=0,
@@ -66,8 +67,7 @@ def test_val_selection_leaderboard_and_run_layout(cache):
     assert set(res.to_dict()) == {"run_dir", "best", "leaderboard", "failed"}
     assert all(set(e) == ENTRY_KEYS for e in board)
     assert all(e["selection_split"] == "val" and list(e["metrics"]) == ["val", "test", "train"] for e in board)
-    keys = [(-e["selection_accuracy"], e["metrics"]["val"]["log_loss"]) for e in board]
-    assert keys == sorted(keys)
+    assert board == sorted(board, key=selection_key)  # the tied heads first, by log-loss; then by accuracy
     assert res.best == board[0]["head"] and board[0]["selection_accuracy"] > 0.9
     assert all(e["selection_accuracy"] == e["metrics"]["val"]["accuracy"] for e in board)
 
@@ -82,7 +82,8 @@ def test_val_selection_leaderboard_and_run_layout(cache):
     assert json.loads((run / "leaderboard.json").read_text()) == board
     csv_lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(board)
-    assert csv_lines[0].startswith("rank,head,selection_split,selection_accuracy,val_accuracy")
+    assert csv_lines[0].startswith("rank,head,selection_split,selection_accuracy,tied,val_accuracy")
+    assert csv_lines[0].endswith(",fit_seconds,status,rows")
     assert (run / "best").read_text().strip() == runs.slug(res.best)
     for entry in board:
         folder = run / "heads" / runs.slug(entry["head"])
