@@ -268,3 +268,13 @@ def test_stage_three_starts_from_the_kernel_map_stand_in(tmp_path):
     tuned = featurecache.finetune(run.run_dir, epochs=1, batch_size=4, workers=0, progress=False)
     assert tuned.head.startswith("rbf-map:") and tuned.start_accuracy == tuned.head_accuracy  # an exact start
     assert len(featurecache.predict(tuned.model, [str(root / "val")], workers=0, progress=False)["predictions"]) == 12
+
+
+def test_calibration_on_a_holdout_and_seeds_only_on_few_rows(tmp_path, many_rows):
+    cache = _cache(tmp_path, sizes=(("train", 1500), ("test", 297)))
+    res = featurecache.fit_head(cache, head=("logreg:C=1;pre=standardize", "nearest-centroid"), jobs=1, budget=0,
+                                calibrate="temperature")
+    assert res.selection_split == "holdout"
+    assert all(e["calibration"]["temperature"] > 0 for e in res.leaderboard)
+    with pytest.raises(UsageError, match="seeds > 1 refits every head on all training rows"):
+        featurecache.fit_head(cache, head=("knn",), seeds=3)
