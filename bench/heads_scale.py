@@ -82,9 +82,9 @@ def sweep(cache: str, *extra: str) -> dict:
 
 def scale(sizes: list[int], reference: int | None, extra: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="fc-scale-") as tmp:
-        times = {}
+        times, outs = {}, {}
         for n in sizes:
-            out = sweep(write_cache(Path(tmp), n), *extra)
+            out = outs[n] = sweep(write_cache(Path(tmp), n), *extra)
             times[n] = out["seconds"]
             print(f"{n:>6,} rows: {out['seconds']:7.1f} s, {n / out['seconds']:8.1f} rows/s; selected {out['best']}: "
                   f"val {out['val']:.4f}, test {out['test']:.4f}", flush=True)
@@ -92,13 +92,14 @@ def scale(sizes: list[int], reference: int | None, extra: list[str]) -> None:
             print(f"time ratio {max(sizes):,}/{min(sizes):,} rows: {times[max(sizes)] / times[min(sizes)]:.1f} "
                   f"(rows ratio {max(sizes) / min(sizes):.0f})")
         if reference:
-            compare_with_reference(Path(tmp), reference, extra)
+            compare_with_reference(Path(tmp), reference, extra, outs.get(reference))
 
 
-def compare_with_reference(folder: Path, n: int, extra: list[str]) -> None:
+def compare_with_reference(folder: Path, n: int, extra: list[str], ours: dict | None) -> None:
+    """The default sweep (``ours``, unless it ran already) against the unpruned, unbudgeted one on ``n`` rows."""
     existing = folder / f"synthetic-{n}.h5"
     cache = str(existing) if existing.exists() else write_cache(folder, n)
-    ours = sweep(cache, *extra)
+    ours = ours or sweep(cache, *extra)
     print(f"reference on {n:,} rows: the default sweep unpruned and unbudgeted (every head on every row) ...",
           flush=True)
     full = sweep(cache, "--no-halving", "--budget", "0")
