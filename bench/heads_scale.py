@@ -102,7 +102,7 @@ def compare_with_reference(folder: Path, n: int, extra: list[str], ours: dict | 
     ours = ours or sweep(cache, *extra)
     print(f"reference on {n:,} rows: the default sweep unpruned and unbudgeted (every head on every row) ...",
           flush=True)
-    full = sweep(cache, "--no-halving", "--budget", "0")
+    full = sweep(cache, *extra, "--no-halving", "--budget", "0")
     print(f"{n:,} rows: selected {ours['best']} test {ours['test']:.4f} in {ours['seconds']:.1f} s; unpruned, "
           f"unbudgeted: selected {full['best']} test {full['test']:.4f}, best test of its {full['heads']} heads "
           f"{full['best_test']:.4f}, in {full['seconds']:.1f} s; gap to its best "
