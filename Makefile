@@ -48,6 +48,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py
+	$(PY) bench/heads_scale.py --no-reference
 	$(PY) bench/heads.py
 
 clean:
