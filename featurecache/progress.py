@@ -8,7 +8,9 @@ what is being worked on. Short jobs print nothing, and nothing is written to std
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
 
 LOG_EVERY = 30.0  # seconds between two log lines
@@ -74,6 +76,28 @@ class Progress:
     def log(self) -> None:
         print(self.line(), file=self.stream, flush=True)
         self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def heartbeat(self, interval: float = 1.0):
+        """While the block runs, redraw the bar every ``interval`` seconds, or write a log line at
+        least every ``every`` seconds, also while no unit finishes (one long fit or batch), so that
+        the elapsed time and the ETA keep moving."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(interval):
+                if self.bar is not None:
+                    self.bar.refresh()
+                elif self.enabled and time.monotonic() - self.last >= self.every:
+                    self.log()
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -32,13 +32,11 @@ heads along their registered warm path start from their neighbour's solution.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import sys
-import threading
 import time
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -558,29 +556,6 @@ def _echo_estimates(sweep: _Sweep, alive: list) -> None:
         print(f"fit-head:   {name}: {what}{'; ' + state.reason if state.reason else ''}", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def _heartbeat(progress: Progress):
-    """A log line at least every ``progress.every`` seconds while fits run, also when none finishes (on a
-    terminal: the bar redrawn every second, so that its elapsed time and ETA move during a long fit)."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(1.0):
-            bar = progress.bar
-            if bar is not None:
-                bar.refresh()
-            elif progress.enabled and time.monotonic() - progress.last >= progress.every:
-                progress.log()
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _outcome(states: list[scaling.HeadState], failed: dict) -> _Outcome:
     """The results of the heads that have one, under the spec each was last fitted as."""
     outcome = _Outcome({}, {}, {}, failed=failed)
@@ -617,7 +592,7 @@ def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool
     runner = engine.open_engine(backend, scheduler, jobs)
     try:
         with Progress(fits, "fit-head", unit="fits", enabled=progress, every=PROGRESS_EVERY) as bar, \
-                _heartbeat(bar):
+                bar.heartbeat():
             sweep = _Sweep(plan, data, rows, runner, rung_list, states, _Recorder(plan, states, rows, bar),
                            started, device, progress)
             if progress and plan.large:

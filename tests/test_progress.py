@@ -35,3 +35,17 @@ def test_a_resumed_job_counts_its_earlier_work_but_not_in_the_rate():
     with Progress(100, "extract", unit="images", initial=90, every=0.0, stream=log) as progress:
         progress.update(5)
     assert "95/100 images (95%)" in log.getvalue()
+
+
+def test_the_heartbeat_logs_while_one_long_step_runs():
+    import threading
+
+    log = _Log()
+    done = threading.Event()
+    with Progress(3, "fit-head", unit="fits", every=0.0, stream=log) as progress, progress.heartbeat(interval=0.01):
+        progress.set_current("svm:C=10")
+        for _ in range(500):  # at most 5 s; no update() at all: only the heartbeat can write
+            if log.getvalue():
+                break
+            done.wait(0.01)
+    assert "fit-head: 0/3 fits" in log.getvalue() and "now: svm:C=10" in log.getvalue()
