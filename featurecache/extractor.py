@@ -407,7 +407,7 @@ def _work(job: _Job, writer: store.ShardWriter, pending: np.ndarray, already: in
                    prefix=job.group.prefix)
     start = time.perf_counter()
     with (distributed.sigterm_exits(), torch.inference_mode(), runtime.num_threads(_threads(run)),
-          _ShardBuffer(writer, features, run.checkpoint_every) as shard, bar):
+          _ShardBuffer(writer, features, run.checkpoint_every) as shard, bar, bar.heartbeat()):
         for indices, batch, reasons in _batches(images, features, run):
             ok = np.array([r == "" for r in reasons], dtype=bool)
             if run.strict and not ok.all():
