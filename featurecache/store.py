@@ -7,6 +7,14 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /<split>/labels       int64, N
     /<split>/paths        UTF-8 strings, N, relative to the data root
     /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
+    /<split>/layers/<L>   N x D_L: the pooled output of layer L (``fc extract --layers``)
+    /train_views/...      K augmented views of each train image (``--augment-views K``):
+                          features, labels, paths, layers/<L> as above, plus ``source``
+                          (int64, the row of /train it is a view of) and ``view`` (0..K-1)
+
+Which features a reader gets is a *feature set*: ``penultimate`` (``/<split>/features``,
+the features ``--layer`` chose), one stored layer's name, or ``concat``: all of them side by
+side, ``features`` first, then the layers in the order ``--layers`` named them.
 
 While an extraction runs, finished batches are written as small ``.npz`` shards into
 ``<name>.partial/`` (each one written under a temporary name, then renamed, with
@@ -39,6 +47,8 @@ from .errors import CacheError, CacheLockedError
 from .files import atomic_write, is_temp_name
 
 FORMAT = "featurecache/1"
+VIEWS = "train_views"  # the group of augmented training views: not a split
+FEATURE_SETS = ("penultimate", "concat")  # besides the name of any stored layer
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
 
@@ -251,7 +261,9 @@ def write_cache(
     """Write a complete cache atomically.
 
     ``splits`` maps a split name to ``{"features": N x D, "labels": N, "paths": N,
-    "skipped": [(path, reason), ...]}``.
+    "skipped": [(path, reason), ...]}``, with ``"layers": {name: N x D_name}`` when more
+    layers were pooled. The entry :data:`VIEWS` holds the augmented training views: the same
+    keys and ``"source"`` (row of train) and ``"view"`` (its number) per row.
     """
 
     def write(tmp: Path) -> None:
@@ -268,12 +280,25 @@ def write_cache(
     return atomic_write(path, write, fsync=True)
 
 
+def _matrix(group, name: str, values, chunk_rows: int) -> None:
+    values = np.asarray(values)
+    n = values.shape[0]
+    chunks = (max(1, min(chunk_rows, n)), values.shape[1]) if n and values.shape[1] else None
+    group.create_dataset(name, data=values, chunks=chunks)
+
+
 def _write_split(group, part: dict, chunk_rows: int) -> None:
-    features = np.asarray(part["features"])
-    n = features.shape[0]
-    chunks = (max(1, min(chunk_rows, n)), features.shape[1]) if n and features.shape[1] else None
-    group.create_dataset("features", data=features, chunks=chunks)
+    """One split (or the views group): ``features``, ``labels``, ``paths``, ``skipped``, and
+    optionally ``layers`` ({name: N x D}), ``source`` and ``view`` (views only)."""
+    _matrix(group, "features", part["features"], chunk_rows)
     group.create_dataset("labels", data=np.asarray(part["labels"], dtype=np.int64))
+    for name in ("source", "view"):
+        if name in part:
+            group.create_dataset(name, data=np.asarray(part[name], dtype=np.int64))
+    if part.get("layers"):
+        layers = group.create_group("layers")
+        for name, values in part["layers"].items():
+            _matrix(layers, name, values, chunk_rows)
     _str_dataset(group, "paths", list(part["paths"]))
     skipped = list(part.get("skipped", []))
     _str_dataset(group, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
@@ -304,34 +329,59 @@ def is_complete(path: str | os.PathLike) -> bool:
     return True
 
 
+def _layer_names(f) -> list[str]:
+    """The stored layers, in the order the config names them."""
+    config = json.loads(f.attrs["config"])
+    return list(config.get("layers") or [])
+
+
 def info(path: str | os.PathLike) -> dict:
-    """Classes, config, key and per-split counts of a complete cache."""
+    """Classes, config, key and per-split counts of a complete cache; ``layers``: the width of
+    every stored layer; ``views``: rows and views per image of :data:`VIEWS` (0 without)."""
     with _open(path) as f:
         splits = {}
         for name, g in f.items():
+            if name == VIEWS:
+                continue
             splits[name] = {
                 "n": int(g["features"].shape[0]),
                 "skipped": int(g["skipped"].shape[0]),
                 "dim": int(g["features"].shape[1]),
                 "dtype": str(g["features"].dtype),
             }
+        first = next(iter(f.values()), None)
+        layers = {name: int(first["layers"][name].shape[1]) for name in _layer_names(f)} if first else {}
+        views = f[VIEWS] if VIEWS in f else None
+        per_image = int(views["view"][...].max()) + 1 if views is not None and views["view"].shape[0] else 0
         return {
             "path": str(Path(path)),
             "key": str(f.attrs["key"]),
             "classes": json.loads(f.attrs["classes"]),
             "config": json.loads(f.attrs["config"]),
             "splits": splits,
+            "layers": layers,
+            "views": {"n": int(views["features"].shape[0]) if views is not None else 0, "per_image": per_image},
             "bytes": Path(path).stat().st_size,
         }
 
 
-def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float32):
-    """Return ``(X, y, paths)`` for one split of a complete cache."""
+def feature_dim(meta: dict, features: str = "penultimate") -> int:
+    """The width of feature set ``features`` of a cache, from its :func:`info`."""
+    dim = next(iter(meta["splits"].values()))["dim"]
+    parts = {"penultimate": dim, **meta.get("layers", {})}
+    if features == "concat":
+        return sum(parts.values())
+    if features not in parts:
+        raise CacheError(f"{Path(meta['path']).name} has no features {features!r}: it has "
+                         + ", ".join([*FEATURE_SETS, *meta.get("layers", {})]))
+    return parts[features]
+
+
+def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float32, features: str = "penultimate"):
+    """Return ``(X, y, paths)`` for one split of a complete cache (``features``: a feature set)."""
     with _open(path) as f:
-        if split not in f:
-            raise CacheError(f"{Path(path).name} has no split {split!r}; it has {', '.join(f.keys())}")
-        g = f[split]
-        X = g["features"][...].astype(dtype, copy=False)
+        g = _split_group(f, path, split)
+        X = _read_all(f, g, features, dtype)
         y = g["labels"][...]
         paths = list(g["paths"].asstr()[...])
     return X, y, paths
@@ -404,8 +454,34 @@ def remove(path: str | os.PathLike) -> list[str]:
 
 def _split_group(f, path, split: str):
     if split not in f:
-        raise CacheError(f"{Path(path).name} has no split {split!r}; it has {', '.join(f.keys())}")
+        raise CacheError(f"{Path(path).name} has no {'views' if split == VIEWS else 'split ' + repr(split)}; "
+                         f"it has {', '.join(k for k in f.keys() if k != VIEWS)}"
+                         + (" (extract with --augment-views K)" if split == VIEWS else ""))
     return f[split]
+
+
+def _datasets(f, group, features: str) -> list:
+    """The HDF5 datasets of feature set ``features`` in ``group``, side by side."""
+    layers = _layer_names(f)
+    if features == "penultimate":
+        return [group["features"]]
+    if features == "concat":
+        return [group["features"], *(group["layers"][name] for name in layers)]
+    if features in layers:
+        return [group["layers"][features]]
+    raise CacheError(f"{Path(f.filename).name} has no features {features!r}: it has "
+                     + ", ".join([*FEATURE_SETS, *layers]) + (" (extract with --layers)" if not layers else ""))
+
+
+def _read_all(f, group, features: str, dtype) -> np.ndarray:
+    parts = [d[...].astype(dtype, copy=False) for d in _datasets(f, group, features)]
+    return parts[0] if len(parts) == 1 else np.hstack(parts)
+
+
+def view_sources(path: str | os.PathLike) -> np.ndarray:
+    """For every row of :data:`VIEWS`, the row of train it is a view of."""
+    with _open(path) as f:
+        return _split_group(f, path, VIEWS)["source"][...]
 
 
 def load_labels(path: str | os.PathLike, split: str) -> np.ndarray:
@@ -414,30 +490,35 @@ def load_labels(path: str | os.PathLike, split: str) -> np.ndarray:
         return _split_group(f, path, split)["labels"][...]
 
 
-def _read_sorted(features, rows: np.ndarray, block: int, dtype) -> np.ndarray:
-    """``features[rows]`` for increasing ``rows``, reading spans of at most ``block`` rows at a time."""
-    out = np.empty((len(rows), features.shape[1]), dtype=dtype)
+def _read_sorted(datasets: list, rows: np.ndarray, block: int, dtype) -> np.ndarray:
+    """``hstack(datasets)[rows]`` for increasing ``rows``, reading spans of at most ``block`` rows at a time."""
+    widths = np.cumsum([0, *(d.shape[1] for d in datasets)])
+    out = np.empty((len(rows), widths[-1]), dtype=dtype)
     start = 0
     while start < len(rows):
         first = int(rows[start])
         stop = int(np.searchsorted(rows, first + block, side="left"))
-        span = features[first:int(rows[stop - 1]) + 1]
-        out[start:stop] = span[rows[start:stop] - first]
+        for d, left, right in zip(datasets, widths[:-1], widths[1:]):
+            span = d[first:int(rows[stop - 1]) + 1]
+            out[start:stop, left:right] = span[rows[start:stop] - first]
         start = stop
     return out
 
 
-def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, block: int = 4096) -> np.ndarray:
-    """The features of ``rows`` (row indices, any order; None: all) of one split, read
-    ``block`` rows at a time so that no more than the result and one block are in memory."""
+def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, block: int = 4096,
+              features: str = "penultimate") -> np.ndarray:
+    """The features (feature set ``features``) of ``rows`` (row indices, any order; None: all) of one
+    split or of :data:`VIEWS`, read ``block`` rows at a time so that no more than the result and one
+    block are in memory."""
     with _open(path) as f:
-        features = _split_group(f, path, split)["features"]
+        group = _split_group(f, path, split)
         if rows is None:
-            return features[...].astype(dtype, copy=False)
+            return _read_all(f, group, features, dtype)
+        datasets = _datasets(f, group, features)
         rows = np.asarray(rows, dtype=np.int64)
         if np.all(rows[1:] >= rows[:-1]):
-            return _read_sorted(features, rows, block, dtype)
+            return _read_sorted(datasets, rows, block, dtype)
         order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), features.shape[1]), dtype=dtype)
-        out[order] = _read_sorted(features, rows[order], block, dtype)
+        out = np.empty((len(rows), sum(d.shape[1] for d in datasets)), dtype=dtype)
+        out[order] = _read_sorted(datasets, rows[order], block, dtype)
         return out
