@@ -543,6 +543,12 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
               help="Refit the heads whose fit depends on a seed with K seeds and show the mean and spread.")
 @click.option("--calibrate", type=click.Choice(["temperature"]), default=None,
               help="Fit one temperature per head on the selection split; predict and export apply it.")
+@click.option("--features", default="penultimate", show_default=True, metavar="SET",
+              help="What heads learn from: penultimate, a layer stored with fc extract --layers, or concat "
+                   "(all of them side by side).")
+@click.option("--views/--no-views", default=None,
+              help="Also learn from the augmented views stored with fc extract --augment-views "
+                   "(default: when the cache has them). Scores never use views.")
 @click.option("--budget", type=click.FloatRange(min=0), default=210.0, show_default=True, metavar="SECONDS",
               help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
                    "planned from timed small fits (0: no bound).")

@@ -40,19 +40,46 @@ PREDICT_ROWS = 8192  # rows predicted at once
 
 
 class SweepData:
-    """Labels of every split, and features: in memory where they fit, else read from ``path``."""
+    """Labels of every split, and features (feature set ``features``): in memory where they fit, else
+    read from ``path``.
 
-    def __init__(self, path, labels: dict, n_features: int, features: dict, chunk_rows: int, row_cap: int):
+    With augmented views (``views``: for each view row, the train row it is a view of), ``train``
+    is the training images followed by their views: rows ``n_train`` and up are views, which heads
+    learn from and no evaluation reads.
+    """
+
+    def __init__(self, path, labels: dict, n_features: int, features: dict, chunk_rows: int, row_cap: int,
+                 feature_set: str = "penultimate", views: np.ndarray | None = None):
         self.path, self.labels, self.n_features = str(path), labels, n_features
         self.features = features  # split -> array, or None: read from the file
         self.chunk_rows, self.row_cap = chunk_rows, row_cap  # rows of one chunk; rows a head may hold
+        self.feature_set, self.views = feature_set, views
+        self.n_train = len(labels["train"]) - (0 if views is None else len(views))
+
+    def with_views(self, rows: np.ndarray) -> np.ndarray:
+        """Training rows ``rows`` and the rows of their views (none without views)."""
+        if self.views is None:
+            return rows
+        return np.concatenate([rows, self.n_train + np.flatnonzero(np.isin(self.views, rows))])
 
     def rows(self, split: str, rows=None) -> np.ndarray:
         """Features of ``rows`` of ``split`` (None: all), from memory or from the file."""
         X = self.features.get(split)
         if X is not None:
             return X if rows is None else X[rows]
-        return store.read_rows(self.path, split, rows, block=self.chunk_rows)
+        if split == "train" and self.views is not None:
+            return self._train_rows(np.arange(len(self.labels["train"])) if rows is None else np.asarray(rows))
+        return store.read_rows(self.path, split, rows, block=self.chunk_rows, features=self.feature_set)
+
+    def _train_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of train and of its views, read from the file, in the order asked."""
+        out = np.empty((len(rows), self.n_features), dtype=np.float32)
+        images = rows < self.n_train
+        for part, split, offset in ((images, "train", 0), (~images, store.VIEWS, self.n_train)):
+            if part.any():
+                out[part] = store.read_rows(self.path, split, rows[part] - offset, block=self.chunk_rows,
+                                            features=self.feature_set)
+        return out
 
     def chunks(self, split: str, rows: np.ndarray) -> RowChunks:
         rows = np.sort(rows)

@@ -632,7 +632,7 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
 
 def _run(job: _Job, resume: bool) -> FinetuneResult:
     """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
-    trainer = _Trainer(job, load_backbone(job.loaded.meta["config"]),
+    trainer = _Trainer(job, load_backbone(job.loaded.meta["config"], job.loaded.meta.get("features", "penultimate")),
                        head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
     state, resumed_from = _begin(trainer, resume)

@@ -18,6 +18,7 @@ A fine-tuning folder (``<run_dir>/finetune/<hash>/``) holds the trained network 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import warnings
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,8 +88,30 @@ def weights_argument(identity: dict) -> str:
     return recorded.rpartition(".")[2].removeprefix("timm:")
 
 
-def load_backbone(config: dict) -> backbones.Backbone:
-    """Rebuild the exact backbone a cache was extracted with, from its config alone."""
+class FeatureColumns(nn.Module):
+    """Columns ``[start, stop)`` of a backbone's output: one feature set of a cache that stores several
+    layers side by side (``fc extract --layers``)."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int):
+        super().__init__()
+        self.model, self.start, self.stop = model, int(start), int(stop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.start:self.stop]
+
+
+def feature_columns(parts: list[tuple[str, int]], features: str) -> tuple[int, int]:
+    """Where feature set ``features`` (``penultimate``, a layer or ``concat``) lies among a backbone's ``parts``."""
+    edges = np.cumsum([0, *(width for _, width in parts)])
+    if features == "concat":
+        return 0, int(edges[-1])
+    index = 0 if features == "penultimate" else [name for name, _ in parts].index(features)
+    return int(edges[index]), int(edges[index + 1])
+
+
+def load_backbone(config: dict, features: str = "penultimate") -> backbones.Backbone:
+    """Rebuild the exact backbone a cache was extracted with, from its config alone, returning the
+    feature set ``features`` a run's heads learnt from."""
     identity = config["weights"]
     weights_file = identity.get("weights_file")
     if identity.get("weights") == "none" and not weights_file and "init_seed" not in identity:
@@ -95,6 +119,7 @@ def load_backbone(config: dict) -> backbones.Backbone:
             f"the cache was extracted with unseeded random weights (weights=none) for {config['backbone']}; "
             "they cannot be rebuilt: re-run fc extract"
         )
+    more = {key: config[key] for key in ("layers", "tta") if config.get(key)}  # fc extract --layers, --tta
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = backbones.build(
@@ -103,6 +128,7 @@ def load_backbone(config: dict) -> backbones.Backbone:
             weights_file=weights_file,
             layer=None if config.get("layer") in (None, "penultimate") else config["layer"],
             preprocess=Preprocess(**config["preprocess"]),
+            **more,
         )
     for key in ("weights", "sha256", "init_seed"):
         if key in identity and net.identity.get(key) not in (None, identity[key]):
@@ -110,6 +136,10 @@ def load_backbone(config: dict) -> backbones.Backbone:
                 f"the backbone weights changed since extraction: the cache used {key} {identity[key]}, "
                 f"now {net.identity[key]}; re-run fc extract and fc fit-head"
             )
+    parts = getattr(net, "parts", None) or [("penultimate", net.feature_dim)]
+    start, stop = feature_columns(parts, features)
+    if (start, stop) != (0, sum(width for _, width in parts)):
+        net = dataclasses.replace(net, model=FeatureColumns(net.model, start, stop), feature_dim=stop - start)
     return net
 
 
@@ -159,7 +189,7 @@ def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklear
     module = None
     if head_meta.get("transferable") or not allow_sklearn:
         module = head_module(pipeline, head_meta, loaded.leaderboard)
-    backbone = load_backbone(loaded.meta["config"])
+    backbone = load_backbone(loaded.meta["config"], loaded.meta.get("features", "penultimate"))
     network = Network(backbone.model, module) if module is not None else None
     return Assembly(Path(loaded.path), loaded.meta, loaded.leaderboard, pipeline, head_meta, backbone, network)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .calibration import calibrate_entries, check_method
 from .errors import UsageError
+from .store import VIEWS
 
 RANKING = "paired-bootstrap/1"  # how the leaderboard is ranked: part of every run's address
 
@@ -30,9 +31,10 @@ def post_pass(entries: list[dict], probas: dict, data: dict, options: dict, seed
               cv: int | None = None, device="auto", progress: bool = False) -> list[dict]:
     """Calibrate and refit with seeds, as ``options`` (from :func:`post_options`) ask; returns ``entries``.
 
-    ``probas``: head spec -> split -> probabilities (``cv``: out of fold); ``data``: split -> (X, y).
+    ``probas``: head spec -> split -> probabilities (``cv``: out of fold); ``data``: split -> (X, y),
+    and :data:`featurecache.store.VIEWS` -> (X, y, source row) when heads learnt from augmented views.
     """
-    labels = {s: y for s, (_, y) in data.items()} | {"cv": data["train"][1]}
+    labels = {s: part[1] for s, part in data.items() if s != VIEWS} | {"cv": data["train"][1]}
     if options.get("calibrate"):
         calibrate_entries(entries, probas, labels)
     if options.get("seeds", 1) > 1:

@@ -464,7 +464,7 @@ def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cach
     # With cross-validation there is no held-out split of images to show: the grid shows train.
     grid_split = split if split in cache_info["splits"] else "train"
     if samples:
-        X, y, paths = store.load_features(meta["cache"], grid_split)
+        X, y, paths = store.load_features(meta["cache"], grid_split, features=meta.get("features", "penultimate"))
         proba = class_probabilities(estimator, X, len(classes))
         title = (f"Sample {grid_split} images: predicted class (probability) and true class, "
                  "misclassified ones first (in red)")

@@ -21,6 +21,7 @@ import numpy as np
 from .heads import HeadConfig, head_type, make_estimator
 from .metrics import class_probabilities, spread
 from .progress import Progress
+from .store import VIEWS
 
 FIT_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError)
 
@@ -38,18 +39,30 @@ def _folds(y: np.ndarray, cv: int, seed: int) -> list[tuple[np.ndarray, np.ndarr
     return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
+def _training(data: dict, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` a head learns from: the training images ``rows`` (None: all), and their augmented views."""
+    X, y = data["train"]
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    if VIEWS not in data:
+        return X, y
+    Xv, yv, source = data[VIEWS]
+    keep = slice(None) if rows is None else np.isin(source, rows)
+    return np.vstack([X, Xv[keep]]), np.concatenate([y, yv[keep]])
+
+
 def _refit(spec: str, data: dict, splits: list[str], n_classes: int, seed: int, device, folds: list) -> dict:
     """``split -> probabilities`` of the head refitted with ``seed`` (``cv``: out of fold)."""
     cfg = HeadConfig.parse(spec)
     X, y = data["train"]
     out = {}
     if any(s != "cv" for s in splits):
-        model = make_estimator(cfg, random_state=seed, device=device).fit(X, y)
+        model = make_estimator(cfg, random_state=seed, device=device).fit(*_training(data))
         out = {s: class_probabilities(model, data[s][0], n_classes) for s in splits if s != "cv"}
     if "cv" in splits:
         oof = np.zeros((len(y), n_classes))
         for fit_rows, rows in folds:
-            model = make_estimator(cfg, random_state=seed, device=device).fit(X[fit_rows], y[fit_rows])
+            model = make_estimator(cfg, random_state=seed, device=device).fit(*_training(data, fit_rows))
             oof[rows] = class_probabilities(model, X[rows], n_classes)
         out["cv"] = oof
     return out

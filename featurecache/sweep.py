@@ -210,6 +210,8 @@ class _Plan:
     memory: int = 0  # bytes of features a sweep may hold
     max_memory: str | int | None = None  # as given (None: a share of the memory available)
     rungs: list = field(default_factory=list)  # rows and heads of each rung, for run.json
+    features: str = "penultimate"  # the feature set heads learn from (store.FEATURE_SETS or a layer)
+    views: int = 0  # augmented views of the training images heads also learn from (0: none)
 
     @property
     def classes(self) -> list[str]:
@@ -224,13 +226,21 @@ class _Plan:
         """More training rows than :data:`scaling.LARGE_ROWS`: rungs, a holdout, the budget."""
         return self.meta["splits"]["train"]["n"] > scaling.LARGE_ROWS
 
+    @property
+    def dim(self) -> int:
+        return store.feature_dim(self.meta, self.features)
+
     def bytes(self, split: str) -> int:
-        return self.meta["splits"][split]["n"] * self.meta["splits"][split]["dim"] * 4
+        return (self.meta["splits"][split]["n"] + (self.views if split == "train" else 0)) * self.dim * 4
 
 
 def _run_id(plan: _Plan) -> str:
     fields = {"cache_key": plan.meta["key"], "heads": sorted(c.spec for c in plan.configs), "seed": plan.seed,
               "cv": plan.cv, "class_weight": plan.class_weight, "format": RUN_FORMAT, **plan.post}
+    if plan.features != "penultimate":  # left out by default, so that earlier runs keep their address
+        fields["features"] = plan.features
+    if plan.views:
+        fields["views"] = plan.views
     if plan.large:  # these change what is fitted only on many rows
         fields.update(budget=plan.budget, halving=plan.halving)
         if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
@@ -245,8 +255,26 @@ def _selection(meta: dict) -> str:
     return "holdout" if meta["splits"]["train"]["n"] > scaling.LARGE_ROWS else "cv"
 
 
+def _feature_set(meta: dict, features: str) -> str:
+    """``features`` checked against what the cache holds."""
+    if features in ("penultimate", "concat") and (features == "penultimate" or meta["layers"]):
+        return features
+    if features in meta["layers"]:
+        return features
+    sets = ", ".join(["penultimate", *(["concat", *meta["layers"]] if meta["layers"] else [])])
+    hint = "" if meta["layers"] else " (extract with --layers NAME,... to store more layers)"
+    raise HeadError(f"{Path(meta['path']).name} has no features {features!r}: it has {sets}{hint}")
+
+
+def _views(meta: dict, views: bool | None) -> int:
+    """The view rows heads learn from: all the cache has unless ``views`` is False; True needs some."""
+    if views and not meta["views"]["n"]:
+        raise HeadError(f"{Path(meta['path']).name} has no augmented views: extract with --augment-views K")
+    return 0 if views is False else meta["views"]["n"]
+
+
 def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
-          max_memory) -> _Plan:
+          max_memory, features="penultimate", views=None) -> _Plan:
     """Check the inputs and decide the grid, the selection and the run directory."""
     from .runtime import resolve_device
 
@@ -264,7 +292,8 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
                          f"{scaling.LARGE_ROWS:,} training rows, and {path.name} has {meta['splits']['train']['n']:,}")
     final = "test" if "test" in meta["splits"] else selection
     plan = _Plan(path, meta, configs, selection, final, cv if selection == "cv" else None, seed, class_weight,
-                 path, post, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory)
+                 path, post, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory,
+                 features=_feature_set(meta, features), views=_views(meta, views))
     plan.run_dir = path.parent / RUNS / _run_id(plan)
     return plan
 
@@ -286,9 +315,17 @@ def _in_memory(plan: _Plan) -> dict:
     held, used = {}, 0
     for split in sorted(plan.splits, key=plan.bytes):
         fits = used + plan.bytes(split) <= plan.memory
-        held[split] = store.read_rows(plan.cache, split) if fits else None
+        held[split] = _read_split(plan, split) if fits else None
         used += plan.bytes(split) if fits else 0
     return held
+
+
+def _read_split(plan: _Plan, split: str) -> np.ndarray:
+    """All rows of ``split`` (train: followed by its views, when heads learn from them)."""
+    X = store.read_rows(plan.cache, split, features=plan.features)
+    if split == "train" and plan.views:
+        X = np.vstack([X, store.read_rows(plan.cache, store.VIEWS, features=plan.features)])
+    return X
 
 
 def _read_data(plan: _Plan) -> engine.SweepData:
@@ -297,11 +334,13 @@ def _read_data(plan: _Plan) -> engine.SweepData:
     _check_split("train", labels["train"], plan.classes, "fitting a head")
     if plan.selection == "val":
         _check_split("val", labels["val"], plan.classes, "selecting a head")
-    row_bytes = 4 * plan.meta["splits"]["train"]["dim"]
+    views = store.view_sources(plan.cache) if plan.views else None
+    if views is not None:
+        labels["train"] = np.concatenate([labels["train"], store.load_labels(plan.cache, store.VIEWS)])
+    row_bytes = 4 * plan.dim
     chunk_rows = int(min(65536, max(256, plan.memory // (8 * row_bytes))))
     row_cap = max(scaling.FIRST_RUNG_ROWS, plan.memory // (scaling.WORKING_COPIES * row_bytes))
-    return engine.SweepData(plan.cache, labels, plan.meta["splits"]["train"]["dim"], _in_memory(plan),
-                            chunk_rows, row_cap)
+    return engine.SweepData(plan.cache, labels, plan.dim, _in_memory(plan), chunk_rows, row_cap, plan.features, views)
 
 
 @dataclass
@@ -313,22 +352,29 @@ class _Rows:
     evals: dict  # name -> (split, rows or None): selection, final and other splits, a sample of train
     folds: list  # (fit rows, out-of-fold rows) when selecting by cross-validation
     everything: bool  # the pool is all of train
+    data: engine.SweepData  # for the views of training rows
 
     def labels(self, data: engine.SweepData) -> dict:
         """The labels of every evaluation (``cv``: all of train, predicted out of fold)."""
         out = {name: data.labels[split] if rows is None else data.labels[split][rows]
                for name, (split, rows) in self.evals.items()}
-        return out | ({"cv": data.labels["train"]} if self.folds else {})
+        return out | ({"cv": data.labels["train"][:data.n_train]} if self.folds else {})
 
     def sample(self, n: int) -> np.ndarray | None:
-        """The first ``n`` rows of the stratified order, sorted; None for all of train."""
-        return None if n >= len(self.order) and self.everything else np.sort(self.order[:n])
+        """The first ``n`` rows of the stratified order with their views, sorted; None for all of train."""
+        return None if n >= len(self.order) and self.everything else np.sort(self.data.with_views(self.order[:n]))
+
+    def seen(self, fit_rows: np.ndarray | None) -> tuple[int, int]:
+        """``(images, rows)`` a fit on ``fit_rows`` learns from: training images, and those with their views."""
+        if fit_rows is None:
+            return len(self.pool), len(self.data.labels["train"])
+        return int((fit_rows < self.data.n_train).sum()), len(fit_rows)
 
 
 def _rows(plan: _Plan, data: engine.SweepData) -> _Rows:
     """The pool, its stratified order, the evaluation rows and the folds. On many rows, train
     metrics come from the first rung's rows, which every head learnt from."""
-    y = data.labels["train"]
+    y = data.labels["train"][:data.n_train]
     if plan.selection == "holdout":
         pool, held = scaling.holdout_split(y, plan.seed)
         _check_split("holdout", y[held], plan.classes, "selecting a head")
@@ -337,9 +383,11 @@ def _rows(plan: _Plan, data: engine.SweepData) -> _Rows:
     order = pool[scaling.stratified_order(y[pool], plan.seed)]
     evals = {"holdout": ("train", held)} if held is not None else {}
     evals.update({s: (s, None) for s in plan.splits if s != "train"})
-    evals["train"] = ("train", np.sort(order[:scaling.FIRST_RUNG_ROWS]) if plan.large else None)
+    everything = None if data.views is None else np.arange(data.n_train)  # train's images, without the views
+    evals["train"] = ("train", np.sort(order[:scaling.FIRST_RUNG_ROWS]) if plan.large else everything)
     folds = _cv_folds(y, plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
-    return _Rows(pool, order, evals, folds, held is None)
+    folds = [(data.with_views(fit), out) for fit, out in folds]  # all views of an image in its image's fold
+    return _Rows(pool, order, evals, folds, held is None, data)
 
 
 # --------------------------------------------------------------------------- the fits of one rung
@@ -355,11 +403,12 @@ def _key(fitter: str, configs, rows: np.ndarray | None, evals: dict, seed: int) 
 def _fit_rows(state: scaling.HeadState, rung: scaling.Rung, rows: _Rows, data: engine.SweepData):
     """``(fitter route, rows)`` of one head at one rung: its sample, in memory or in chunks from the file."""
     n = min(rung.rows, state.cap or rung.rows, len(rows.order))
-    if n > data.row_cap and data.features.get("train") is None and not can_learn_from_chunks(state.form):
-        n = data.row_cap
+    per_image = len(data.labels["train"]) / data.n_train  # rows per image: 1, or 1 + its views
+    if n * per_image > data.row_cap and data.features.get("train") is None and not can_learn_from_chunks(state.form):
+        n = int(data.row_cap / per_image)
         state.status, state.reason = "subsampled", (
             f"the features of train exceed max_memory: fitted on a stratified sample of {n:,} rows")
-    route = "chunked" if n > data.row_cap and data.features.get("train") is None else "memory"
+    route = "chunked" if n * per_image > data.row_cap and data.features.get("train") is None else "memory"
     return route, rows.sample(n)
 
 
@@ -374,7 +423,7 @@ def _tasks(states: list[scaling.HeadState], rung: scaling.Rung, rows: _Rows, dat
     for (route, _), (fit_rows, configs) in by_rows.items():
         groups = [("chunked", (c,)) for c in configs] if route == "chunked" else _groups(configs)
         for fitter, group in groups:
-            n = len(rows.pool) if fit_rows is None else len(fit_rows)
+            n = rows.seen(fit_rows)[1]
             tasks.append(Task(fitter, group, fit_rows, rows.evals, True,
                               _key(fitter, group, fit_rows, rows.evals, seed), f"{n:,} rows"))
             for i, (fold_rows, oof) in enumerate(rows.folds):
@@ -425,7 +474,7 @@ class _Recorder:
     def add(self, task: Task, result: list[dict], saved: bool = False) -> None:
         if not saved:
             result = save_fit(self.plan.run_dir, task.key, [c.spec for c in task.configs], result)
-        n_rows = len(self.rows.pool) if task.fit_rows is None else len(task.fit_rows)
+        n_images, n_rows = self.rows.seen(task.fit_rows)
         for cfg, head in zip(task.configs, result):
             state = self.by_form[cfg.spec]
             state.seconds += head["seconds"]
@@ -436,7 +485,7 @@ class _Recorder:
                 oof[task.evals["cv"][1]] = head["probas"]["cv"]
             else:
                 state.result, state.fitted, state.rows = head, cfg, n_rows
-                state.cost = (n_rows, head["seconds"])
+                state.cost = (n_images, head["seconds"])  # estimates are per image, as the rungs count them
         self.progress.update(len(task.configs), current=task.configs[-1].spec)
 
     def finish_rung(self, states: list[scaling.HeadState]) -> list[scaling.HeadState]:
@@ -535,11 +584,18 @@ class _Sweep:
             alive = self.prune(ranked, rung, following.keep) if following else ranked
 
 
+def _features_note(plan: _Plan) -> str:
+    """`` (concat, with 4,000 views)``: what heads learn from, when it is not the default."""
+    notes = ([plan.features] if plan.features != "penultimate" else []) + \
+        ([f"with {plan.views:,} augmented views"] if plan.views else [])
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _echo_plan(sweep: _Sweep) -> None:
     plan, rows = sweep.plan, sweep.rows
     budget = "no budget" if plan.budget is None else f"budget {plan.budget:.0f} s on {sweep.engine.cores} cores"
     print(f"fit-head: {len(plan.configs)} heads on {len(rows.pool):,} training rows x "
-          f"{plan.meta['splits']['train']['dim']:,} features, selected on {plan.selection}; {budget}",
+          f"{plan.dim:,} features{_features_note(plan)}, selected on {plan.selection}; {budget}",
           file=sys.stderr)
     if len(sweep.rungs) > 1:
         steps = ", ".join(f"{r.keep} heads on {r.rows:,} rows" for r in sweep.rungs)
@@ -624,7 +680,13 @@ def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
     (enough for ``calibrate``)."""
     if plan.large:
         return {name: (None, y) for name, y in labels.items() if name != "cv"}
-    return {s: (data.rows(s), data.labels[s]) for s in plan.splits}
+    out = {s: (data.rows(s), data.labels[s]) for s in plan.splits if s != "train"}
+    images = np.arange(data.n_train)
+    out["train"] = (data.rows("train", images), data.labels["train"][images])
+    if data.views is not None:
+        rows = np.arange(data.n_train, len(data.labels["train"]))
+        out[store.VIEWS] = (data.rows("train", rows), data.labels["train"][rows], data.views)
+    return out
 
 
 def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) -> dict:
@@ -633,6 +695,7 @@ def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) ->
         "cache_key": plan.meta["key"], "classes": plan.classes, "config": plan.meta["config"],
         "selection_split": plan.selection, "final_split": plan.final, "seed": plan.seed, "cv": plan.cv,
         "class_weight": plan.class_weight, "budget": plan.budget, "halving": plan.halving, "rungs": plan.rungs,
+        "features": plan.features, "feature_dim": plan.dim, "views": plan.views,
         "heads": [e["head"] for e in entries], "best": entries[0]["head"],
         "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
         "seconds": round(time.perf_counter() - started, 3),
@@ -658,6 +721,8 @@ def fit_head(
     cache_dir: str | None = None,
     seeds: int = 1,
     calibrate: str | None = None,
+    features: str = "penultimate",
+    views: bool | None = None,
     progress: bool = False,
 ) -> SweepResult:
     """Fit every head of the grid on ``cache``, rank them and save them in a run directory.
@@ -672,7 +737,11 @@ def fit_head(
     ``class_weight="balanced"`` weights every head that supports it. ``seeds`` > 1 refits
     the heads whose fit depends on a seed with that many seeds and reports the spread (up
     to 4,000 training rows); ``calibrate="temperature"`` fits one temperature per head on
-    the selection split (:mod:`featurecache.postpass`).
+    the selection split (:mod:`featurecache.postpass`). ``features``: what the heads learn
+    from, ``penultimate`` (the cache's main features), a layer stored with ``--layers``, or
+    ``concat`` (all of them side by side). ``views``: whether heads also learn from the
+    augmented views stored with ``--augment-views`` (None: when the cache has them); every
+    view of an image falls in that image's fold, and no score is computed on a view.
 
     Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head
     is fitted on a stratified sample first and only the best third moves on to larger
@@ -687,7 +756,7 @@ def fit_head(
     started = time.perf_counter()
     post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
     plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
-                 max_memory)
+                 max_memory, features, views)
     reused = _reused(plan, started)
     if reused is not None:
         return reused
