@@ -571,8 +571,9 @@ def fit_head(as_json, **options):
     Heads are selected on val, or by cross-validation on train when there is no val split
     (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
     Every accuracy has a 95% bootstrap interval; heads not significantly worse than the most
-    accurate one are tied, and the lowest log-loss among them ranks first. Progress goes to
-    stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
+    accurate one are tied, and the lowest log-loss among them (after the temperature, with
+    --calibrate) ranks first. Progress goes to stderr: a bar on a terminal, else a line
+    every 30 s. `fc heads` lists the heads.
     """
     from .sweep import fit_head as run_fit_head
 

@@ -18,10 +18,14 @@ from .metrics import SUMMARY_KEYS, paired_difference
 
 
 def rank_key(entry: dict):
-    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity."""
-    metrics = entry["metrics"][entry["selection_split"]]
+    """Accuracy on the selection split, then log-loss, then the head type's registered simplicity.
+
+    The log-loss is that of the probabilities the head will give: after its temperature when it
+    was calibrated (``--calibrate``), which forgives the overconfidence a temperature removes."""
+    split = entry["selection_split"]
+    log_loss = calibrated(entry, split).get("log_loss", entry["metrics"][split]["log_loss"])
     simplicity = head_type(entry["head"].partition(":")[0]).simplicity
-    return (-entry["selection_accuracy"], metrics["log_loss"], simplicity, entry["head"])
+    return (-entry["selection_accuracy"], log_loss, simplicity, entry["head"])
 
 
 def selection_key(entry: dict):
@@ -122,8 +126,9 @@ def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
     if tied == 0:
         return f"; no other head is tied with the most accurate one, {top}, on {chosen}"
     heads = "1 other head is" if tied == 1 else f"{tied} other heads are"
+    after = " after temperature scaling" if leaderboard[0].get("calibration") else ""
     return (f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): "
-            "the lowest log-loss among them ranks first")
+            f"the lowest log-loss{after} among them ranks first")
 
 
 def selection_note(selection_split: str, final_split: str, cv: int | None = None,

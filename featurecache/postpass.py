@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .calibration import calibrate_entries, check_method
 from .errors import UsageError
+from .leaderboard import rank
 from .store import VIEWS
 
 RANKING = "paired-bootstrap/1"  # how the leaderboard is ranked: part of every run's address
@@ -24,6 +25,7 @@ def post_options(seeds: int = 1, calibrate: str | None = None) -> dict:
         options["seeds"] = seeds
     if check_method(calibrate) is not None:
         options["calibrate"] = calibrate
+        options["tie_break"] = "calibrated-log-loss"  # how tied heads are ordered changed with calibration
     return options
 
 
@@ -37,6 +39,7 @@ def post_pass(entries: list[dict], probas: dict, data: dict, options: dict, seed
     labels = {s: part[1] for s, part in data.items() if s != VIEWS} | {"cv": data["train"][1]}
     if options.get("calibrate"):
         calibrate_entries(entries, probas, labels)
+        entries = rank(entries, probas, labels)  # tied heads, by the log-loss of their calibrated probabilities
     if options.get("seeds", 1) > 1:
         from .seeds import seed_spread
 

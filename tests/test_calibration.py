@@ -84,3 +84,34 @@ def test_with_cross_validation_the_temperature_is_fitted_out_of_fold(tmp_path):
         head = make_estimator(HeadConfig.parse("logreg:C=0.01;pre=standardize")).fit(X[fit_rows], y[fit_rows])
         oof[rows] = class_probabilities(head, X[rows], 10)
     assert cal["temperature"] == pytest.approx(fit_temperature(oof, y), rel=1e-6)
+
+
+def test_with_calibration_tied_heads_are_ordered_by_their_calibrated_log_loss():
+    """Two heads right on the same 180 of 200 images. The mlp is overconfident (a higher raw log-loss)
+    but more confident where it is right, which a temperature turns into the lower log-loss: the
+    calibrated run ranks it first, the uncalibrated one the logreg."""
+    from featurecache.leaderboard import make_entry, rank
+    from featurecache.metrics import classification_metrics
+    from featurecache.postpass import post_options, post_pass
+
+    y = np.arange(200) % 2
+    right = np.arange(200) >= 20
+
+    def probabilities(p_right: float, p_wrong: float) -> np.ndarray:
+        top = np.where(right, p_right, p_wrong)
+        predicted = np.where(right, y, 1 - y)
+        proba = np.empty((200, 2))
+        proba[np.arange(200), predicted] = top
+        proba[np.arange(200), 1 - predicted] = 1 - top
+        return proba
+
+    probas = {"mlp": {"val": probabilities(0.9999, 0.99)}, "logreg": {"val": probabilities(0.8, 0.8)}}
+
+    def board(options: dict) -> list[str]:
+        entries = [make_entry(HeadConfig.parse(h), {"val": classification_metrics(y, probas[h]["val"])}, "val", 0.0)
+                   for h in probas]
+        entries = rank(entries, probas, {"val": y})
+        return [e["head"] for e in post_pass(entries, probas, {"train": (None, y), "val": (None, y)}, options)]
+
+    assert board(post_options()) == ["logreg", "mlp"]
+    assert board(post_options(calibrate="temperature")) == ["mlp", "logreg"]
