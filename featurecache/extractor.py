@@ -171,11 +171,9 @@ def extract(
     first writes the cache; ``shard="I/N"`` computes slice I of N, and the last slice to
     finish (or any later plain run) writes it (``result.missing`` counts what is left).
 
-    ``layers``: more named modules (``"features.14,features.17"`` or a sequence), each globally
-    average-pooled and stored beside the main features, from the same forward pass. ``tta="flip"``:
-    every stored feature is the mean over the image and its horizontal mirror. ``augment_views=K``:
-    also store K augmented views of each train image (fine-tuning's ``light`` policy, seeded by
-    ``seed``, the image and the view), in :data:`featurecache.store.VIEWS`.
+    ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
+    forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
+    ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
     """
     started = time.perf_counter()
     group = distributed.Group.from_environment(shard)
@@ -183,22 +181,34 @@ def extract(
                     progress, decode, draft)
     if lock_timeout is not None and lock_timeout < 0:
         raise UsageError(f"--lock-timeout must be 0 or more seconds, not {lock_timeout}")
-    layers, tta = backbones.parse_layers(layers), backbones.check_tta(tta)
-    _check_views(augment_views)
+    layers, tta = _check_tricks(layers, tta, augment_views)
     dataset = _open_data(data, split, root, seed, limit, strict)
     views = _views(dataset, augment_views, seed)
     pre = backbones.resolve_preprocess(backbone, weights, weights_file, draft, resize=resize, crop=crop, mean=mean,
                                        std=std, interpolation=interpolation)
-    backbones.check_layers(backbone, layer, layers)
-    key_config = {**_key_config(backbone, weights, weights_file, layer, pre.to_dict(), run, dataset),
-                  **_tricks_config(layers, tta, views)}
+    net = dict(name=backbone, weights=weights, weights_file=weights_file, layer=layer, layers=layers, tta=tta)
+    return _launch(_job(net, dataset, pre, views, run, group, cache_dir, lock_timeout, started))
+
+
+def _job(net: dict, dataset: Dataset, pre: Preprocess, views: Views | None, run: _Run, group: distributed.Group,
+         cache_dir, lock_timeout: float | None, started: float) -> _Job:
+    """The job of :func:`extract`: ``net`` (backbones.build's arguments but the preprocessing) checked,
+    the cache key and where its entry lives."""
+    backbones.check_layers(net["name"], net["layer"], net["layers"])  # before any work, from the shapes alone
+    key_config = {**_key_config(net["name"], net["weights"], net["weights_file"], net["layer"], pre.to_dict(), run,
+                                dataset),
+                  **_tricks_config(net["layers"], net["tta"], views)}
     key = store.cache_key(key_config)
-    entry = store.Entry.locate(store.default_cache_dir(cache_dir), _label(backbone, dataset), key)
-    job = _Job(dict(name=backbone, weights=weights, weights_file=weights_file, layer=layer, layers=layers, tta=tta),
-               dataset, pre, key_config, key, entry, run, group, lock_timeout, started, views)
+    entry = store.Entry.locate(store.default_cache_dir(cache_dir), _label(net["name"], dataset), key)
+    return _Job(net, dataset, pre, key_config, key, entry, run, group, lock_timeout, started, views)
+
+
+def _launch(job: _Job) -> ExtractResult:
+    """Run the job in this process's mode: alone, as a torchrun rank or as a ``--shard`` slice."""
+    group = job.group
     try:
-        group.connect(run.device)
-        group.agree(key_config)
+        group.connect(job.run.device)
+        group.agree(job.key_config)
         return _MODES[group.mode](job)
     finally:
         group.close()
@@ -254,9 +264,12 @@ def _key_config(backbone, weights, weights_file, layer, preprocess: dict, run: _
     return config
 
 
-def _check_views(augment_views) -> None:
+def _check_tricks(layers, tta, augment_views) -> tuple[list[str], str | None]:
+    """``layers`` as a list of names and ``tta`` as None or ``flip``; a UsageError for a value of
+    ``--layers``, ``--tta`` or ``--augment-views`` that cannot be used."""
     if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 0:
         raise UsageError(f"--augment-views must be a whole number, 0 or more, not {augment_views!r}")
+    return backbones.parse_layers(layers), backbones.check_tta(tta)
 
 
 def _views(dataset: Dataset, k: int, seed: int) -> Views | None:
