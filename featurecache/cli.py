@@ -175,7 +175,8 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 @click.option("--draft/--no-draft", default=False, show_default=True,
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
 @click.option("--batch-size", type=_count, default=None,
-              help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
+              help="Images per batch [default: 64 on a GPU, 4 on a CPU; half that with --tta flip, whose forward "
+                   "passes hold each image and its mirror].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes (default: on a CPU, the cores split between decoding and the model "
                    "by their measured costs; on a GPU, every core).")

@@ -272,6 +272,14 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
             assert _rows_differ(a[:, part], b[:, part]), "an image and its mirror have different features"
 
 
+def test_tta_halves_the_default_batch_not_a_given_one():
+    def batch(size, tta):
+        return extractor._settings(distributed.Group(), "cpu", "auto", "float32", size, 0, False, None, 256, False,
+                                   "auto", False, tta).batch_size
+
+    assert (batch(None, None), batch(None, "flip"), batch(8, "flip")) == (4, 2, 8)
+
+
 # --------------------------------------------------------------------------- --augment-views K
 
 
