@@ -202,16 +202,14 @@ class FlipMean(nn.Module):
 def parse_layers(layers: str | Sequence[str] | None) -> list[str]:
     """``--layers``: a comma-separated string or a sequence of module names, as a list (empty
     for None or ""); a UsageError for an empty, reserved or repeated name."""
-    if layers is None:
+    if layers is None or (isinstance(layers, str) and not layers.strip()):
         return []
-    items = str(layers).split(",") if isinstance(layers, str) else list(layers)
-    if isinstance(layers, str) and not layers.strip():
-        return []
+    items = layers.split(",") if isinstance(layers, str) else list(layers)
     names = []
     for item in items:
         if not isinstance(item, str) or not item.strip():
             raise UsageError(f"--layers takes module names separated by commas (e.g. features.14,features.17), "
-                             f"not {layers if isinstance(layers, str) else list(layers)!r}")
+                             f"not {layers if isinstance(layers, str) else items!r}")
         name = item.strip()
         if name in RESERVED_LAYERS:
             raise UsageError(f"--layers: {name!r} names a set of the cache's features, not a layer "

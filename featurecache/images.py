@@ -80,8 +80,6 @@ def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, ma
         raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
 
 
-
-
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -107,8 +105,8 @@ AUGMENTS: dict[str, Callable[[Preprocess], Callable] | None] = {"none": None, "l
 
 def augment_seed(seed: int, round_: int, index: int) -> int:
     """The torch seed of one augmented item: ``seed`` of the job, ``round_`` (fine-tuning's epoch,
-    stage one's view number) and the item's ``index``."""
-    return (seed * 1_000_003 + round_) * 10_000_019 + index
+    stage one's view number) and the item's ``index`` (kept in the range torch accepts)."""
+    return ((seed * 1_000_003 + round_) * 10_000_019 + index) % 2**63
 
 
 @dataclass(frozen=True)
