@@ -2,14 +2,21 @@
 
 Each family of models is a :class:`BackboneSource` registered in :data:`SOURCES` under a
 name prefix (``timm/``; torchvision's is empty). ``build(name, weights=..., weights_file=...,
-layer=..., preprocess=...)`` returns a :class:`Backbone` whose ``model`` maps a normalized
-image batch to features; :func:`weights_identity` and :func:`resolve_preprocess` say what
-identifies its weights and how images are prepared for it, without building it.
+layer=..., preprocess=..., layers=..., tta=...)`` returns a :class:`Backbone` whose ``model``
+maps a normalized image batch to features; :func:`weights_identity` and
+:func:`resolve_preprocess` say what identifies its weights and how images are prepared for
+it, without building it.
 
 The penultimate layer is found generically: the classifier is the layer the source names
 (timm's configuration) or else the last ``Linear`` or ``Conv2d`` module of the network
 (``fc``, ``classifier.1``, ``heads.head``, SqueezeNet's final 1x1 convolution ...). It is
 replaced by ``nn.Identity``, so the model returns what the classifier would have read.
+
+``layers`` adds the globally average-pooled output of more named modules, read by forward
+hooks during the same pass (:class:`Taps`), side by side after the main features;
+``tta="flip"`` averages every feature over the image and its horizontal mirror
+(:class:`FlipMean`). The model still returns one tensor, and ``Backbone.parts`` says which
+columns are which.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +36,13 @@ import torch
 from torch import nn
 
 from .data import Preprocess
-from .errors import BackboneError, FeatureCacheWarning, suggest
+from .errors import BackboneError, FeatureCacheWarning, UsageError, suggest
 from .files import atomic_write, sha256_file
 
 TIMM_PREFIX = "timm/"
+TTA = ("none", "flip")  # --tta: none, or the mean over the image and its horizontal mirror
+# Names a stored layer cannot have: the feature sets of the cache besides its layers (store.FEATURE_SETS).
+RESERVED_LAYERS = ("penultimate", "concat")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +58,13 @@ class Backbone:
     layer: str
     identity: dict = field(default_factory=dict)
     classifier: str | None = None
+    #: The columns of ``model``'s output, in order: ``(layer, feature_dim)`` (the main features,
+    #: ``layer`` being ``penultimate`` or the ``--layer`` name), then ``(NAME, width)`` of each of ``layers``.
+    parts: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.parts:
+            self.parts = [(self.layer, int(self.feature_dim))]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,6 +150,111 @@ class LayerTap(nn.Module):
         finally:
             handle.remove()
         return global_pool(captured[0])
+
+
+class Taps(nn.Module):
+    """Runs ``model`` once and returns its main features, then the pooled output of each of
+    ``layers``, side by side. ``main``: a module whose pooled output is the main features;
+    None: ``model``'s own output (the penultimate features). The outputs are read by forward
+    hooks that live only while one call runs: nothing stays registered on ``model``, and the
+    module trains, traces and freezes like any other."""
+
+    def __init__(self, model: nn.Module, main: str | None, layers: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.main = main
+        self.layers = list(layers)
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The main features and each layer's pooled output, one ``N x D`` tensor each."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        try:
+            for name in dict.fromkeys([self.main, *self.layers] if self.main else self.layers):
+                def hook(_module, _inputs, output, name=name):
+                    captured[name] = output
+
+                handles.append(self.model.get_submodule(name).register_forward_hook(hook))
+            out = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        main = global_pool(captured[self.main]) if self.main else out.flatten(1)
+        return [main, *(global_pool(captured[name]) for name in self.layers)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.outputs(x), dim=1)
+
+
+class FlipMean(nn.Module):
+    """``tta="flip"``: the mean of ``model``'s output on the images and on their horizontal
+    mirrors, computed in one pass over a batch twice as large."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(torch.cat([x, x.flip(-1)]))
+        return out.unflatten(0, (2, -1)).mean(dim=0)
+
+
+def parse_layers(layers: str | Sequence[str] | None) -> list[str]:
+    """``--layers``: a comma-separated string or a sequence of module names, as a list (empty
+    for None or ""); a UsageError for an empty, reserved or repeated name."""
+    if layers is None or (isinstance(layers, str) and not layers.strip()):
+        return []
+    items = layers.split(",") if isinstance(layers, str) else list(layers)
+    names = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise UsageError(f"--layers takes module names separated by commas (e.g. features.14,features.17), "
+                             f"not {layers if isinstance(layers, str) else items!r}")
+        name = item.strip()
+        if name in RESERVED_LAYERS:
+            raise UsageError(f"--layers: {name!r} names a set of the cache's features, not a layer "
+                             f"({' and '.join(RESERVED_LAYERS)} are reserved)")
+        if name in names:
+            raise UsageError(f"--layers names {name} twice")
+        names.append(name)
+    return names
+
+
+def check_tta(tta: str | None) -> str | None:
+    """``--tta``: None for ``none`` (or None), ``flip``; a UsageError for anything else."""
+    if tta is None or tta == "none":
+        return None
+    if tta not in TTA:
+        raise UsageError(f"unknown --tta {tta!r}: choose none or flip" + suggest(str(tta), TTA))
+    return tta
+
+
+def _check_layer_names(model: nn.Module, name: str, layer: str | None, layers: Sequence[str],
+                       classifier: str) -> None:
+    """A BackboneError for a name of ``layers`` that is not a module of ``model`` (with the close
+    matches), that is the ``layer`` read as main features, or that is the classifier replaced by
+    the penultimate features (or a part of it)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for item in layers:
+        if item not in names:
+            raise BackboneError(f"unknown layer {item!r} for {name} in --layers" + suggest(item, names))
+        if item == layer:
+            raise BackboneError(f"--layers names {item}, the layer --layer already reads as the main features")
+        if not layer and (item == classifier or item.startswith(classifier + ".")):
+            raise BackboneError(f"--layers names {item}, the classifier of {name}: the main features are what it "
+                                "reads (the penultimate layer)")
+
+
+def check_layers(name: str, layer: str | None, layers: Sequence[str]) -> None:
+    """A BackboneError for a name of ``layers`` that backbone ``name`` cannot pool (see
+    :func:`build`), found from the network's shapes alone, before anything is computed."""
+    if not layers:
+        return
+    check_name(name)
+    source = _source_for(name)
+    with _empty_weights():
+        model = source.create(name, None)
+    _check_layer_names(model, name, layer, layers, source.classifier(model)[0])
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -452,18 +575,34 @@ def _create(name: str, weights: str | None, warn: bool) -> nn.Module:
 
 
 def _features_model(model: nn.Module, name: str, layer: str | None, classifier: str, width: int,
-                    preprocess: Preprocess) -> tuple[nn.Module, int]:
-    """The frozen network that returns features, and their width: the classifier's input, or ``layer`` pooled."""
+                    preprocess: Preprocess, layers: Sequence[str] = (), tta: str | None = None,
+                    ) -> tuple[nn.Module, list[tuple[str, int]]]:
+    """The frozen network that returns features, and its parts: the classifier's input, or ``layer``
+    pooled, then each of ``layers`` pooled, flip-averaged when ``tta`` is ``flip``."""
     model.eval().requires_grad_(False)
+    if layer:
+        names = [n for n, _ in model.named_modules() if n]
+        if layer not in names:
+            raise BackboneError(f"unknown layer {layer!r} for {name}" + suggest(layer, names))
+    _check_layer_names(model, name, layer, layers, classifier)
     if not layer:
         _replace_module(model, classifier, nn.Identity())
-        return model, int(width)
-    names = [n for n, _ in model.named_modules() if n]
-    if layer not in names:
-        raise BackboneError(f"unknown layer {layer!r} for {name}" + suggest(layer, names))
-    tap = LayerTap(model, layer).eval()
-    with torch.inference_mode():
-        return tap, int(tap(torch.zeros(1, 3, preprocess.crop, preprocess.crop)).shape[1])
+        if not layers and not tta:
+            return model, [("penultimate", int(width))]
+    probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
+    if layers:
+        model = Taps(model, layer, layers).eval()
+        with torch.inference_mode():
+            dims = [int(out.shape[1]) for out in model.outputs(probe)]
+    elif layer:
+        model = LayerTap(model, layer).eval()
+        with torch.inference_mode():
+            dims = [int(model(probe).shape[1])]
+    else:
+        dims = [int(width)]
+    if tta:
+        model = FlipMean(model).eval()
+    return model, list(zip([layer or "penultimate", *layers], dims))
 
 
 def build(
@@ -472,14 +611,21 @@ def build(
     weights_file: str | None = None,
     layer: str | None = None,
     preprocess: Preprocess | dict | None = None,
+    layers: str | Sequence[str] | None = (),
+    tta: str | None = None,
 ) -> Backbone:
     """Instantiate a frozen backbone in eval mode that returns features.
 
     ``weights``: a name of the source's weights (``IMAGENET1K_V1``, ``DEFAULT``), or ``"none"``/None
     for a seeded random initialization (with a warning). ``weights_file``: a state dict (loaded
     with ``weights_only=True``); it needs ``preprocess`` stated. ``layer``: any named module, pooled.
+    ``layers``: more named modules (a sequence or a comma-separated string), pooled and returned
+    after the main features, from the same forward pass. ``tta``: ``flip`` averages every feature
+    over the image and its horizontal mirror. ``Backbone.parts`` names the columns of the output;
+    ``Backbone.feature_dim`` is the width of the main features.
     """
     check_name(name)
+    layers, tta = parse_layers(layers), check_tta(tta)
     weights = None if weights_file else _weights_name(weights)
     if preprocess is None:
         preprocess = resolve_preprocess(name, weights, weights_file)
@@ -491,9 +637,9 @@ def build(
     if weights_file:
         _load_without_classifier(model, load_state_dict_file(weights_file), classifier, f"weights file {weights_file}")
         identity["weights_file"] = str(Path(weights_file).resolve())
-    model, dim = _features_model(model, name, layer, classifier, width, preprocess)
-    return Backbone(name=name, model=model, preprocess=preprocess, feature_dim=dim, layer=layer or "penultimate",
-                    identity=identity, classifier=classifier)
+    model, parts = _features_model(model, name, layer, classifier, width, preprocess, layers, tta)
+    return Backbone(name=name, model=model, preprocess=preprocess, feature_dim=parts[0][1],
+                    layer=layer or "penultimate", identity=identity, classifier=classifier, parts=parts)
 
 
 # --------------------------------------------------------------------------- offline weights

@@ -154,6 +154,14 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
               help="A state dict file (needs --resize and --crop).")
 @click.option("--layer", default=None,
               help="Named module to read, globally average-pooled (default: the penultimate layer).")
+@click.option("--layers", metavar="NAME,NAME,...", default=None,
+              help="More named modules to store beside the main features, each globally average-pooled, from the "
+                   "same forward pass (e.g. features.14,features.17).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: every stored feature is the mean over the image and its horizontal mirror.")
+@click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Also store K augmented views of each train image (random resized crop and flip, as fine-tuning's "
+                   "light augmentation), each seeded by --seed, the image and the view.")
 @click.option("--split", default=None, help="Split fractions for a single folder or manifest, e.g. train=0.8,val=0.2.")
 @click.option("--root", default=None, help="Files of a torchvision:NAME dataset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stratified split and --limit sample.")
@@ -167,7 +175,8 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 @click.option("--draft/--no-draft", default=False, show_default=True,
               help="Decode large JPEGs at reduced size (faster; features differ slightly).")
 @click.option("--batch-size", type=_count, default=None,
-              help="Images per forward pass [default: 64 on a GPU, 4 on a CPU].")
+              help="Images per batch [default: 64 on a GPU, 4 on a CPU; half that with --tta flip, whose forward "
+                   "passes hold each image and its mirror].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes (default: on a CPU, the cores split between decoding and the model "
                    "by their measured costs; on a GPU, every core).")
@@ -213,7 +222,12 @@ def extract(as_json, **options):
         return
     state = "reused" if result.reused else f"{result.images_per_s:.1f} images/s"
     click.echo(f"{result.cache}  ({state}, {result.seconds:.1f} s, {result.feature_dim} features)")
-    click.echo(table([{"split": k, **v} for k, v in result.splits.items()], ["split", "n", "skipped"]))
+    if result.layers:
+        click.echo("layers: " + ", ".join(f"{name} ({dim})" for name, dim in result.layers.items()))
+    rows = [{"split": k, **v} for k, v in result.splits.items()]
+    if options["augment_views"]:
+        rows.append({"split": f"train views ({options['augment_views']} per image)", "n": result.views})
+    click.echo(table(rows, ["split", "n", "skipped"]))
     for split, path, reason in result.skipped[:10]:
         click.echo(f"skipped {split}/{path}: {reason}", err=True)
     if len(result.skipped) > 10:
@@ -292,7 +306,14 @@ def cache_info(cache_ref, cache_dir, as_json):
     graph = ""
     if "graph" in cfg:
         graph = f", {cfg['graph']} on {cfg.get('device', '?')}, batch {cfg.get('batch_size', '?')}"
-    click.echo(f"features  {cfg.get('feature_dim')} x {cfg['dtype']}, precision {cfg['precision']}{graph}")
+    tta = f", mean over the image and its mirror (tta {cfg['tta']})" if cfg.get("tta") else ""
+    click.echo(f"features  {cfg.get('feature_dim')} x {cfg['dtype']}, precision {cfg['precision']}{graph}{tta}")
+    if meta["layers"]:
+        click.echo("layers    " + ", ".join(f"{name} ({dim})" for name, dim in meta["layers"].items()))
+    if meta["views"]["n"] or cfg.get("augment_views"):
+        augment = cfg.get("augment_views", {})
+        click.echo(f"views     {meta['views']['n']} rows: {meta['views']['per_image']} per train image "
+                   f"({augment.get('policy', '?')} augmentation, seed {augment.get('seed', '?')})")
     click.echo(f"preproc   {json.dumps(cfg['preprocess'])}")
     click.echo(f"data      {cfg['data'].get('root')} ({cfg['data'].get('kind')})")
     click.echo(f"classes   {', '.join(meta['classes'])}")

@@ -46,7 +46,7 @@ from .calibration import fit_temperature
 from .data import Dataset, Preprocess, Record, open_dataset
 from .errors import FinetuneError, UsageError, suggest
 from .files import atomic_write, write_json
-from .images import ImageTensors, image_loader, normalize_batch
+from .images import AUGMENTS, ImageTensors, augment_seed, image_loader, normalize_batch
 from .metrics import classification_metrics, summary
 from .model import (
     CONFIG_FILE,
@@ -85,26 +85,6 @@ def cache_images(cache_meta: dict, split: str) -> tuple[Dataset, np.ndarray]:
     return dataclasses.replace(base, records=records, skipped=[]), np.asarray(labels, dtype=np.int64)
 
 
-def _light(pre: Preprocess):
-    from torchvision import transforms as T
-
-    mode = T.InterpolationMode(pre.interpolation)
-    return T.Compose([T.RandomResizedCrop(pre.crop, scale=(0.35, 1.0), interpolation=mode, antialias=True),
-                      T.RandomHorizontalFlip()])
-
-
-def _strong(pre: Preprocess):
-    from torchvision import transforms as T
-
-    mode = T.InterpolationMode(pre.interpolation)
-    return T.Compose([T.RandomResizedCrop(pre.crop, scale=(0.08, 1.0), interpolation=mode, antialias=True),
-                      T.RandomHorizontalFlip(), T.TrivialAugmentWide(interpolation=mode)])
-
-
-# name -> PIL transform factory (None: the evaluation transform, resize and center crop)
-AUGMENTS: dict[str, Callable[[Preprocess], Callable] | None] = {"none": None, "light": _light, "strong": _strong}
-
-
 class TrainImages(ImageTensors):
     """Training images: each item's augmentation is seeded by (seed, epoch, index), so the
     stream is the same with any number of workers and after a resume."""
@@ -125,7 +105,7 @@ class TrainImages(ImageTensors):
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed(augment_seed(self.seed, self.epoch, i))
             return super().__getitem__(i)
 
 

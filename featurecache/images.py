@@ -7,6 +7,11 @@ becomes a reason, not a crash), :func:`image_loader` batches them with DataLoade
 workers, and :func:`normalize_batch` normalizes a whole batch on its device. For stage
 one, :data:`DECODERS` names where JPEGs are decoded: ``cpu`` (PIL in the workers) or
 ``gpu`` (:class:`JpegFiles`: batched ``torchvision.io.decode_jpeg`` on the model's device).
+
+:data:`AUGMENTS` are the random training transforms (fine-tuning's ``--augment``, stage one's
+``--augment-views``); :func:`augment_seed` seeds each item's draw, so that the same item gets
+the same augmentation in any worker process, after a resume and in any slice of a job.
+:class:`Views` describes the augmented views stage one adds as rows after the records.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import functools
 import io
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,6 +80,60 @@ def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, ma
         raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
 
 
+# --------------------------------------------------------------------------- augmentation
+
+
+def _light(pre: Preprocess):
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(pre.interpolation)
+    return T.Compose([T.RandomResizedCrop(pre.crop, scale=(0.35, 1.0), interpolation=mode, antialias=True),
+                      T.RandomHorizontalFlip()])
+
+
+def _strong(pre: Preprocess):
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(pre.interpolation)
+    return T.Compose([T.RandomResizedCrop(pre.crop, scale=(0.08, 1.0), interpolation=mode, antialias=True),
+                      T.RandomHorizontalFlip(), T.TrivialAugmentWide(interpolation=mode)])
+
+
+# name -> PIL transform factory (None: the evaluation transform, resize and center crop)
+AUGMENTS: dict[str, Callable[[Preprocess], Callable] | None] = {"none": None, "light": _light, "strong": _strong}
+
+
+def augment_seed(seed: int, round_: int, index: int) -> int:
+    """The torch seed of one augmented item: ``seed`` of the job, ``round_`` (fine-tuning's epoch,
+    stage one's view number) and the item's ``index`` (kept in the range torch accepts)."""
+    return ((seed * 1_000_003 + round_) * 10_000_019 + index) % 2**63
+
+
+@dataclass(frozen=True)
+class Views:
+    """``k`` augmented views of each of ``records`` (record indices), as rows after the
+    ``first`` rows (the records themselves): row ``first + v * len(records) + j`` is view ``v``
+    of record ``records[j]``, drawn with ``policy`` (a name of :data:`AUGMENTS`) seeded by
+    ``(seed, view, record)``."""
+
+    first: int
+    records: tuple[int, ...]
+    k: int
+    seed: int
+    policy: str = "light"
+
+    @property
+    def rows(self) -> int:
+        return self.k * len(self.records)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """``(record index, view number)`` of a view row."""
+        view, j = divmod(int(row) - self.first, len(self.records))
+        return self.records[j], view
+
+    def seed_of(self, record: int, view: int) -> int:
+        return augment_seed(self.seed, view, record)
+
 
 # --------------------------------------------------------------------------- decoding into batches
 
@@ -84,12 +145,15 @@ class ImageTensors(torch.utils.data.Dataset):
     decoder of :data:`DECODERS`: PIL in the DataLoader workers.
     """
 
-    def __init__(self, dataset: Dataset, indices: np.ndarray, pre: Preprocess, max_pixels: int | None):
+    def __init__(self, dataset: Dataset, indices: np.ndarray, pre: Preprocess, max_pixels: int | None,
+                 views: Views | None = None):
         self.dataset = dataset
         self.indices = indices
         self.pre = pre
         self.max_pixels = max_pixels
         self.interpolation = InterpolationMode(pre.interpolation)
+        self.views = views  # indices from views.first on are augmented views of records
+        self.view_transform = AUGMENTS[views.policy](pre) if views is not None else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -102,12 +166,25 @@ class ImageTensors(torch.utils.data.Dataset):
     def transform(self, img) -> torch.Tensor:
         return TF.pil_to_tensor(self.resize_crop(img))
 
+    def is_view(self, index: int) -> bool:
+        return self.views is not None and index >= self.views.first
+
     def decode(self, index: int) -> tuple[torch.Tensor, str]:
-        """Record ``index`` as a uint8 crop and ``""``, or zeros and the reason it cannot be used."""
+        """Item ``index`` as a uint8 crop and ``""``, or zeros and the reason it cannot be used: a
+        record, or (``views``) a view of one, augmented with the draw its seed gives."""
+        if not self.is_view(index):
+            return self.read(index, self.transform)
+        record, view = self.views.locate(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.views.seed_of(record, view))
+            return self.read(record, lambda img: TF.pil_to_tensor(self.view_transform(img)))
+
+    def read(self, index: int, transform) -> tuple[torch.Tensor, str]:
+        """Record ``index`` decoded and ``transform``-ed into a uint8 crop and ``""``, or zeros and the reason."""
         record = self.dataset.records[index]
         try:
             img = load_rgb(self.dataset, record, self.pre.resize if self.pre.draft else None, self.max_pixels)
-            return self.transform(img), ""
+            return transform(img), ""
         except ImageSkipped as exc:
             reason = str(exc)
         except Exception as exc:  # any decoder failure is a skip, not a crash
@@ -136,8 +213,9 @@ class JpegFiles(ImageTensors):
     """
 
     def jpeg_bytes(self, index: int) -> torch.Tensor | None:
-        """The file's bytes as a 1-D uint8 tensor when the device can decode it, else None."""
-        if self.dataset.loader is not None or self.pre.draft:
+        """The file's bytes as a 1-D uint8 tensor when the device can decode it, else None (also for a
+        view, which is augmented with PIL)."""
+        if self.dataset.loader is not None or self.pre.draft or self.is_view(index):
             return None
         try:
             with open(os.path.join(self.dataset.root, self.dataset.records[index].path), "rb") as fh:

@@ -418,6 +418,8 @@ def _fetch(data: str, fetch: str, echo) -> None:
 
 def _describe_extract(out: dict) -> str:
     splits = " ".join(f"{k}={v['n']}" for k, v in out["splits"].items())
+    splits += f" train views={out['views']}" if out.get("views") else ""
+    splits += f"; layers {','.join(out['layers'])}" if out.get("layers") else ""
     state = "reused" if out["reused"] else f"{out['images_per_s']:.1f} images/s"
     return f"{out['cache']} ({state}; {splits})"
 

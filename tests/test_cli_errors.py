@@ -24,6 +24,13 @@ CASES = [
     ("extract", "{images} --backbone mobilenet_v9", 2, r"unknown backbone 'mobilenet_v9'"),
     ("extract", "{tmp}/no-such-folder", 2, r"no-such-folder"),
     ("extract", "{images}/train --split train=lots", 2, r"train=lots"),
+    ("extract", "{images} --layers features.99", 2, r"unknown layer 'features.99' for mobilenet_v2 in --layers "
+                                                    r"\(did you mean: features.9"),
+    ("extract", "{images} --layers features.14,concat", 2, r"'concat' names a set of the cache's features"),
+    ("extract", "{images} --layers features.14,features.14", 2, r"--layers names features.14 twice"),
+    ("extract", "{images} --tta mirror", 2, r"Invalid value for '--tta': 'mirror' is not one of 'none', 'flip'"),
+    ("extract", "{images} --augment-views -1", 2, r"Invalid value for '--augment-views': -1 is not in the range x>=0"),
+    ("extract", "{images}/val --split val=1 --augment-views 2", 2, r"--augment-views makes views of the train split"),
     ("backbones", "--no-such-option", 2, r"No such option '--no-such-option'"),
     ("cache list", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("cache info", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),

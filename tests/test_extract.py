@@ -94,7 +94,9 @@ def test_json_output_shape(cli_runner, image_folder, tmp_path):
                   "--workers", 0, "--cache-dir", tmp_path, "--json")
     assert out.exit_code == 0, out.output
     obj = json.loads(out.stdout)
-    assert set(obj) == {"cache", "reused", "feature_dim", "splits", "images_per_s", "seconds", "missing"}
+    assert set(obj) == {"cache", "reused", "feature_dim", "splits", "images_per_s", "seconds", "missing", "layers",
+                        "views"}
+    assert obj["layers"] == {} and obj["views"] == 0
     assert obj["splits"]["train"] == {"n": 12, "skipped": 0} and obj["images_per_s"] > 0 and obj["missing"] == 0
 
 
