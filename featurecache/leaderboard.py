@@ -174,8 +174,10 @@ def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[d
         sel = entry["selection_split"]
         m = entry["metrics"]
         row = {"#": rank_, "head": entry["head"], f"{sel} acc (selection)": with_interval(m[sel]),
-               "tied": "tied" if entry.get("tied") else "", f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}",
-               **_seed_cells(entry, sel)}
+               "tied": "tied" if entry.get("tied") else "", f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}"}
+        if calibrated(entry, sel):  # what orders the tied heads of a calibrated run
+            row[f"{sel} log_loss calibrated"] = f"{calibrated(entry, sel)['log_loss']:.4f}"
+        row.update(_seed_cells(entry, sel))
         if final_split != sel:
             row.update({f"{final_split} acc": with_interval(m[final_split]),
                         f"{final_split} bal_acc": f"{m[final_split]['balanced_accuracy']:.4f}",
