@@ -13,8 +13,10 @@
    the best the reference reaches.
 3. ``--fashion-mnist``: ``fc extract torchvision:FashionMNIST`` (the Debian
    ``dataset-fashion-mnist`` files, ``--limit`` train images and the full 10,000 test
-   images, MobileNetV2 IMAGENET1K_V1) and the default sweep; extract seconds, sweep seconds
-   and the selected head's test accuracy.
+   images, MobileNetV2 IMAGENET1K_V1, also storing three intermediate layers) and the default
+   sweep on the penultimate features and on their concatenation with the layers
+   (``--features concat``); extract seconds, sweep seconds and the selected head's test
+   accuracy with its interval.
 
     python bench/heads_scale.py                                  # 5k, 20k, 50k, then the 20k reference
     python bench/heads_scale.py --sizes 6000 --no-reference      # a quick smoke run
@@ -39,6 +41,8 @@ import numpy as np
 from featurecache import store
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# MobileNetV2's last blocks at strides 8, 16 and 32, stored besides the penultimate features (docs/stages.md).
+LAYERS = "features.6,features.13,features.17"
 
 
 def features(n: int, d: int = 1280, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -112,17 +116,23 @@ def compare_with_reference(folder: Path, n: int, extra: list[str], ours: dict | 
 
 
 def fashion_mnist(limit: int, root: str, extra: list[str]) -> None:
+    """One extraction that also stores :data:`LAYERS`, then the default sweep on the penultimate
+    features and on their concatenation with those layers (``--features concat``), on the same test."""
     with tempfile.TemporaryDirectory(prefix="fc-fmnist-") as cache_dir:
         extracted, extract_seconds = fc("extract", "torchvision:FashionMNIST", "--root", root, "--limit", str(limit),
                                         "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
-                                        "--cache-dir", cache_dir)
-        result, sweep_seconds = fc("fit-head", extracted["cache"], "--cache-dir", cache_dir, *extra)
-    best = result["leaderboard"][0]
-    splits = ", ".join(f"{k} {v['n']:,}" for k, v in extracted["splits"].items())
-    test = best["metrics"]["test"]["accuracy"]
-    print(f"Fashion-MNIST ({splits}), MobileNetV2 IMAGENET1K_V1: extract {extract_seconds:.1f} s, "
-          f"sweep {sweep_seconds:.1f} s ({len(result['leaderboard'])} heads, selected on "
-          f"{best['selection_split']}); selected {best['head']}: test accuracy {test:.4f}")
+                                        "--layers", LAYERS, "--cache-dir", cache_dir)
+        splits = ", ".join(f"{k} {v['n']:,}" for k, v in extracted["splits"].items())
+        print(f"Fashion-MNIST ({splits}), MobileNetV2 IMAGENET1K_V1 with --layers {LAYERS}: "
+              f"extract {extract_seconds:.1f} s", flush=True)
+        for features in ("penultimate", "concat"):
+            result, sweep_seconds = fc("fit-head", extracted["cache"], "--cache-dir", cache_dir,
+                                       "--features", features, *extra)
+            best = result["leaderboard"][0]
+            test = best["metrics"]["test"]
+            print(f"  --features {features}: sweep {sweep_seconds:.1f} s ({len(result['leaderboard'])} heads, "
+                  f"selected on {best['selection_split']}); selected {best['head']}: test accuracy "
+                  f"{test['accuracy']:.4f} [{test['accuracy_ci'][0]:.4f}, {test['accuracy_ci'][1]:.4f}]", flush=True)
 
 
 def main() -> None:

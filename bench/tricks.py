@@ -107,6 +107,21 @@ def report(rows: list[dict], label: str) -> None:
               f"{r['test']:.4f} [{low:.3f},{high:.3f}]  {_diff(diff)}  {t_acc:.4f} ({_diff(t_diff)}) of {n}")
 
 
+def pooled(tables: list[list[dict]]) -> None:
+    """Over several train/val splits of the same test images: per trick, the mean test accuracy
+    of the selected head and its difference to plain, averaged per image over the splits, with a
+    95% bootstrap interval over the test images."""
+    rng = np.random.default_rng(0)
+    plain = np.mean([next(r for r in rows if r["name"] == "plain")["correct"] for rows in tables], axis=0)
+    draws = rng.integers(0, len(plain), size=(2000, len(plain)))
+    print(f"\nOver {len(tables)} splits (per-image means, bootstrap over the {len(plain)} test images):")
+    for name in [r["name"] for r in tables[0]]:
+        mean = np.mean([next(r for r in rows if r["name"] == name)["correct"] for rows in tables], axis=0)
+        diff = (mean - plain)[draws].mean(axis=1)
+        low, high = np.quantile(diff, [0.025, 0.975])
+        print(f"{name:8s} test {mean.mean():.4f}  vs plain {(mean - plain).mean():+.4f} [{low:+.4f},{high:+.4f}]")
+
+
 def _diff(d: dict) -> str:
     return f"{d['difference']:+.4f} [{d['ci'][0]:+.3f},{d['ci'][1]:+.3f}]"
 
@@ -127,6 +142,7 @@ def main() -> None:
         else:
             data = [(f"hymenoptera, split seed {s}", str(hymenoptera_manifest(Path(tmp), int(s))), {})
                     for s in args.split_seeds.split(",")]
+        tables = []
         for label, source, common in data:
             rows = []
             for name in names:
@@ -136,6 +152,9 @@ def main() -> None:
                 print(f"{label}: {name}: extract {rows[-1]['extract_s']:.1f} s, sweep {rows[-1]['sweep_s']:.1f} s, "
                       f"{rows[-1]['best']} test {rows[-1]['test']:.4f}", flush=True)
             report(rows, label)
+            tables.append(rows)
+        if len(tables) > 1:
+            pooled(tables)
 
 
 if __name__ == "__main__":
