@@ -56,6 +56,11 @@ class SweepData:
         self.feature_set, self.views = feature_set, views
         self.n_train = len(labels["train"]) - (0 if views is None else len(views))
 
+    @property
+    def per_image(self) -> float:
+        """Training rows per training image: 1, or 1 plus its views."""
+        return len(self.labels["train"]) / max(1, self.n_train)
+
     def with_views(self, rows: np.ndarray) -> np.ndarray:
         """Training rows ``rows`` and the rows of their views (none without views)."""
         if self.views is None:

@@ -123,16 +123,20 @@ class Rung:
     keep: int  # heads fitted at this rung
 
 
-def rungs(n_rows: int, n_heads: int, halving: bool, budget: float | None) -> list[Rung]:
+def rungs(n_rows: int, n_heads: int, halving: bool, budget: float | None, per_image: float = 1.0) -> list[Rung]:
     """The rungs of a sweep on ``n_rows``: one rung up to :data:`LARGE_ROWS` rows (and without
     halving or budget); a timing rung and all rows without halving (or with too few heads to prune);
-    else geometric sizes up to all rows, a third of the heads kept each time."""
-    if n_rows <= LARGE_ROWS:
+    else geometric sizes up to all rows, a third of the heads kept each time.
+
+    ``n_rows`` counts training images; a head fitted on one learns from ``per_image`` rows (1 plus
+    its augmented views), and the thresholds count those rows: what a fit costs."""
+    first = max(1, round(FIRST_RUNG_ROWS / per_image))
+    if n_rows * per_image <= LARGE_ROWS:
         return [Rung(0, n_rows, n_heads)]
     if not halving or n_heads <= FINAL_HEADS:  # nothing to prune: with a budget, time the heads on a sample first
         return [Rung(0, n_rows, n_heads)] if budget is None else \
-            [Rung(0, min(FIRST_RUNG_ROWS, n_rows), n_heads), Rung(1, n_rows, n_heads)]
-    steps = max(1, math.floor(math.log(n_rows / FIRST_RUNG_ROWS, ETA) + 1e-9))
+            [Rung(0, min(first, n_rows), n_heads), Rung(1, n_rows, n_heads)]
+    steps = max(1, math.floor(math.log(n_rows / first, ETA) + 1e-9))
     out, keep = [], n_heads
     for i in range(steps + 1):
         out.append(Rung(i, round(n_rows / ETA ** (steps - i)), keep))

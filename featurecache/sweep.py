@@ -241,7 +241,7 @@ def _run_id(plan: _Plan) -> str:
         fields["features"] = plan.features
     if plan.views:
         fields["views"] = plan.views
-    if plan.large:  # these change what is fitted only on many rows
+    if plan.large or plan.views:  # these change what is fitted only on many rows (or views)
         fields.update(budget=plan.budget, halving=plan.halving)
         if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
             fields["max_memory"] = plan.max_memory
@@ -403,7 +403,7 @@ def _key(fitter: str, configs, rows: np.ndarray | None, evals: dict, seed: int) 
 def _fit_rows(state: scaling.HeadState, rung: scaling.Rung, rows: _Rows, data: engine.SweepData):
     """``(fitter route, rows)`` of one head at one rung: its sample, in memory or in chunks from the file."""
     n = min(rung.rows, state.cap or rung.rows, len(rows.order))
-    per_image = len(data.labels["train"]) / data.n_train  # rows per image: 1, or 1 + its views
+    per_image = data.per_image
     if n * per_image > data.row_cap and data.features.get("train") is None and not can_learn_from_chunks(state.form):
         n = int(data.row_cap / per_image)
         state.status, state.reason = "subsampled", (
@@ -569,7 +569,7 @@ class _Sweep:
         probed = [s for s in alive if head_type(s.form.name).growth >= scaling.PROBE_GROWTH]
         if not probed or self.plan.budget is None or len(self.rungs) < 2:
             return alive
-        rows = min(scaling.PROBE_ROWS, self.rungs[0].rows)
+        rows = min(max(1, round(scaling.PROBE_ROWS / self.data.per_image)), self.rungs[0].rows)
         ok = self.run_rung(scaling.Rung(-1, rows, len(probed)), probed)
         return [s for s in alive if s not in probed or s in ok]
 
@@ -639,8 +639,8 @@ def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool
     """Fit the heads rung by rung on the chosen engine; what each head gave, and the labels of every evaluation."""
     states = [scaling.HeadState(cfg, cfg) for cfg in plan.configs]
     rows = _rows(plan, data)
-    rung_list = scaling.rungs(len(rows.pool), len(states), plan.halving, plan.budget) if plan.large else \
-        [scaling.Rung(0, len(rows.pool), len(states))]
+    rung_list = scaling.rungs(len(rows.pool), len(states), plan.halving, plan.budget, data.per_image) \
+        if plan.large or plan.views else [scaling.Rung(0, len(rows.pool), len(states))]
     plan.rungs = [{"rows": r.rows, "heads": r.keep} for r in rung_list]
     probes = sum(head_type(c.name).growth >= scaling.PROBE_GROWTH for c in plan.configs) \
         if plan.budget is not None and len(rung_list) > 1 else 0

@@ -180,3 +180,23 @@ def test_predict_and_finetune_rebuild_the_feature_set(tmp_path, image_folder, fe
     assert Path(tuned.model).is_file()
     again = featurecache.predict(tuned.output_dir, [str(image_folder / "val")], workers=0, progress=False)
     assert len(again["predictions"]) == len(paths) and again["skipped"] == []
+
+
+def test_the_rungs_and_the_budget_count_the_views_a_fit_learns_from():
+    """4,000 images alone are one rung; with 4 views each a fit learns from 20,000 rows, so the sweep
+    times and halves the heads as it would on 20,000 images, in samples of images with their views."""
+    from featurecache import scaling
+
+    assert len(scaling.rungs(4000, 22, True, 210.0)) == 1
+    with_views = scaling.rungs(4000, 22, True, 210.0, per_image=5)
+    assert len(with_views) >= 2 and with_views[-1].rows == 4000
+    assert with_views[0].rows * 5 <= 2 * scaling.FIRST_RUNG_ROWS
+
+
+def test_a_sweep_with_views_halves_the_heads_on_samples_of_images(tmp_path):
+    cache = views_cache(tmp_path, n=1200, k=4, copies=False, val=True)
+    result = featurecache.fit_head(cache, head=("nearest-centroid", "logreg:C=0.1,1", "knn:n_neighbors=3,9"))
+    meta = json.loads((Path(result.run_dir) / "run.json").read_text())
+    assert len(meta["rungs"]) >= 2 and meta["rungs"][-1]["rows"] == 1200
+    rows = {e["rows"] for e in result.leaderboard}
+    assert 1200 * 5 in rows and min(rows) == meta["rungs"][0]["rows"] * 5
