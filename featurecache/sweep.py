@@ -727,21 +727,17 @@ def fit_head(
 ) -> SweepResult:
     """Fit every head of the grid on ``cache``, rank them and save them in a run directory.
 
-    ``cache`` is a cache file, its name or a unique key prefix (looked up in
-    ``cache_dir``). ``head`` holds grid specs; with neither ``head`` nor ``sweep_file``
-    the default sweep runs. ``jobs`` worker threads fit heads in parallel (default: the
-    usable cores), each with its share of the BLAS, OpenMP and torch threads; torch heads
-    run one after another in one of them. Selection is on ``val`` when the
-    cache has it, else ``cv``-fold stratified cross-validation on ``train`` (above
-    4,000 training rows: one stratified holdout of train, ``holdout``).
-    ``class_weight="balanced"`` weights every head that supports it. ``seeds`` > 1 refits
-    the heads whose fit depends on a seed with that many seeds and reports the spread (up
-    to 4,000 training rows); ``calibrate="temperature"`` fits one temperature per head on
-    the selection split (:mod:`featurecache.postpass`). ``features``: what the heads learn
-    from, ``penultimate`` (the cache's main features), a layer stored with ``--layers``, or
-    ``concat`` (all of them side by side). ``views``: whether heads also learn from the
-    augmented views stored with ``--augment-views`` (None: when the cache has them); every
-    view of an image falls in that image's fold, and no score is computed on a view.
+    ``cache`` is a cache file, its name or a unique key prefix (looked up in ``cache_dir``).
+    ``head`` holds grid specs; with neither ``head`` nor ``sweep_file`` the default sweep runs.
+    ``jobs`` worker threads fit heads in parallel (default: the usable cores), torch heads one
+    after another. Selection is on ``val`` when the cache has it, else ``cv``-fold stratified
+    cross-validation on ``train`` (above 4,000 training rows: a stratified ``holdout`` of train).
+    ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
+    heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` fits
+    one temperature per head on the selection split (:mod:`featurecache.postpass`).
+    ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
+    whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
+    each kept in its image's fold and never scored.
 
     Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head
     is fitted on a stratified sample first and only the best third moves on to larger
@@ -749,9 +745,8 @@ def fit_head(
     row samples chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default
     half the available memory) bounds the features held: beyond it heads learn from
     row chunks of the file or from a sample. ``backend="dask"`` runs the fits on the
-    ``dask.distributed`` scheduler at ``scheduler`` (or $FC_DASK_SCHEDULER).
-    The same inputs and ``seed`` give the same leaderboard; rerunning them returns the
-    saved run, and a sweep killed midway reuses the fits it finished.
+    ``dask.distributed`` scheduler at ``scheduler`` (or $FC_DASK_SCHEDULER). The same inputs
+    give the same leaderboard and the saved run; a killed sweep reuses the fits it finished.
     """
     started = time.perf_counter()
     post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
