@@ -739,14 +739,13 @@ def fit_head(
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored.
 
-    Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head
-    is fitted on a stratified sample first and only the best third moves on to larger
-    ones; ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and
-    row samples chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default
-    half the available memory) bounds the features held: beyond it heads learn from
-    row chunks of the file or from a sample. ``backend="dask"`` runs the fits on the
-    ``dask.distributed`` scheduler at ``scheduler`` (or $FC_DASK_SCHEDULER). The same inputs
-    give the same leaderboard and the saved run; a killed sweep reuses the fits it finished.
+    Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head is
+    fitted on a stratified sample first and only the best third moves on to larger ones;
+    ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and row samples
+    chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default half the available
+    memory) bounds the features held: beyond it heads learn from row chunks or a sample.
+    ``backend="dask"`` runs the fits on the ``dask.distributed`` scheduler at ``scheduler``
+    (or $FC_DASK_SCHEDULER). The same inputs give the same leaderboard and the saved run.
     """
     started = time.perf_counter()
     post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
