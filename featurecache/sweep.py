@@ -584,10 +584,12 @@ class _Sweep:
             alive = self.prune(ranked, rung, following.keep) if following else ranked
 
 
-def _features_note(plan: _Plan) -> str:
-    """`` (concat, with 4,000 views)``: what heads learn from, when it is not the default."""
+def _features_note(plan: _Plan, rows: _Rows) -> str:
+    """`` (concat, with 4,000 augmented views)``: what heads learn from, when it is not the default
+    (the views of held-out images are not learnt from)."""
+    views = len(rows.data.with_views(rows.pool)) - len(rows.pool)
     notes = ([plan.features] if plan.features != "penultimate" else []) + \
-        ([f"with {plan.views:,} augmented views"] if plan.views else [])
+        ([f"with {views:,} augmented views"] if views else [])
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -595,7 +597,7 @@ def _echo_plan(sweep: _Sweep) -> None:
     plan, rows = sweep.plan, sweep.rows
     budget = "no budget" if plan.budget is None else f"budget {plan.budget:.0f} s on {sweep.engine.cores} cores"
     print(f"fit-head: {len(plan.configs)} heads on {len(rows.pool):,} training rows x "
-          f"{plan.dim:,} features{_features_note(plan)}, selected on {plan.selection}; {budget}",
+          f"{plan.dim:,} features{_features_note(plan, rows)}, selected on {plan.selection}; {budget}",
           file=sys.stderr)
     if len(sweep.rungs) > 1:
         steps = ", ".join(f"{r.keep} heads on {r.rows:,} rows" for r in sweep.rungs)
