@@ -180,6 +180,12 @@ def test_predict_and_finetune_rebuild_the_feature_set(tmp_path, image_folder, fe
     assert Path(tuned.model).is_file()
     again = featurecache.predict(tuned.output_dir, [str(image_folder / "val")], workers=0, progress=False)
     assert len(again["predictions"]) == len(paths) and again["skipped"] == []
+    # The exported TorchScript file traced the layers' hooks and the mirror: it predicts the same.
+    exported = featurecache.predict(tuned.model, [str(image_folder / "val")], workers=0, progress=False)
+    top = {p["path"]: p["topk"][0] for p in again["predictions"]}
+    for p in exported["predictions"]:
+        assert p["class"] == top[p["path"]]["class"]
+        assert abs(p["topk"][0]["probability"] - top[p["path"]]["probability"]) < 1e-4
 
 
 def test_the_rungs_and_the_budget_count_the_views_a_fit_learns_from():
