@@ -136,10 +136,10 @@ def load_backbone(config: dict, features: str = "penultimate") -> backbones.Back
                 f"the backbone weights changed since extraction: the cache used {key} {identity[key]}, "
                 f"now {net.identity[key]}; re-run fc extract and fc fit-head"
             )
-    parts = getattr(net, "parts", None) or [("penultimate", net.feature_dim)]
-    start, stop = feature_columns(parts, features)
-    if (start, stop) != (0, sum(width for _, width in parts)):
-        net = dataclasses.replace(net, model=FeatureColumns(net.model, start, stop), feature_dim=stop - start)
+    start, stop = feature_columns(net.parts, features)
+    if (start, stop) != (0, sum(width for _, width in net.parts)):
+        net = dataclasses.replace(net, model=FeatureColumns(net.model, start, stop), feature_dim=stop - start,
+                                  parts=[(features, stop - start)])
     return net
 
 
