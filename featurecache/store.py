@@ -365,6 +365,13 @@ def info(path: str | os.PathLike) -> dict:
         }
 
 
+def feature_sets(meta: dict) -> list[str]:
+    """The feature sets a cache offers, from its :func:`info`: ``penultimate``, and with stored
+    layers ``concat`` and each layer."""
+    layers = list(meta.get("layers", {}))
+    return ["penultimate", *(["concat", *layers] if layers else [])]
+
+
 def feature_dim(meta: dict, features: str = "penultimate") -> int:
     """The width of feature set ``features`` of a cache, from its :func:`info`."""
     dim = next(iter(meta["splits"].values()))["dim"]
@@ -373,7 +380,7 @@ def feature_dim(meta: dict, features: str = "penultimate") -> int:
         return sum(parts.values())
     if features not in parts:
         raise CacheError(f"{Path(meta['path']).name} has no features {features!r}: it has "
-                         + ", ".join([*FEATURE_SETS, *meta.get("layers", {})]))
+                         + ", ".join(feature_sets(meta)))
     return parts[features]
 
 

@@ -257,13 +257,11 @@ def _selection(meta: dict) -> str:
 
 def _feature_set(meta: dict, features: str) -> str:
     """``features`` checked against what the cache holds."""
-    if features in ("penultimate", "concat") and (features == "penultimate" or meta["layers"]):
+    sets = store.feature_sets(meta)
+    if features in sets:
         return features
-    if features in meta["layers"]:
-        return features
-    sets = ", ".join(["penultimate", *(["concat", *meta["layers"]] if meta["layers"] else [])])
     hint = "" if meta["layers"] else " (extract with --layers NAME,... to store more layers)"
-    raise HeadError(f"{Path(meta['path']).name} has no features {features!r}: it has {sets}{hint}")
+    raise HeadError(f"{Path(meta['path']).name} has no features {features!r}: it has {', '.join(sets)}{hint}")
 
 
 def _views(meta: dict, views: bool | None) -> int:
