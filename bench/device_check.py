@@ -41,9 +41,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree, also without PYTHONPATH
 
 import featurecache
-from featurecache import backbones, runtime
-from featurecache.data import Preprocess, open_dataset
-from featurecache.images import ImageTensors, image_loader, normalize_batch
+from featurecache import runtime
+from featurecache.backbones import models as backbones
+from featurecache.data.images import ImageTensors, image_loader, normalize_batch
+from featurecache.data.preprocess import Preprocess
+from featurecache.data.sources import open_dataset
 
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1
 
@@ -97,7 +99,7 @@ class Check:
 
     def network(self) -> tuple[torch.nn.Module, Preprocess]:
         """MobileNetV2 and a seeded linear head on the device, and the preprocessing."""
-        from featurecache.model import Network
+        from featurecache.finetuning.network import Network
 
         pre = backbones.resolve_preprocess("mobilenet_v2", self.weights, **self.pre)
         net = backbones.build("mobilenet_v2", weights=self.weights, preprocess=pre)
@@ -208,8 +210,8 @@ def finetuning(check: Check) -> None:
 
 
 def prediction(check: Check) -> None:
-    from featurecache.model import export
-    from featurecache.prediction import predict
+    from featurecache.finetuning.network import export
+    from featurecache.finetuning.prediction import predict
 
     network, pre = check.network()
     path = export(network.eval(), pre, ["a", "b"], check.tmp / "model.pt", {"check": "device_check"})

@@ -38,9 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree, also without PYTHONPATH
 
 import featurecache
-from featurecache import backbones, runtime, store
-from featurecache.data import open_dataset
-from featurecache.images import ImageTensors, normalize_batch
+from featurecache import runtime, store
+from featurecache.backbones import models as backbones
+from featurecache.data.images import ImageTensors, normalize_batch
+from featurecache.data.sources import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera_data"

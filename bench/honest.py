@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import featurecache
-from featurecache import pipeline
-from featurecache.leaderboard import calibrated, leaderboard_table, selection_note, tied_count
-from featurecache.runs import RUN_FILE, best_transferable, load_run
+from featurecache.pipeline import run as pipeline
+from featurecache.sweep.leaderboard import calibrated, leaderboard_table, selection_note, tied_count
+from featurecache.sweep.runs import RUN_FILE, best_transferable, load_run
 
 
 def _ece(entry: dict, split: str) -> dict:

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 import featurecache
-from featurecache.data import stratified_assign
+from featurecache.data.sources import stratified_assign
 from featurecache.metrics import paired_difference, proportion_interval
-from featurecache.runs import best_transferable, load_head
+from featurecache.sweep.runs import best_transferable, load_head
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"

@@ -9,6 +9,16 @@ The public API mirrors the ``fc`` commands::
 Heavy modules (torch, h5py, scikit-learn) load on first use, so importing the
 package, and ``fc --help``, stay fast. The functions are listed in
 :mod:`featurecache.stages`.
+
+The packages follow the stages, and each imports only from the layers below it, in this
+order (``tests/test_layout.py`` checks it, with every import inside a function too)::
+
+    shared < data < backbones < extraction < heads < sweep < finetuning < reporting < pipeline < cli
+
+The shared modules are those at the top of the package that every stage uses: ``errors``,
+``names``, ``files``, ``progress``, ``runtime``, ``metrics``, ``stages`` and ``store`` (the
+only module that imports h5py). They import no stage. Each package's docstring says what
+it owns, and ends with its layer.
 """
 
 from __future__ import annotations

@@ -207,8 +207,8 @@ def extract(as_json, **options):
     Under torchrun (torchrun --nproc-per-node N -m featurecache extract ...) every
     rank computes a share and the first writes the cache.
     """
-    from .distributed import is_primary
-    from .extractor import extract as run_extract
+    from .extraction.distributed import is_primary
+    from .extraction.stage import extract as run_extract
 
     # Under torchrun the first rank speaks for the job; the others print progress only.
     result = call_stage(run_extract, as_json and is_primary(), options, progress=True)
@@ -240,7 +240,7 @@ def extract(as_json, **options):
 @_json
 def backbones(include_timm, dims, as_json):
     """List backbones and the size of their features."""
-    from . import backbones as bb
+    from .backbones import models as bb
 
     rows = []
     for name in bb.list_backbones(include_timm=include_timm):
@@ -347,7 +347,7 @@ def weights():
 @click.option("--weights", default="DEFAULT", show_default=True, help="The weights enum member it is.")
 def weights_import(file, backbone, weights):
     """Check FILE against torchvision's hash and put it into the torch hub cache."""
-    from .backbones import import_weights
+    from .backbones.models import import_weights
 
     out = import_weights(file, backbone=backbone, weights=weights)
     click.echo(f"{out['weights']} -> {out['path']}")
@@ -395,7 +395,7 @@ def finetune(as_json, **options):
     left it, so step 0 reproduces the head's accuracy. Writes the best epoch under RUN/finetune/ as
     model.safetensors (the weights fc predict loads) and a self-contained TorchScript model.pt.
     """
-    from .finetuning import finetune as run_finetune
+    from .finetuning.trainer import finetune as run_finetune
     from .metrics import summary
 
     result = call_stage(run_finetune, as_json, options, progress=True)
@@ -440,8 +440,8 @@ def predict(as_json, **options):
     (path,class,probability,topk) or, with --json, {"predictions": [...]}.
     Unreadable images are reported on stderr and skipped.
     """
-    from .prediction import predict as run_predict
-    from .prediction import to_csv
+    from .finetuning.prediction import predict as run_predict
+    from .finetuning.prediction import to_csv
 
     result = run_predict(**options, progress=True)
     if as_json:
@@ -487,7 +487,7 @@ def run_command(pipeline, set, as_json):
 
     Each stage is content-addressed, so an unchanged stage is looked up, not recomputed.
     """
-    from .pipeline import run
+    from .pipeline.run import run
 
     result = run(pipeline, set=set, progress=not as_json)
     if as_json:
@@ -500,8 +500,8 @@ def run_command(pipeline, set, as_json):
 @_set
 @_json
 def demo_command(set, as_json):
-    """Run the offline demo (featurecache/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
-    from .demo import demo
+    """Run the offline demo (featurecache/pipeline/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
+    from .pipeline.demo import demo
 
     result = demo(set=set, progress=not as_json)
     if as_json:
@@ -527,7 +527,7 @@ def report_command(as_json, **options):
     RUN is a run directory, run id or unique prefix. With --compare, several RUNs go into one
     comparison under <cache dir>/comparisons/.
     """
-    from .reporting import report
+    from .reporting.pages import report
 
     path = report(**options)
     if as_json:
@@ -540,7 +540,7 @@ def report_command(as_json, **options):
 
 
 def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
-    from .leaderboard import leaderboard_table, selection_note
+    from .sweep.leaderboard import leaderboard_table, selection_note
 
     rows, columns = leaderboard_table(leaderboard, final_split)
     click.echo(selection_note(selection_split, final_split, cv, leaderboard))
@@ -596,7 +596,7 @@ def fit_head(as_json, **options):
     --calibrate) ranks first. Progress goes to stderr: a bar on a terminal, else a line
     every 30 s. `fc heads` lists the heads.
     """
-    from .sweep import fit_head as run_fit_head
+    from .sweep.stage import fit_head as run_fit_head
 
     result = call_stage(run_fit_head, as_json, options, progress=True)
     if result is None:
@@ -618,8 +618,8 @@ def fit_head(as_json, **options):
 @_json
 def runs_command(cache_dir, as_json):
     """The runs of the cache directory: backbone, best head, its score with a 95% interval."""
-    from .compare import list_runs
-    from .leaderboard import format_interval as _ci
+    from .reporting.compare import list_runs
+    from .sweep.leaderboard import format_interval as _ci
 
     rows = list_runs(cache_dir)
     if as_json:
@@ -642,7 +642,7 @@ def heads(ctx, as_json):
     """List the heads (with `show RUN`: one run's leaderboard)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .sweep import list_head_types
+    from .sweep.stage import list_head_types
 
     rows = list_head_types()
     if as_json:
@@ -663,7 +663,7 @@ def heads(ctx, as_json):
 @_json
 def heads_show(run, cache_dir, as_json):
     """The provenance and leaderboard of RUN (a run directory, run id or unique prefix)."""
-    from .runs import load_run
+    from .sweep.runs import load_run
 
     loaded = load_run(run=run, cache_dir=cache_dir)
     meta = loaded.meta

@@ -31,14 +31,14 @@ class Function:
 
 
 FUNCTIONS: tuple[Function, ...] = (
-    Function("extract", "featurecache.extractor", "extract"),
+    Function("extract", "featurecache.extraction.stage", "extract"),
     Function("load_features", "featurecache.store", None),
-    Function("fit_head", "featurecache.sweep", "fit-head"),
-    Function("finetune", "featurecache.finetuning", "finetune"),
-    Function("predict", "featurecache.prediction", "predict"),
-    Function("report", "featurecache.reporting", "report"),
-    Function("list_runs", "featurecache.compare", "runs"),
-    Function("run", "featurecache.pipeline", "run"),
+    Function("fit_head", "featurecache.sweep.stage", "fit-head"),
+    Function("finetune", "featurecache.finetuning.trainer", "finetune"),
+    Function("predict", "featurecache.finetuning.prediction", "predict"),
+    Function("report", "featurecache.reporting.pages", "report"),
+    Function("list_runs", "featurecache.reporting.compare", "runs"),
+    Function("run", "featurecache.pipeline.run", "run"),
 )
 # The stage modules are named extractor, sweep, finetuning, prediction, reporting and pipeline
 # so that importing them never shadows the functions of the same name in the package.

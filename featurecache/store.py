@@ -45,10 +45,10 @@ import numpy as np
 
 from .errors import CacheError, CacheLockedError
 from .files import atomic_write, is_temp_name
+from .names import FEATURE_SETS
 
 FORMAT = "featurecache/1"
 VIEWS = "train_views"  # the group of augmented training views: not a split
-FEATURE_SETS = ("penultimate", "concat")  # besides the name of any stored layer
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
 

@@ -19,12 +19,12 @@ from featurecache.stages import BY_COMMAND, FUNCTIONS
 # (featurecache/stages.py), then the commands that wrap a helper of their own.
 COMMANDS = {
     **{command: function.target for command, function in BY_COMMAND.items()},
-    "demo": "featurecache.demo:demo",
-    "heads": "featurecache.sweep:list_head_types",
-    "heads show": "featurecache.runs:load_run",
-    "backbones": "featurecache.backbones:list_backbones",
+    "demo": "featurecache.pipeline.demo:demo",
+    "heads": "featurecache.sweep.stage:list_head_types",
+    "heads show": "featurecache.sweep.runs:load_run",
+    "backbones": "featurecache.backbones.models:list_backbones",
     "cache list": "featurecache.store:list_caches",
-    "weights import": "featurecache.backbones:import_weights",
+    "weights import": "featurecache.backbones.models:import_weights",
 }
 # Commands that combine a few store helpers instead of wrapping one function.
 COMPOSED = {"cache info", "cache rm"}

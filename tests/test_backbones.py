@@ -16,8 +16,9 @@ from conftest import FASHION_MNIST, run_cli
 from torch import nn
 
 import featurecache
-from featurecache import backbones, store
-from featurecache.data import Preprocess
+from featurecache import store
+from featurecache.backbones import models as backbones
+from featurecache.data.preprocess import Preprocess
 from featurecache.errors import BackboneError
 
 ALL = torchvision.models.list_models(module=torchvision.models)

@@ -75,8 +75,8 @@ def test_bad_images_are_skipped_and_recorded(corpus, tmp_path):
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
-    from featurecache.data import Dataset, Record
-    from featurecache.images import load_rgb
+    from featurecache.data.images import load_rgb
+    from featurecache.data.sources import Dataset, Record
 
     Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)).save(tmp_path / "a.png")
     rgb = load_rgb(Dataset(str(tmp_path), ["x"], [], "t"), Record("a.png", 0, "train"))

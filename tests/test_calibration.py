@@ -12,11 +12,11 @@ from test_sweep import digits_cache
 
 import featurecache
 from featurecache import store
-from featurecache.calibration import apply_temperature, fit_temperature
 from featurecache.heads import HeadConfig, make_estimator
-from featurecache.leaderboard import leaderboard_table
 from featurecache.metrics import calibration_metrics, class_probabilities
-from featurecache.runs import load_head
+from featurecache.sweep.calibration import apply_temperature, fit_temperature
+from featurecache.sweep.leaderboard import leaderboard_table
+from featurecache.sweep.runs import load_head
 
 
 def _overconfident(n=20000, classes=5, true_temperature=2.0, seed=0):
@@ -90,9 +90,9 @@ def test_with_calibration_tied_heads_are_ordered_by_their_calibrated_log_loss():
     """Two heads right on the same 180 of 200 images. The mlp is overconfident (a higher raw log-loss)
     but more confident where it is right, which a temperature turns into the lower log-loss: the
     calibrated run ranks it first, the uncalibrated one the logreg."""
-    from featurecache.leaderboard import make_entry, rank
     from featurecache.metrics import classification_metrics
-    from featurecache.postpass import post_options, post_pass
+    from featurecache.sweep.leaderboard import make_entry, rank
+    from featurecache.sweep.postpass import post_options, post_pass
 
     y = np.arange(200) % 2
     right = np.arange(200) >= 20

@@ -13,10 +13,10 @@ from test_report import render_image_widths
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import pipeline
-from featurecache.compare import list_runs
 from featurecache.errors import UsageError
-from featurecache.leaderboard import with_interval
+from featurecache.pipeline import run as pipeline
+from featurecache.reporting.compare import list_runs
+from featurecache.sweep.leaderboard import with_interval
 
 HEADS = ("logreg:C=0.1;pre=standardize", "knn:n_neighbors=3", "nearest-centroid")
 

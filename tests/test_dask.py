@@ -10,7 +10,7 @@ from conftest import run_cli
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import engine
+from featurecache.sweep import engine
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow  # a cluster of two worker processes

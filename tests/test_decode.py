@@ -17,9 +17,11 @@ from conftest import FAST, REPO, make_image, run_cli
 from PIL import Image
 
 import featurecache
-from featurecache import backbones, extractor, store
-from featurecache.data import open_dataset
-from featurecache.images import DECODERS, JpegFiles, normalize_batch
+from featurecache import store
+from featurecache.backbones import models as backbones
+from featurecache.data.images import DECODERS, JpegFiles, normalize_batch
+from featurecache.data.sources import open_dataset
+from featurecache.extraction import stage as extractor
 
 sys.path.insert(0, str(REPO / "bench"))
 from device_check import write_photos

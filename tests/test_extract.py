@@ -233,7 +233,7 @@ def test_cache_keys_of_cpu_decoding_are_those_of_before(tmp_path, monkeypatch):
 def test_progress_lines_when_stderr_is_a_log(image_folder, tmp_path, capsys, monkeypatch):
     from functools import partial
 
-    from featurecache import extractor
+    from featurecache.extraction import stage as extractor
     from featurecache.progress import Progress
 
     monkeypatch.setattr(extractor, "Progress", partial(Progress, every=0.0))  # a line at every batch

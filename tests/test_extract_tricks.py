@@ -16,10 +16,14 @@ from conftest import FAST, make_image, make_split_folder, run_cli
 from PIL import Image, ImageOps
 
 import featurecache
-from featurecache import backbones, distributed, extractor, pipeline, runtime, store
-from featurecache.data import Preprocess
+from featurecache import runtime, store
+from featurecache.backbones import models as backbones
+from featurecache.data.images import AUGMENTS, ImageTensors, Views, augment_seed
+from featurecache.data.preprocess import Preprocess
 from featurecache.errors import BackboneError, UsageError
-from featurecache.images import AUGMENTS, ImageTensors, Views, augment_seed
+from featurecache.extraction import distributed
+from featurecache.extraction import stage as extractor
+from featurecache.pipeline import run as pipeline
 
 # MobileNetV2's blocks and their channels: what a pooled layer's width must be.
 CHANNELS = {"features.4": 32, "features.14": 160, "features.17": 320}

@@ -14,7 +14,7 @@ from conftest import FAST, run_cli
 import featurecache
 from featurecache import store
 from featurecache.errors import HeadError
-from featurecache.runs import load_head
+from featurecache.sweep.runs import load_head
 
 CLASSES = ["a", "b"]
 
@@ -191,7 +191,7 @@ def test_predict_and_finetune_rebuild_the_feature_set(tmp_path, image_folder, fe
 def test_the_rungs_and_the_budget_count_the_views_a_fit_learns_from():
     """4,000 images alone are one rung; with 4 views each a fit learns from 20,000 rows, so the sweep
     times and halves the heads as it would on 20,000 images, in samples of images with their views."""
-    from featurecache import scaling
+    from featurecache.sweep import halving as scaling
 
     assert len(scaling.rungs(4000, 22, True, 210.0)) == 1
     with_views = scaling.rungs(4000, 22, True, 210.0, per_image=5)

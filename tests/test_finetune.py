@@ -18,14 +18,16 @@ from conftest import REPO, run_cli
 from PIL import Image
 
 import featurecache
-from featurecache import finetuning, model, store
-from featurecache.data import Preprocess
+from featurecache import store
+from featurecache.data.images import ImageTensors, normalize_batch
+from featurecache.data.preprocess import Preprocess
 from featurecache.errors import FinetuneError, RunError, UsageError
 from featurecache.files import sha256_file
+from featurecache.finetuning import network as model
+from featurecache.finetuning import trainer as finetuning
 from featurecache.heads import HEADS
-from featurecache.images import ImageTensors, normalize_batch
 from featurecache.metrics import classification_metrics
-from featurecache.runs import load_head
+from featurecache.sweep.runs import load_head
 
 TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]
 # a preprocessing per head type, so that every kind of fold (standardize, pca, l2) is exercised

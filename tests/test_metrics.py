@@ -14,13 +14,8 @@ import featurecache
 from featurecache import store
 from featurecache.errors import UsageError
 from featurecache.heads import HeadConfig, make_estimator
-from featurecache.leaderboard import make_entry, rank, selection_note, tied_count
-from featurecache.metrics import (
-    classification_metrics,
-    paired_difference,
-    proportion_interval,
-    resampled_counts,
-)
+from featurecache.metrics import classification_metrics, paired_difference, proportion_interval, resampled_counts
+from featurecache.sweep.leaderboard import make_entry, rank, selection_note, tied_count
 
 
 @pytest.fixture

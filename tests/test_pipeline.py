@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_split_folder, run_cli
 
-from featurecache import pipeline
 from featurecache.errors import PipelineError
+from featurecache.pipeline import run as pipeline
 
-DEMO = Path(str(resources.files("featurecache") / "demo.toml"))  # package data: fc demo runs it
+DEMO = Path(str(resources.files("featurecache.pipeline") / "demo.toml"))  # package data: fc demo runs it
 PIPELINES = [*sorted((REPO / "pipelines").glob("*.toml")), DEMO]
 
 TINY = """
@@ -314,7 +314,7 @@ def _tree_digest(root: Path) -> str:
 def test_write_digits_is_deterministic_and_left_alone_when_complete(tmp_path):
     from PIL import Image
 
-    from featurecache.pipeline import write_digits
+    from featurecache.pipeline.run import write_digits
 
     a = write_digits(tmp_path / "a")
     b = write_digits(tmp_path / "b")
@@ -330,7 +330,7 @@ def test_write_digits_is_deterministic_and_left_alone_when_complete(tmp_path):
 
 
 def test_write_digits_refuses_a_foreign_folder(tmp_path):
-    from featurecache.pipeline import write_digits
+    from featurecache.pipeline.run import write_digits
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file.txt").write_text("mine")

@@ -14,10 +14,10 @@ from conftest import FAST, make_split_folder, run_cli
 from test_finetune import finetune_hymenoptera, tiny_run
 
 import featurecache
+from featurecache.data.images import normalize_batch
 from featurecache.errors import DataError, FinetuneError, UsageError
-from featurecache.images import normalize_batch
-from featurecache.prediction import image_paths
-from featurecache.runs import load_head
+from featurecache.finetuning.prediction import image_paths
+from featurecache.sweep.runs import load_head
 
 PREDICTION_KEYS = {"path", "class", "probability", "topk"}
 
@@ -84,7 +84,7 @@ def test_a_corrupt_image_is_reported_and_skipped(small_run, cli_runner, tmp_path
 
 
 def test_a_calibrated_run_predicts_tempered_probabilities(tmp_path):
-    from featurecache.calibration import apply_temperature
+    from featurecache.sweep.calibration import apply_temperature
 
     data = make_split_folder(tmp_path / "images", splits=(("train", 6), ("val", 3)), classes=("a", "b", "c"))
     cache_dir = str(tmp_path / "cache")
@@ -107,8 +107,8 @@ def test_the_exported_model_divides_its_logits_by_the_temperature(tmp_path):
     import torch
     from torch import nn
 
-    from featurecache import model
-    from featurecache.data import Preprocess
+    from featurecache.data.preprocess import Preprocess
+    from featurecache.finetuning import network as model
 
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -23,9 +23,10 @@ from sklearn.preprocessing import FunctionTransformer
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import engine, files, runs, store
+from featurecache import files, store
 from featurecache.errors import RunError
 from featurecache.heads import list_heads
+from featurecache.sweep import engine, runs
 
 KNN, LINEAR = "knn:n_neighbors=3", "linear:epochs=5"  # the heads of the run_dir fixture
 

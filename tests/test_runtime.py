@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from featurecache import backbones, runtime
+from featurecache import runtime
+from featurecache.backbones import models as backbones
 from featurecache.errors import UsageError
 
 CPU = torch.device("cpu")

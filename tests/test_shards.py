@@ -13,8 +13,10 @@ import pytest
 from conftest import FAST, make_split_folder, run_cli
 
 import featurecache
-from featurecache import distributed, extractor, store
+from featurecache import store
 from featurecache.errors import CacheLockedError, UsageError
+from featurecache.extraction import distributed
+from featurecache.extraction import stage as extractor
 
 
 @pytest.fixture

@@ -13,11 +13,13 @@ import pytest
 from conftest import run_cli
 
 import featurecache
-from featurecache import engine, runs, store, sweep
+from featurecache import store
 from featurecache.errors import HeadError, RunError
 from featurecache.heads import make_estimator, parse_grid
-from featurecache.leaderboard import selection_key
 from featurecache.metrics import classification_metrics
+from featurecache.sweep import engine, runs
+from featurecache.sweep import stage as sweep
+from featurecache.sweep.leaderboard import selection_key
 
 GRID = (
     "logreg:C=0.1,1;pre=standardize",

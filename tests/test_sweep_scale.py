@@ -23,10 +23,13 @@ from sklearn.neighbors import NearestCentroid
 from test_sweep import digits_cache
 
 import featurecache
-from featurecache import engine, runs, scaling, store, sweep
+from featurecache import store
 from featurecache.errors import UsageError
 from featurecache.heads import register_head, to_torch
-from featurecache.leaderboard import selection_note
+from featurecache.sweep import engine, runs
+from featurecache.sweep import halving as scaling
+from featurecache.sweep import stage as sweep
+from featurecache.sweep.leaderboard import selection_note
 
 GRID = ("logreg:C=0.01,1;pre=standardize", "knn:n_neighbors=3,25", "nearest-centroid", "ridge:alpha=10",
         "linear:lr=0.01;epochs=5;pre=standardize", "random-forest:n_estimators=10")

@@ -62,7 +62,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def test_the_wheel_holds_the_demo_pipeline_and_the_license(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "featurecache/demo.toml" in names
+    assert "featurecache/pipeline/demo.toml" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -35,16 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import Preprocess
-from .errors import BackboneError, FeatureCacheWarning, UsageError, suggest
-from .files import atomic_write, sha256_file
+from ..data.preprocess import Preprocess
+from ..errors import BackboneError, FeatureCacheWarning, UsageError, suggest
+from ..files import atomic_write, sha256_file
+from ..names import FEATURE_SETS
 
 TIMM_PREFIX = "timm/"
 TTA = ("none", "flip")  # --tta: none, or the mean over the image and its horizontal mirror
-# Names a stored layer cannot have: the feature sets of the cache besides its layers (store.FEATURE_SETS).
-RESERVED_LAYERS = ("penultimate", "concat")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -211,9 +208,9 @@ def parse_layers(layers: str | Sequence[str] | None) -> list[str]:
             raise UsageError(f"--layers takes module names separated by commas (e.g. features.14,features.17), "
                              f"not {layers if isinstance(layers, str) else items!r}")
         name = item.strip()
-        if name in RESERVED_LAYERS:
+        if name in FEATURE_SETS:
             raise UsageError(f"--layers: {name!r} names a set of the cache's features, not a layer "
-                             f"({' and '.join(RESERVED_LAYERS)} are reserved)")
+                             f"({' and '.join(FEATURE_SETS)} are reserved)")
         if name in names:
             raise UsageError(f"--layers names {name} twice")
         names.append(name)

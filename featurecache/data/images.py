@@ -29,9 +29,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from . import runtime
-from .data import Dataset, Preprocess, Record
-from .errors import UsageError
+from .. import runtime
+from ..errors import UsageError
+from .preprocess import Preprocess
+from .sources import Dataset, Record
 
 # --------------------------------------------------------------------------- loading images
 

@@ -1,4 +1,4 @@
-"""Where images come from: sources that yield records, and the tolerant image loader.
+"""Where images come from: sources that yield records.
 
 A source turns what the user points at (a root with split folders, one folder
 with split fractions, a CSV manifest, a torchvision dataset) into a
@@ -18,44 +18,17 @@ import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from .errors import DataError, UsageError, suggest
-from .files import atomic_write
+from ..errors import DataError, UsageError, suggest
+from ..files import atomic_write
+from ..names import SPLITS
 
-SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TORCHVISION_PREFIX = "torchvision:"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side, center-crop, normalize: the torchvision classification preset."""
-
-    resize: int = 256
-    crop: int = 224
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    # Decode JPEGs at a reduced size (PIL draft mode) when they are at least twice the resize
-    # target. Much faster for large photos; the features then differ slightly from a full decode.
-    draft: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if self.resize < 1 or self.crop < 1:
-            raise DataError("resize and crop must be positive")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise DataError("mean and std need three values (R,G,B)")
-        if self.interpolation not in ("nearest", "bilinear", "bicubic"):
-            raise DataError(f"unknown interpolation {self.interpolation!r}: choose nearest, bilinear or bicubic")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -269,7 +242,7 @@ def _stage_idx_files(name: str, root: Path) -> Path:
     gz = sorted(root.glob("*-idx?-ubyte.gz"))
     if not gz or (root / name / "raw").is_dir():
         return root
-    from .store import default_cache_dir
+    from ..store import default_cache_dir
 
     stage = default_cache_dir() / "datasets" / f"{name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
     raw = stage / name / "raw"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FeatureCacheError, UsageError
+from ..errors import FeatureCacheError, UsageError
 
 # The ranks but the first wait for it while it waits for the entry's lock, which takes as
 # long as another run of the same cache does: as long as a single run would wait.

@@ -29,12 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import backbones, distributed, runtime, store
-from .data import Dataset, Preprocess, open_dataset
-from .errors import CacheLockedError, DataError, UsageError, plural
-from .files import versions
-from .images import DECODERS, Views, image_loader, normalize_batch, resolve_decode
-from .progress import Progress
+from .. import runtime, store
+from ..backbones import models as backbones
+from ..data.images import DECODERS, Views, image_loader, normalize_batch, resolve_decode
+from ..data.preprocess import Preprocess
+from ..data.sources import Dataset, open_dataset
+from ..errors import CacheLockedError, DataError, UsageError, plural
+from ..files import versions
+from ..progress import Progress
+from . import distributed
 
 DTYPES = ("float32", "float16")
 # Below this many images to extract, eager mode runs (freezing would cost more than it

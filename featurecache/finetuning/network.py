@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import backbones
-from .data import Preprocess
-from .errors import FinetuneError, RunError
-from .files import atomic_write, sha256_file
+from ..backbones import models as backbones
+from ..data.preprocess import Preprocess
+from ..errors import FinetuneError, RunError
+from ..files import atomic_write, sha256_file
 
 EXPORT_INFO = "featurecache.json"
 EXPORT_FORMAT = "featurecache-model/1"
@@ -145,8 +145,8 @@ def load_backbone(config: dict, features: str = "penultimate") -> backbones.Back
 
 def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
     """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
-    from .heads import to_torch, transferable_heads
-    from .runs import best_transferable
+    from ..heads import to_torch, transferable_heads
+    from ..sweep.runs import best_transferable
 
     if not head_meta.get("transferable"):
         alternative = best_transferable(leaderboard)
@@ -175,7 +175,7 @@ def load_run_head(run, head: str = "best", cache_dir: str | None = None, trust: 
 
     ``trust`` lets a run of the old pickle format load (see :func:`featurecache.runs.load_head`).
     """
-    from .runs import load_head, load_run, resolve_run
+    from ..sweep.runs import load_head, load_run, resolve_run
 
     loaded = load_run(resolve_run(run, cache_dir))
     pipeline, head_meta = load_head(loaded.path, head, trust=trust)
@@ -296,7 +296,7 @@ def load_finetuned(folder: str | os.PathLike, device: torch.device | str = "cpu"
     network (1 when it records none): a temperature fitted to the head before fine-tuning
     does not describe the fine-tuned network, so it is not applied.
     """
-    from .runs import RUN_FILE
+    from ..sweep.runs import RUN_FILE
 
     folder = Path(folder)
     config, result = _read_json(folder / CONFIG_FILE), _read_json(folder / RESULT_FILE)

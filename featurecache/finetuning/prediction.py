@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runtime
-from .calibration import apply_temperature, head_temperature
-from .data import IMAGE_EXTENSIONS, Dataset, Preprocess, Record
-from .errors import DataError, UsageError
-from .images import ImageTensors, image_loader, normalize_batch
-from .model import MODEL_FILE, Exported, assemble, is_finetune_dir, load_exported, load_finetuned
-from .progress import Progress
+from .. import runtime
+from ..data.images import ImageTensors, image_loader, normalize_batch
+from ..data.preprocess import Preprocess
+from ..data.sources import IMAGE_EXTENSIONS, Dataset, Record
+from ..errors import DataError, UsageError
+from ..progress import Progress
+from ..sweep.calibration import apply_temperature, head_temperature
+from .network import MODEL_FILE, Exported, assemble, is_finetune_dir, load_exported, load_finetuned
 
 Probabilities = Callable[[torch.Tensor], np.ndarray]
 

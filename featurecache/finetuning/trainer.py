@@ -41,14 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime, store
-from .calibration import fit_temperature
-from .data import Dataset, Preprocess, Record, open_dataset
-from .errors import FinetuneError, UsageError, suggest
-from .files import atomic_write, write_json
-from .images import AUGMENTS, ImageTensors, augment_seed, image_loader, normalize_batch
-from .metrics import classification_metrics, summary
-from .model import (
+from .. import runtime, store
+from ..data.images import AUGMENTS, ImageTensors, augment_seed, image_loader, normalize_batch
+from ..data.preprocess import Preprocess
+from ..data.sources import Dataset, Record, open_dataset
+from ..errors import FinetuneError, UsageError, suggest
+from ..files import atomic_write, write_json
+from ..metrics import classification_metrics, summary
+from ..progress import Progress
+from ..sweep.calibration import fit_temperature
+from .network import (
     CONFIG_FILE,
     FINETUNE_DIR,
     HISTORY_FILE,
@@ -62,7 +64,6 @@ from .model import (
     load_run_head,
     save_weights,
 )
-from .progress import Progress
 
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"

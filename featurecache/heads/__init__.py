@@ -8,7 +8,10 @@
         module = to_torch(pipeline, cfg.name)   # raw features -> logits, exactly
 
 A new head is one call of :func:`register_head`; the built-in ones are in
-:mod:`featurecache.heads.builtin`.
+:mod:`featurecache.heads.builtin`; grids and sweep files are parsed in
+:mod:`featurecache.heads.grids`. Nothing here touches images.
+
+Layer: heads. May import: the shared modules.
 """
 
 from .batched import benchmark_grid, fit_linear_grid

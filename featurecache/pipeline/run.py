@@ -47,11 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .data import TORCHVISION_PREFIX
-from .errors import PipelineError, suggest
-from .files import atomic_dir
-from .stages import BY_COMMAND
+from .. import store
+from ..data.sources import TORCHVISION_PREFIX
+from ..errors import PipelineError, suggest
+from ..files import atomic_dir
+from ..stages import BY_COMMAND
 
 # --------------------------------------------------------------------------- stages
 
@@ -353,7 +353,7 @@ def _write_digit_images(folder: Path, size: int, seed: int) -> None:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from .data import stratified_assign
+    from ..data.sources import stratified_assign
 
     digits = load_digits()
     labels = [int(t) for t in digits.target]

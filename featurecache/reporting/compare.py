@@ -17,10 +17,10 @@ import json
 import os
 from pathlib import Path
 
-from . import __version__, files, store
-from .errors import HeadError, UsageError
-from .leaderboard import tied_count, with_interval
-from .runs import RUN_FILE, RUNS, resolve_run
+from .. import __version__, files, store
+from ..errors import HeadError, UsageError
+from ..sweep.leaderboard import tied_count, with_interval
+from ..sweep.runs import RUN_FILE, RUNS, resolve_run
 
 COMPARISONS = "comparisons"
 OTHER = "other"  # the family of a head this process does not know
@@ -69,7 +69,7 @@ def list_runs(cache_dir: str | None = None) -> list[dict]:
 
 def family_of(spec: str) -> str:
     """The registry's family of a head spec (``other`` for a head this process does not know)."""
-    from .heads import head_type
+    from ..heads import head_type
 
     try:
         return head_type(spec.partition(":")[0]).family
@@ -79,7 +79,7 @@ def family_of(spec: str) -> str:
 
 def _families(runs: list[tuple]) -> list[str]:
     """The families of the runs' heads, in the registry's order, then the others by name."""
-    from .heads import HEADS
+    from ..heads import HEADS
 
     present = {family_of(e["head"]) for _, _, board in runs for e in board}
     known = [f for f in dict.fromkeys(h.family for h in HEADS.values()) if f in present]
@@ -142,7 +142,7 @@ def _notes(runs: list[tuple], which: str) -> list[str]:
 
 def _blocks(runs: list[tuple]) -> tuple[list[tuple], object]:
     """The comparison's blocks and its chart of each run's best head with its interval."""
-    from .reporting import Chart, interval_chart
+    from .pages import Chart, interval_chart
 
     which, families = _split(runs), _families(runs)
     labels = [f"{m.get('config', {}).get('backbone')} ({m['run_id'][-12:]}): {m['best']}" for _, m, _ in runs]
@@ -160,7 +160,7 @@ def _blocks(runs: list[tuple]) -> tuple[list[tuple], object]:
 
 def compare_runs(runs: list, cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the comparison of ``runs`` (directories, ids or unique prefixes); return ``comparison.html``."""
-    from .reporting import up_to_date, write_document
+    from .pages import up_to_date, write_document
 
     dirs = list(dict.fromkeys(Path(resolve_run(r, cache_dir)).resolve() for r in runs))
     if len(dirs) < 2:

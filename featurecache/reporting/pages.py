@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, store
-from .data import TORCHVISION_PREFIX, Dataset, Record, open_dataset
-from .errors import UsageError, plural
-from .files import atomic_write, sha256_file, versions, write_json
-from .images import ImageSkipped, load_rgb
-from .leaderboard import calibrated, selection_note, with_interval
-from .metrics import SUMMARY_KEYS, class_probabilities
-from .model import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
+from .. import __version__, store
+from ..data.images import ImageSkipped, load_rgb
+from ..data.sources import TORCHVISION_PREFIX, Dataset, Record, open_dataset
+from ..errors import UsageError, plural
+from ..files import atomic_write, sha256_file, versions, write_json
+from ..finetuning.network import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
+from ..metrics import SUMMARY_KEYS, class_probabilities
+from ..sweep.leaderboard import calibrated, selection_note, with_interval
 
 REPORT_DIR = "report"
 INTERVAL_HEADS = 30  # heads drawn with their intervals
@@ -530,7 +530,7 @@ def report(run, head: str = "best", samples: int = 16, trust: bool = False, cach
     With ``compare``, ``run`` is a list of runs and one table compares them, backbone by head
     family (:func:`featurecache.compare.compare_runs`); the path of ``comparison.html`` is returned.
     """
-    from .runs import load_head, load_run, resolve_run
+    from ..sweep.runs import load_head, load_run, resolve_run
 
     if compare:
         from .compare import compare_runs

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UsageError, suggest
-from .metrics import EPS, calibration_metrics
+from ..errors import UsageError, suggest
+from ..metrics import EPS, calibration_metrics
 
 METHODS = ("temperature",)
 BOUNDS = (1e-2, 1e2)  # the temperatures searched

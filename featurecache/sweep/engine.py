@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import joblib
 import numpy as np
 
-from . import store
-from .errors import HeadError, UsageError
-from .heads import dump_head, fit_linear_grid, head_type, make_estimator, thread_limit, threads_per_job
-from .heads.chunked import RowChunks, fit_chunked
+from .. import store
+from ..errors import HeadError, UsageError
+from ..heads import dump_head, fit_linear_grid, head_type, make_estimator, thread_limit, threads_per_job
+from ..heads.chunked import RowChunks, fit_chunked
 
 SCHEDULER_ENV = "FC_DASK_SCHEDULER"
 CONNECT_TIMEOUT = 30  # seconds to reach a Dask scheduler
@@ -220,7 +220,7 @@ class LocalEngine:
 
     @property
     def cores(self) -> int:
-        from .runtime import usable_cores
+        from ..runtime import usable_cores
 
         return self.jobs or usable_cores()
 

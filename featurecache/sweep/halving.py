@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
-from .heads import HeadConfig, head_type
+from ..errors import UsageError
+from ..heads import HeadConfig, head_type
 
 LARGE_ROWS = 4000  # above: rungs, a holdout instead of k folds, the budget
 FIRST_RUNG_ROWS = 1500  # about the rows of the first rung

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heads import HeadConfig, head_type
-from .metrics import SUMMARY_KEYS, paired_difference
+from ..heads import HeadConfig, head_type
+from ..metrics import SUMMARY_KEYS, paired_difference
 
 
 def rank_key(entry: dict):

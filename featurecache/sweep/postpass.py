@@ -8,10 +8,10 @@ not reused). :func:`post_pass` then annotates the ranked leaderboard entries in 
 
 from __future__ import annotations
 
+from ..errors import UsageError
+from ..store import VIEWS
 from .calibration import calibrate_entries, check_method
-from .errors import UsageError
 from .leaderboard import rank
-from .store import VIEWS
 
 RANKING = "paired-bootstrap/1"  # how the leaderboard is ranked: part of every run's address
 

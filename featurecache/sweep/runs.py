@@ -29,9 +29,9 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from . import files, store
-from .errors import RunError, suggest
-from .heads import HEADS, HeadConfig, head_type, load_head_files, transferable_heads
+from .. import files, store
+from ..errors import RunError, suggest
+from ..heads import HEADS, HeadConfig, head_type, load_head_files, transferable_heads
 from .leaderboard import csv_rows
 
 RUNS = "runs"

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heads import HeadConfig, head_type, make_estimator
-from .metrics import class_probabilities, spread
-from .progress import Progress
-from .store import VIEWS
+from ..heads import HeadConfig, head_type, make_estimator
+from ..metrics import class_probabilities, spread
+from ..progress import Progress
+from ..store import VIEWS
 
 FIT_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError)
 

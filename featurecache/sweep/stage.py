@@ -44,15 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, files, scaling, store
+from .. import files, store
+from ..errors import HeadError, UsageError, suggest
+from ..heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
+from ..heads.chunked import can_learn_from_chunks
+from ..metrics import classification_metrics
+from ..progress import LOG_EVERY, Progress
+from . import engine
+from . import halving as scaling
 from .engine import Task
-from .errors import HeadError, UsageError, suggest
-from .heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
-from .heads.chunked import can_learn_from_chunks
 from .leaderboard import make_entry, rank
-from .metrics import classification_metrics
 from .postpass import post_options, post_pass
-from .progress import LOG_EVERY, Progress
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
 
 CLASS_WEIGHTS = ("balanced",)
@@ -274,7 +276,7 @@ def _views(meta: dict, views: bool | None) -> int:
 def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
           max_memory, features="penultimate", views=None) -> _Plan:
     """Check the inputs and decide the grid, the selection and the run directory."""
-    from .runtime import resolve_device
+    from ..runtime import resolve_device
 
     path = store.resolve(cache, cache_dir).resolve()
     meta = store.info(path)
