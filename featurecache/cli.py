@@ -500,7 +500,7 @@ def run_command(pipeline, set, as_json):
 @_set
 @_json
 def demo_command(set, as_json):
-    """Run the offline demo (featurecache/pipeline/demo.toml): digits as images, MobileNetV2, the default sweep, a report."""
+    """Run the offline demo (featurecache/pipeline/demo.toml): digits as images, MobileNetV2, the sweep, a report."""
     from .pipeline.demo import demo
 
     result = demo(set=set, progress=not as_json)

@@ -147,7 +147,7 @@ def test_every_option_of_a_stage_is_a_key_of_its_table(name):
 
 
 def test_the_demo_pipeline_ships_in_the_package_only():
-    assert DEMO.is_file() and DEMO.parent == REPO / "featurecache"
+    assert DEMO.is_file() and DEMO.parent == REPO / "featurecache" / "pipeline"
     assert not (REPO / "pipelines" / "demo.toml").exists()  # one copy
     assert 'fetch = "sklearn:digits"' in DEMO.read_text()
 
