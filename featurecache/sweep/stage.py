@@ -39,13 +39,14 @@ import os
 import sys
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import files, store
-from ..errors import HeadError, UsageError, suggest
+from ..errors import FeatureCacheWarning, HeadError, UsageError, suggest
 from ..heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
 from ..heads.chunked import can_learn_from_chunks
 from ..metrics import classification_metrics
@@ -55,7 +56,7 @@ from . import halving as scaling
 from .engine import Task
 from .leaderboard import make_entry, rank
 from .postpass import post_options, post_pass
-from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
+from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, run_problem, save_fit, write_run
 
 CLASS_WEIGHTS = ("balanced",)
 PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
@@ -299,8 +300,13 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
 
 
 def _reused(plan: _Plan, started: float) -> SweepResult | None:
-    """The saved result of the same inputs, or None."""
+    """The saved result of the same inputs, or None; None too for a damaged one, which is fitted again."""
     if not (plan.run_dir / RUN_FILE).is_file():
+        return None
+    problem = run_problem(plan.run_dir)
+    if problem is not None:
+        warnings.warn(FeatureCacheWarning(f"run {plan.run_dir.name} is damaged ({problem}); fitting it again"),
+                      stacklevel=2)
         return None
     run = load_run(plan.run_dir)
     return SweepResult(str(plan.run_dir), run.best, run.leaderboard, run.meta["selection_split"],
