@@ -158,8 +158,6 @@ def predict(
     files = image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     workers = runtime.resolve_workers(workers)
     probabilities, classes, pre, said = load_predictor(model, head, device, cache_dir, trust)
-    if progress:
-        print(f"model: {said}", file=sys.stderr, flush=True)
     dev = runtime.resolve_device(device)
     dataset = Dataset("", classes, [Record(os.path.abspath(f), -1, "predict") for f in files], "predict")
     loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
@@ -177,6 +175,8 @@ def predict(
         first = skipped[0]
         raise DataError(f"none of the {plural(len(files), 'file')} given could be read as an image "
                         f"(first: {first['path']}: {first['reason']})")
+    if progress:
+        print(f"model: {said}", file=sys.stderr, flush=True)
     return {"predictions": predictions, "skipped": skipped}
 
 
