@@ -1,8 +1,9 @@
 """Every command answers bad input with one line on stderr and the documented exit code.
 
 2: an unusable option, argument or input file; 3: a missing, locked, damaged or inconsistent
-cache or run; 4: a write the machine refused (tests/test_faults.py); 1 only for an unexpected error. Each leaf command of ``fc`` has cases here, and a
-new command without one fails :func:`test_every_command_has_a_case`.
+cache or run; 4: a write the machine refused (tests/test_faults.py); 1 only for an unexpected
+error. Each leaf command of ``fc`` has cases here, and a new command without one fails
+:func:`test_every_command_has_a_case`.
 """
 
 from __future__ import annotations
