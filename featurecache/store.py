@@ -64,6 +64,7 @@ FORMAT = "featurecache/1"
 VIEWS = "train_views"  # the group of augmented training views: not a split
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
+CHECKSUM = True  # Fletcher-32 on every numeric dataset written (bench/checksums.py turns it off to compare)
 
 
 def h5py_version() -> str:
@@ -388,13 +389,13 @@ def _matrix(group, name: str, values, chunk_rows: int) -> None:
     if not (n and values.shape[1]):
         group.create_dataset(name, data=values)  # nothing to check: HDF5 filters need chunks
         return
-    group.create_dataset(name, data=values, chunks=(max(1, min(chunk_rows, n)), values.shape[1]), fletcher32=True)
+    group.create_dataset(name, data=values, chunks=(max(1, min(chunk_rows, n)), values.shape[1]), fletcher32=CHECKSUM)
 
 
 def _vector(group, name: str, values) -> None:
     """An int64 dataset of N values (labels, sources, views), checksummed as :func:`_matrix`."""
     values = np.asarray(values, dtype=np.int64)
-    group.create_dataset(name, data=values, **({"chunks": (min(len(values), 1 << 16),), "fletcher32": True}
+    group.create_dataset(name, data=values, **({"chunks": (min(len(values), 1 << 16),), "fletcher32": CHECKSUM}
                                                  if len(values) else {}))
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from .. import __version__, files, store
-from ..errors import HeadError, UsageError
+from ..errors import FeatureCacheWarning, HeadError, UsageError
 from ..sweep.leaderboard import tied_count, with_interval
 from ..sweep.runs import RUN_FILE, RUNS, resolve_run
 
@@ -60,7 +61,14 @@ def list_runs(cache_dir: str | None = None) -> list[dict]:
     root = store.default_cache_dir(cache_dir) / RUNS
     found = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
         if root.is_dir() else []
-    rows = [run_row(path, *_read(path)) for path in found]
+    rows = []
+    for path in found:
+        try:
+            rows.append(run_row(path, *_read(path)))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            warnings.warn(FeatureCacheWarning(f"run {path.name} cannot be read ({type(exc).__name__}: "
+                                              f"{str(exc).splitlines()[0] if str(exc) else ''}); left out"),
+                          stacklevel=2)
     return sorted(rows, key=lambda r: (str(r["data"]), str(r["backbone"]), r["run"]))
 
 
