@@ -188,11 +188,12 @@ def key_of(monkeypatch):
 
 def test_keys_without_the_options_are_those_of_before(image_folder, key_of):
     key, config = key_of(image_folder)
-    run = extractor._settings(distributed.Group(), "auto", "auto", "float32", 8, 0, False, None, 256, False, "auto",
-                              False)
-    dataset = extractor._open_data(str(image_folder), None, None, 0, None, False)
+    options = extractor.ExtractOptions(data=str(image_folder), **FAST)
+    run = extractor._settings(options, distributed.Group(), None)
     pre = backbones.resolve_preprocess("mobilenet_v2", "none", None, False, resize=48, crop=40)
-    before = extractor._key_config("mobilenet_v2", "none", None, None, pre.to_dict(), run, dataset)
+    job = extractor._Job(backbone={}, dataset=extractor._open_data(options), pre=pre, run=run,
+                         group=distributed.Group(), lock_timeout=None, started=0.0)
+    before = extractor._key_config(options, job)
     assert config == before and key == store.cache_key(before)
     assert not {"layers", "tta", "augment_views"} & set(config)
     assert key_of(image_folder, layers=None, tta="none", augment_views=0)[0] == key
