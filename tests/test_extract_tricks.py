@@ -279,8 +279,8 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
 
 def test_tta_halves_the_default_batch_not_a_given_one():
     def batch(size, tta):
-        return extractor._settings(distributed.Group(), "cpu", "auto", "float32", size, 0, False, None, 256, False,
-                                   "auto", False, tta).batch_size
+        options = extractor.ExtractOptions(data="", device="cpu", batch_size=size, workers=0, progress=False)
+        return extractor._settings(options, distributed.Group(), tta).batch_size
 
     assert (batch(None, None), batch(None, "flip"), batch(8, "flip")) == (4, 2, 8)
 
@@ -289,7 +289,7 @@ def test_tta_halves_the_default_batch_not_a_given_one():
 
 
 def test_each_view_is_seeded_by_the_seed_the_record_and_the_view(image_folder):
-    dataset = extractor._open_data(str(image_folder), None, None, 0, None, False)
+    dataset = extractor._open_data(extractor.ExtractOptions(data=str(image_folder)))
     n = len(dataset.records)
     train = tuple(i for i, r in enumerate(dataset.records) if r.split == "train")
     views = Views(first=n, records=train, k=2, seed=7)
