@@ -42,7 +42,7 @@ FUNCTIONS: tuple[Function, ...] = (
     Function("finetune", "featurecache.finetuning.trainer", "finetune"),
     Function("predict", "featurecache.finetuning.prediction", "predict"),
     Function("report", "featurecache.reporting.pages", "report"),
-    Function("list_runs", "featurecache.reporting.compare", "runs"),
+    Function("list_runs", "featurecache.reporting.listing", "runs"),
     Function("run", "featurecache.pipeline.run", "run"),
 )
 # No module or package is named like a function here (extract, finetune, report, ...): importing

@@ -571,11 +571,22 @@ def _create(name: str, weights: str | None, warn: bool) -> nn.Module:
         return source.create(name, None)
 
 
-def _features_model(model: nn.Module, name: str, layer: str | None, classifier: str, width: int,
-                    preprocess: Preprocess, layers: Sequence[str] = (), tta: str | None = None,
+@dataclass(frozen=True)
+class _Readout:
+    """What of backbone ``name`` becomes features: the classifier's input, or ``layer`` pooled, then
+    each of ``layers`` pooled, flip-averaged when ``tta`` is ``flip``."""
+
+    name: str
+    layer: str | None
+    layers: Sequence[str]
+    tta: str | None
+
+
+def _features_model(model: nn.Module, readout: _Readout, classifier: str, width: int, crop: int,
                     ) -> tuple[nn.Module, list[tuple[str, int]]]:
-    """The frozen network that returns features, and its parts: the classifier's input, or ``layer``
-    pooled, then each of ``layers`` pooled, flip-averaged when ``tta`` is ``flip``."""
+    """The frozen network that returns the features of ``readout``, and its parts (name, width)
+    measured on a ``crop``-pixel probe."""
+    name, layer, layers, tta = readout.name, readout.layer, readout.layers, readout.tta
     model.eval().requires_grad_(False)
     if layer:
         names = [n for n, _ in model.named_modules() if n]
@@ -586,7 +597,7 @@ def _features_model(model: nn.Module, name: str, layer: str | None, classifier: 
         _replace_module(model, classifier, nn.Identity())
         if not layers and not tta:
             return model, [("penultimate", int(width))]
-    probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
+    probe = torch.zeros(1, 3, crop, crop)
     if layers:
         model = Taps(model, layer, layers).eval()
         with torch.inference_mode():
@@ -634,7 +645,7 @@ def build(
     if weights_file:
         _load_without_classifier(model, load_state_dict_file(weights_file), classifier, f"weights file {weights_file}")
         identity["weights_file"] = str(Path(weights_file).resolve())
-    model, parts = _features_model(model, name, layer, classifier, width, preprocess, layers, tta)
+    model, parts = _features_model(model, _Readout(name, layer, layers, tta), classifier, width, preprocess.crop)
     return Backbone(name=name, model=model, preprocess=preprocess, feature_dim=parts[0][1],
                     layer=layer or "penultimate", identity=identity, classifier=classifier, parts=parts)
 
