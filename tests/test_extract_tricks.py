@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 import featurecache
 from featurecache import runtime, store
 from featurecache.backbones import models as backbones
+from featurecache.backbones import taps
 from featurecache.data.images import AUGMENTS, ImageTensors, Views, augment_seed
 from featurecache.data.preprocess import Preprocess
 from featurecache.errors import BackboneError, UsageError
@@ -88,7 +89,7 @@ def test_layers_are_pooled_from_the_same_pass_after_the_main_features():
     block.register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.inference_mode():
         out = net.model(x)
-        expected = [plain.model(x), *(backbones.LayerTap(plain.model, n)(x) for n in ("features.17", "features.14"))]
+        expected = [plain.model(x), *(taps.LayerTap(plain.model, n)(x) for n in ("features.17", "features.14"))]
     assert calls == [1], "one forward pass for the main features and every layer"
     assert out.shape == (3, 1760)
     for got, want in zip(out.split([1280, 320, 160], dim=1), expected):

@@ -31,6 +31,7 @@ import torch
 
 from .. import runtime, store
 from ..backbones import models as backbones
+from ..backbones import taps
 from ..data.images import DECODERS, Views, image_loader, normalize_batch, resolve_decode
 from ..data.preprocess import Preprocess
 from ..data.sources import Dataset, open_dataset
@@ -297,7 +298,7 @@ def _check_tricks(options: ExtractOptions) -> tuple[list[str], str | None]:
     k = options.augment_views
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UsageError(f"--augment-views must be a whole number, 0 or more, not {k!r}")
-    return backbones.parse_layers(options.layers), backbones.check_tta(options.tta)
+    return taps.parse_layers(options.layers), taps.check_tta(options.tta)
 
 
 def _views(dataset: Dataset, k: int, seed: int) -> Views | None:
