@@ -13,9 +13,9 @@ The penultimate layer is found generically: the classifier is the layer the sour
 replaced by ``nn.Identity``, so the model returns what the classifier would have read.
 
 ``layers`` adds the globally average-pooled output of more named modules, read by forward
-hooks during the same pass (:class:`Taps`), side by side after the main features;
+hooks during the same pass (:class:`~featurecache.backbones.taps.Taps`), side by side after the main features;
 ``tta="flip"`` averages every feature over the image and its horizontal mirror
-(:class:`FlipMean`). The model still returns one tensor, and ``Backbone.parts`` says which
+(:class:`~featurecache.backbones.taps.FlipMean`). The model still returns one tensor, and ``Backbone.parts`` says which
 columns are which.
 """
 
