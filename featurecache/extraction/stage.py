@@ -4,13 +4,13 @@
 the key up, and otherwise runs the model over the images that have no features yet
 (finished batches are checkpointed as shards, named by their rows) and writes the cache
 file. It runs as one process, as one rank of a ``torchrun`` job or as one ``--shard I/N``
-slice (:mod:`featurecache.distributed`): all of them add to the same shards, so any of
+slice (:mod:`featurecache.extraction.distributed`): all of them add to the same shards, so any of
 them resumes the work of any other, and all of them write the same file.
 
 The job's rows are the dataset's records, then, with ``augment_views=K``, K augmented views
-of each train record (:class:`featurecache.images.Views`): the loop, the shards, a resume and
+of each train record (:class:`featurecache.data.images.Views`): the loop, the shards, a resume and
 the slices treat them alike. The model returns one tensor per image, the main features then
-the pooled ``layers`` (:attr:`featurecache.backbones.Backbone.parts`); the shards hold it
+the pooled ``layers`` (:attr:`featurecache.backbones.models.Backbone.parts`); the shards hold it
 whole, and writing the file splits it into ``features`` and ``layers/NAME`` and puts the
 views' rows in :data:`featurecache.store.VIEWS`.
 """

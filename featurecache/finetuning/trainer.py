@@ -1,6 +1,6 @@
 """Stage three: fine-tune the backbone together with the head a stage-two run selected.
 
-The network is assembled from the run alone (:mod:`featurecache.model`): at step 0 it
+The network is assembled from the run alone (:mod:`featurecache.finetuning.network`): at step 0 it
 predicts what the head predicted on the cached features. That is measured on the selection
 split before any update and reported as ``start_accuracy`` next to the head's recorded
 ``head_accuracy`` (LP-FT: fine-tuning starts from the best linear probe, not from a random

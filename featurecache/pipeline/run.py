@@ -22,7 +22,7 @@ is read as TOML, else as a string) and ``--set STAGE=false`` skips a stage. Ever
 is content-addressed (caches, runs, fine-tuned models and reports are found by the hash
 of what made them), so running an unchanged pipeline again only looks its results up.
 A pipeline with a ``[report]`` stage whose branches fit heads on several caches (several
-backbones, say) ends with one comparison of their runs (:mod:`featurecache.compare`).
+backbones, say) ends with one comparison of their runs (:mod:`featurecache.reporting.compare`).
 """
 
 from __future__ import annotations

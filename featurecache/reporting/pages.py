@@ -416,7 +416,7 @@ def report(run, head: str = "best", samples: int = 16, trust: bool = False, cach
     "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none);
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     With ``compare``, ``run`` is a list of runs and one table compares them, backbone by head
-    family (:func:`featurecache.compare.compare_runs`); the path of ``comparison.html`` is returned.
+    family (:func:`featurecache.reporting.compare.compare_runs`); the path of ``comparison.html`` is returned.
     """
     from ..sweep.runs import load_head, load_run, resolve_run
 

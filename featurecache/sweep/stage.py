@@ -133,7 +133,7 @@ class _Plan:
     seed: int
     class_weight: str | None
     run_dir: Path
-    post: dict = field(default_factory=dict)  # --seeds and --calibrate, as featurecache.postpass checked them
+    post: dict = field(default_factory=dict)  # --seeds and --calibrate, as featurecache.sweep.postpass checked them
     budget: float | None = None
     halving: bool = True
     memory: int = 0  # bytes of features a sweep may hold
@@ -605,7 +605,7 @@ def _rank(plan: _Plan, labels: dict, outcome: _Outcome, specs) -> list[dict]:
 
 
 def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
-    """``name -> (features, labels)`` for :func:`featurecache.postpass.post_pass`: every split's rows
+    """``name -> (features, labels)`` for :func:`featurecache.sweep.postpass.post_pass`: every split's rows
     up to 4,000 training rows, where ``seeds`` may refit heads; above, the labels of every evaluation
     (enough for ``calibrate``)."""
     if plan.large:
@@ -676,12 +676,12 @@ def fit_head(options: SweepOptions) -> SweepResult:
     cross-validation on ``train`` (above 4,000 training rows: a stratified ``holdout`` of train).
     ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
     heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` fits
-    one temperature per head on the selection split (:mod:`featurecache.postpass`).
+    one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`).
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored.
 
-    Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head is
+    Above 4,000 training rows (:mod:`featurecache.sweep.halving`): with ``halving`` every head is
     fitted on a stratified sample first and only the best third moves on to larger ones;
     ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and row samples
     chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default half the available
