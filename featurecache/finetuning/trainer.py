@@ -16,8 +16,10 @@ Output, content-addressed under the run directory::
         history.json       per epoch: train_loss, val_loss, val_accuracy, seconds, lr
         model.safetensors  the best epoch's network as plain tensors; its sha256 is in result.json
         model.pt           TorchScript, uint8 N x 3 x crop x crop -> class probabilities, with the class
-                           names and preprocessing as JSON in its extra file ``featurecache.json``
-        result.json        written last: the fine-tuning is complete
+                           names and preprocessing as JSON in its extra file ``featurecache.json``;
+                           its sha256 is in result.json
+        result.json        written last: the fine-tuning is complete; a finished folder whose
+                           model files no longer have their recorded sha256 is trained again
 
 ``last.pt`` and ``best.pt`` are private to the run and are read with
 ``torch.load(weights_only=True)``, which never unpickles arbitrary objects.
