@@ -74,11 +74,11 @@ class FcGroup(click.Group):
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 _quiet_broken_pipe()
-            from .files import is_refused, storage_error
+            from .files import is_refused, refused_error
 
             if not is_refused(exc):
                 raise
-            error = storage_error(exc, exc.filename or "a file")  # a write no stage turned into a StorageError
+            error = refused_error(exc)  # what no stage turned into a StorageError
             click.echo(f"Error: {error}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:

@@ -73,6 +73,17 @@ def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError:
                         "permissions, then run the command again")
 
 
+def refused_error(exc: OSError) -> StorageError:
+    """The one-line error of an OSError the machine raised outside any write that turned it into a
+    StorageError (a folder that cannot be read, a lock file that cannot be made): the path, the reason,
+    and the free space when space is what is missing."""
+    path = exc.filename or "a file"
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return storage_error(exc, path)
+    return StorageError(f"{path}: {reason}; check that it can be read and written, then run the command again")
+
+
 def is_refused(exc: BaseException) -> bool:
     """Whether ``exc`` is a write the machine refused (see :data:`REFUSED`)."""
     return isinstance(exc, OSError) and exc.errno in REFUSED
