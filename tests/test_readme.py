@@ -95,7 +95,7 @@ def test_the_examples_run_in_order_as_pasted(tmp_path, hymenoptera, real_weights
     outputs = {}
     for line in _example_lines():
         out = subprocess.run(["bash", "-c", f"enable -n fc\nset -euo pipefail\n{line}"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=3600)  # fine-tuning on a loaded machine
         assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
         outputs[line.split()[1]] = outputs.get(line.split()[1], "") + out.stdout
     run_id = re.search(r"\(run id ([0-9a-f]{12});", outputs["fit-head"]).group(1)
