@@ -164,6 +164,9 @@ def extract(
     lock_timeout: float | None = None,
     checkpoint_every: int = 256,
     progress: bool = True,
+    label_key: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> ExtractResult:
     """Extract features of ``data`` with ``backbone`` into the cache, or reuse a complete match.
 
@@ -177,15 +180,19 @@ def extract(
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
     forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
+    ``label_key`` (``webdataset:``), ``image_column`` and ``label_column`` (``parquet:``, ``hf:``) say
+    where a sample's label and image are, when they are not found by themselves.
     """
     started = time.perf_counter()
+    backbone = backbones.canonical_name(backbone)
     group = distributed.Group.from_environment(shard)
     layers, tta = _check_tricks(layers, tta, augment_views)
     run = _settings(group, device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
                     progress, decode, draft, tta)
     if lock_timeout is not None and lock_timeout < 0:
         raise UsageError(f"--lock-timeout must be 0 or more seconds, not {lock_timeout}")
-    dataset = _open_data(data, split, root, seed, limit, strict)
+    dataset = _open_data(data, split, root, seed, limit, strict,
+                         dict(label_key=label_key, image_column=image_column, label_column=label_column))
     views = _views(dataset, augment_views, seed)
     pre = backbones.resolve_preprocess(backbone, weights, weights_file, draft, resize=resize, crop=crop, mean=mean,
                                        std=std, interpolation=interpolation)
@@ -245,8 +252,8 @@ def _strict_error(path: str, reason: str) -> DataError:
     return DataError(f"{path}: {reason} (--strict)")
 
 
-def _open_data(data, split, root, seed, limit, strict) -> Dataset:
-    dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit)
+def _open_data(data, split, root, seed, limit, strict, options: dict | None = None) -> Dataset:
+    dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit, **(options or {}))
     if strict and dataset.skipped:
         _, path, reason = dataset.skipped[0]
         raise _strict_error(path, reason)
@@ -307,6 +314,8 @@ def _tricks_config(layers: list[str], tta: str | None, views: Views | None) -> d
 def _label(backbone: str, dataset: Dataset) -> str:
     """The readable part of the cache file's name: backbone and data."""
     data = dataset.source.split(":")[-1] if dataset.loader else Path(dataset.root).name
+    if dataset.opener is not None:  # webdataset:DIR, parquet:DIR, hf:DIR or hf:NAME
+        data = f"{dataset.source.split(':')[0]}-{Path(dataset.source.split(':', 1)[1]).name}"
     return f"{backbone.replace('/', '-')}-{data}"
 
 
