@@ -240,6 +240,27 @@ def extract(as_json, **options):
         click.echo(f"... and {len(result.skipped) - 10} more skipped (fc cache info lists them)", err=True)
 
 
+@cli.command("export")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--format", "format", type=click.Choice(["parquet", "npy", "csv"]), default="parquet", show_default=True,
+              help="parquet: one file, a list column of features; npy: a folder of arrays; csv: one file.")
+@click.option("--layers", is_flag=True, help="Also each stored layer (fc extract --layers), as columns of its own.")
+@click.option("--views", is_flag=True, help="Also the augmented training views (fc extract --augment-views).")
+@_cache_dir
+@_json
+def export_command(cache, out, format, layers, views, cache_dir, as_json):
+    """Write the features of every split of CACHE to OUT (path, label, class and split with each row)."""
+    from .extraction.export import export
+
+    result = export(cache, out, format=format, layers=layers, views=views, cache_dir=cache_dir)
+    if as_json:
+        emit_json(result)
+        return
+    rows = ", ".join(f"{split} {n}" for split, n in result["rows"].items())
+    click.echo(f"{result['out']}  ({result['format']}; {rows}; columns {', '.join(result['columns'])})")
+
+
 @cli.command()
 @click.option("--timm", "include_timm", is_flag=True, help="Also list timm models (timm/NAME).")
 @click.option("--dims/--no-dims", default=True, show_default=True, help="Compute each model's feature dimension.")

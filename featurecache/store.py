@@ -546,3 +546,24 @@ def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, 
         out = np.empty((len(rows), sum(d.shape[1] for d in datasets)), dtype=dtype)
         out[order] = _read_sorted(datasets, rows[order], block, dtype)
         return out
+
+
+def iter_blocks(path: str | os.PathLike, split: str, sets: list[str] | tuple[str, ...] = ("penultimate",),
+                block: int = 65536):
+    """The rows of one split (or of :data:`VIEWS`), ``block`` at a time: ``(first row, columns)``
+    with ``labels``, ``paths``, ``source`` and ``view`` (those of the views only) and each feature
+    set of ``sets`` (as stored: float32 or float16). No more than one block is in memory."""
+    with _open(path) as f:
+        group = _split_group(f, path, split)
+        datasets = {name: _datasets(f, group, name) for name in sets}
+        n = int(group["labels"].shape[0])
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            columns = {"labels": group["labels"][start:stop], "paths": list(group["paths"].asstr()[start:stop])}
+            for name in ("source", "view"):
+                if name in group:
+                    columns[name] = group[name][start:stop]
+            for name, parts in datasets.items():
+                values = [d[start:stop] for d in parts]
+                columns[name] = values[0] if len(values) == 1 else np.hstack(values)
+            yield start, columns
