@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -82,7 +83,7 @@ def write_parquet(folder: Path, out: Path, image: str = "struct", files_per_spli
             chunk = rows[first:first + size]
             name = f"{split}.parquet" if parts == 1 else f"{split}-{n:05d}-of-{parts:05d}.parquet"
             if image == "path":
-                column = [str(Path("..") / f.relative_to(folder.parent)) if False else str(f) for f, _ in chunk]
+                column = [os.path.relpath(f, out) for f, _ in chunk]
             elif image == "bytes":
                 column = [f.read_bytes() for f, _ in chunk]
             else:
@@ -106,3 +107,18 @@ def write_hf(folder: Path, out: Path) -> Path:
              "label": [lab for _, lab in rows]}, features=features)
     datasets.DatasetDict(parts).save_to_disk(str(out))
     return out
+
+
+def assert_same_images(cache: str, reference: str) -> None:
+    """Classes, split sizes and labels equal; features within 1e-5 relative."""
+    import numpy as np
+
+    from featurecache import store
+
+    a, b = store.info(cache), store.info(reference)
+    assert a["classes"] == b["classes"]
+    assert {s: v["n"] for s, v in a["splits"].items()} == {s: v["n"] for s, v in b["splits"].items()}
+    for split in b["splits"]:
+        (x, y, _), (x2, y2, _) = (store.load_features(c, split) for c in (cache, reference))
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_allclose(x, x2, rtol=1e-5, atol=1e-6)

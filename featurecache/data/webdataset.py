@@ -76,7 +76,7 @@ def _number(field: bytes, where: str) -> int:
     try:
         return int(field.strip(b" \0") or b"0", 8)
     except ValueError:
-        raise DataError(f"{where} is not a tar file, or is damaged there") from None
+        raise DataError(f"{where}: not a tar header (the file is damaged, or not a tar file)") from None
 
 
 def _pax_path(payload: bytes) -> bytes | None:
@@ -102,7 +102,7 @@ def _members(fh, name: str):
             return
         where = f"{name} at byte {pos}"
         if sum(header[:148]) + 256 + sum(header[156:]) != _number(header[148:156], where):
-            raise DataError(f"{where}: not a tar header (a damaged or not a tar file)")
+            raise DataError(f"{where}: not a tar header (the file is damaged, or not a tar file)")
         size, flag, data = _number(header[124:136], where), header[156:157], pos + _BLOCK
         pos = data + ((size + _BLOCK - 1) & ~(_BLOCK - 1))
         if flag in (b"L", b"x"):

@@ -58,7 +58,7 @@ def _blocks(cache: str, splits: list[str], sets: list[str]):
 def _pyarrow():
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError:
         raise UsageError("--format parquet needs pyarrow, from the hf extra: pip install 'featurecache[hf]'") \
             from None
