@@ -562,6 +562,12 @@ def register_source(source: type[DataSource]) -> type[DataSource]:
     return source
 
 
+def is_source_name(data: str) -> bool:
+    """Whether ``data`` is ``SCHEME:ARGUMENT`` of a registered source (not a path)."""
+    scheme, sep, _ = str(data).partition(":")
+    return bool(sep) and scheme in SOURCES
+
+
 def resolve_source(data: str | os.PathLike, options: SourceOptions | None = None) -> DataSource:
     """The source of ``data``: ``SCHEME:ARGUMENT`` (also ``SCHEME/ARGUMENT`` when no such path
     exists), else the first source that claims the path."""
