@@ -310,8 +310,8 @@ def _check_data(path: Path, data, fetch, cache_dir, overridden) -> str:
                                 + (suggest(fetch, FETCHERS) or f" (expected a URL or one of {', '.join(FETCHERS)})"))
     if not is_source_name(data) and not Path(data).expanduser().exists() and fetch is None:
         raise PipelineError(f"{_where(path, 'data', overridden)}: {data} does not exist; expected a folder of "
-                            f"images, a CSV manifest or SCHEME:... (torchvision:, webdataset:, hf:, parquet:; or add fetch = URL to "
-                            "download it)")
+                            f"images, a CSV manifest or SCHEME:... (torchvision:, webdataset:, hf:, parquet:; or add "
+                            "fetch = URL to download it)")
     return data
 
 
