@@ -249,7 +249,7 @@ class ToySource:
         records = [Record(f"{c}/{i}", c, "train") for c in (0, 1) for i in range(self.n)]
         description = {"kind": "toy", "n": self.n}
         if self.options.split:
-            records = sources._assign_splits(records, self.options.split, self.options.seed, description)
+            records = sources.assign_splits(records, self.options.split, self.options.seed, description)
         return Dataset("", ["dark", "light"], records, f"toy:{self.n}", description=description,
                        opener=self.read)
 

@@ -22,18 +22,16 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import DataError, suggest
-from .sources import (
+from .records import (
     ITEM_SEP,
-    SPLIT_ALIASES,
     Dataset,
     Record,
     SourceOptions,
-    _assign_splits,
-    _split_rank,
+    assign_splits,
     class_ids,
-    register_source,
     split_of,
     split_only_order,
+    split_rank,
 )
 
 EXTRA = "pip install 'featurecache[hf]'"
@@ -238,7 +236,7 @@ class _Table:
         if self.options.split:
             if not single:
                 raise DataError(f"{self.root} is divided into splits already; drop --split")
-            records = _assign_splits(records, self.options.split, self.options.seed, description, split_only_order)
+            records = assign_splits(records, self.options.split, self.options.seed, description, split_only_order)
         return Dataset(str(self.root), classes, records, f"{self.scheme}:{self.argument}", [],
                        description=description, opener=functools.partial(type(self).reader, str(self.root), image))
 
@@ -263,7 +261,7 @@ class ParquetSource(_Table):
                                 "val..., test...)")
             named = [(split_of(p.name, str(path)), p) for p in files]
             self.root, self.single = path, False
-            self.files = sorted(named, key=lambda sp: (_split_rank(sp[0]), sp[1].name))
+            self.files = sorted(named, key=lambda sp: (split_rank(sp[0]), sp[1].name))
         else:
             raise DataError(f"parquet: {path} is neither a folder of .parquet files nor one")
 
@@ -323,7 +321,7 @@ class HuggingFaceSource(_Table):
         if isinstance(loaded, self.datasets.Dataset):
             return [("train", loaded)]
         named = [(split_of(name, f"hf:{self.argument}"), part) for name, part in loaded.items()]
-        return sorted(named, key=lambda sp: _split_rank(sp[0]))
+        return sorted(named, key=lambda sp: split_rank(sp[0]))
 
     def dataset(self) -> Dataset:
         loaded = self._load()
@@ -349,8 +347,3 @@ class HuggingFaceSource(_Table):
         description = {"kind": "hf", "dataset": None if self.local.exists() else self.argument, "files": stats}
         return self._dataset(parts, names, description, len(splits) == 1 and splits[0][0] == "train")
 
-
-register_source(ParquetSource)
-register_source(HuggingFaceSource)
-
-__all__ = ["SPLIT_ALIASES", "HuggingFaceSource", "ParquetSource"]

@@ -26,18 +26,17 @@ from typing import ClassVar
 
 from ..errors import DataError, UsageError
 from ..files import atomic_write
-from .sources import (
+from .records import (
     IMAGE_EXTENSIONS,
     ITEM_SEP,
     Dataset,
     Record,
     SourceOptions,
-    _assign_splits,
-    _split_rank,
+    assign_splits,
     class_ids,
-    register_source,
     split_of,
     split_only_order,
+    split_rank,
 )
 
 #: Image members, in the order one is chosen when a sample has several.
@@ -291,7 +290,7 @@ class WebDatasetSource:
             if not tars:
                 raise DataError(f"no .tar shards in {path} (name them train-000000.tar, val-000000.tar, ...)")
             named = [(split_of(p.name, str(path)), p) for p in tars]
-            self.shards = sorted(named, key=lambda sp: (_split_rank(sp[0]), sp[1].name))
+            self.shards = sorted(named, key=lambda sp: (split_rank(sp[0]), sp[1].name))
         else:
             raise DataError(f"webdataset: {path} is neither a folder of shards nor a .tar file")
 
@@ -332,7 +331,7 @@ class WebDatasetSource:
         description = {"kind": "webdataset", "label_key": ":".join(k for k in self.label_key if k),
                        "shards": shards, "classes_file": names}
         if self.options.split:
-            records = _assign_splits(records, self.options.split, self.options.seed, description, split_only_order)
+            records = assign_splits(records, self.options.split, self.options.seed, description, split_only_order)
         source = f"{self.scheme}:{self.root}"
         return Dataset(str(self.root), classes, records, source, [], description=description,
                        opener=functools.partial(read_under, str(self.root)))
@@ -369,5 +368,3 @@ class WebDatasetSource:
         return value
 
 
-
-register_source(WebDatasetSource)
