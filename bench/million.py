@@ -64,6 +64,7 @@ PLAN = FREE + '''
 import json, resource, sys, time
 import numpy as np
 from featurecache import store
+from featurecache.data import records
 from featurecache.extraction import stage
 
 data, assemble = sys.argv[1], sys.argv[2] == "1"
@@ -88,7 +89,18 @@ def plan(job):
         out["assemble_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     raise SystemExit(0)
 
+def timed(name, function):
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            out[name] = out.get(name, 0.0) + time.perf_counter() - start
+    return call
+
 stage._launch = plan
+stage._open_data = timed("list_s", stage._open_data)
+records.Dataset.fingerprint = timed("fingerprint_s", records.Dataset.fingerprint)
 started = time.perf_counter()
 try:
     stage.extract(data, backbone="free/pool", weights="DEFAULT", workers=0, progress=False)
@@ -196,24 +208,42 @@ def main() -> None:
     parser.add_argument("--extract-rows", type=int, default=None, help="Rows to extract (default: --rows).")
     parser.add_argument("--parquet", action="store_true", help="Also list the rows as Parquet files.")
     parser.add_argument("--keep", default=None, help="A folder for the data, kept (and reused) after the run.")
+    parser.add_argument("--parts", default="1,2,3", help="Which measurements to run (1, 2, 3 above).")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fc-million-"))
     shards = work / "wds"
     if not (shards / "classes.txt").is_file():
         print(f"writing {args.rows:,} samples as shards: {write_shards(shards, args.rows):.1f} s ({_load()})")
+    parts = {int(p) for p in args.parts.split(",")}
     cache = work / "cache"
+    if 1 in parts:
+        _listing(args, shards, cache, work)
+    if 2 in parts:
+        _own_cost(args, shards, work)
+    if 3 in parts:
+        _assembly(args, shards, work)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _listing(args, shards: Path, cache: Path, work: Path) -> None:
     print(f"\n1. listing and planning of {args.rows:,} rows (a fresh process each; {_load()})")
     for label in ("first (indexes built)", "again (indexes read)"):
         r = _child(PLAN, f"webdataset:{shards}", "0", cache=cache, fresh=label.startswith("first"))
-        print(f"   webdataset, {label}: {r['plan_s']:.1f} s, peak RSS {r['plan_rss'] / 2**30:.2f} GB "
+        print(f"   webdataset, {label}: {r['plan_s']:.1f} s (listing {r['list_s']:.1f}, fingerprint "
+              f"{r['fingerprint_s']:.1f}), peak RSS {r['plan_rss'] / 2**30:.2f} GB "
               f"(after imports {r['base_rss'] / 2**30:.2f} GB); {r['rows']:,} rows, {r['pending']:,} to compute "
               f"[goals: <= 60 s, <= 2 GB]")
     if args.parquet:
         if not (work / "pq").is_dir():
             print(f"   writing {args.rows:,} rows as Parquet: {write_parquet(work / 'pq', args.rows):.1f} s")
-        r = _child(PLAN, f"parquet:{work / 'pq'}", "0", cache=cache)
-        print(f"   parquet: {r['plan_s']:.1f} s, peak RSS {r['plan_rss'] / 2**30:.2f} GB; {r['rows']:,} rows")
+        r = _child(PLAN, f"parquet:{work / 'pq'}", "0", cache=work / "cache-parquet")
+        print(f"   parquet: {r['plan_s']:.1f} s (listing {r['list_s']:.1f}, fingerprint {r['fingerprint_s']:.1f}), "
+              f"peak RSS {r['plan_rss'] / 2**30:.2f} GB; {r['rows']:,} rows")
 
+
+def _own_cost(args, shards: Path, work: Path) -> None:
     rows = min(args.extract_rows or args.rows, args.rows)
     print(f"\n2. fc's own cost per row: extract {rows:,} rows with free/pool ({_load()})")
     r = _child(EXTRACT, _shards_pattern(shards, rows), cache=work / "cache-extract")
@@ -225,6 +255,8 @@ def main() -> None:
           f"which reading and decoding the image (PIL, resize, crop: what workers do in parallel) "
           f"{decode * 1e6:.0f} and the rest (batches, checkpoints) {(own - decode) * 1e6:.0f} ({_load()})")
 
+
+def _assembly(args, shards: Path, work: Path) -> None:
     print(f"\n3. assembling the file from the checkpoint shards ({_load()})")
     times = {}
     for part in (4, 2, 1):
@@ -235,8 +267,6 @@ def main() -> None:
     smallest = min(times)
     print("   ratios " + " : ".join(f"{times[n] / times[smallest]:.2f}" for n in sorted(times))
           + " for rows " + " : ".join(f"{n / smallest:g}" for n in sorted(times)) + f" [linear: 1 : 2 : 4] ({_load()})")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

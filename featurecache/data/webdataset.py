@@ -7,7 +7,7 @@ its base name, as the ``webdataset`` library splits it): an image (``jpg``, ``jp
 
 The shards are read with plain seeks, not with the ``webdataset`` library, which streams
 shards from the start: to address rows (torchrun ranks, ``--shard I/N``, a resume) each shard
-is scanned once, header by header, into an index of its samples' member offsets, kept under
+is scanned once (memory-mapped), header by header, into an index of its samples' member offsets, kept under
 the cache directory (``datasets/webdataset/``) and valid while the shard's size and mtime
 stay. The index's digest is part of the data's fingerprint. Reading a record is then one
 ``pread`` of its image member.
@@ -19,6 +19,7 @@ import collections
 import functools
 import hashlib
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -88,35 +89,40 @@ def _pax_path(payload: bytes) -> bytes | None:
     return None
 
 
-def _members(fh, name: str):
-    """``(member name, data offset, size)`` of every regular file of a tar file, header by header:
-    the contents are skipped with seeks (GNU long names and pax paths are read)."""
-    pos, long_name = 0, None
+def _checked_header(header: bytes, where: str) -> None:
+    if sum(header[:148]) + 256 + sum(header[156:]) != _number(header[148:156], where):
+        raise DataError(f"{where}: not a tar header (the file is damaged, or not a tar file)")
+
+
+def _members(data, name: str):
+    """``(member name, data offset, size)`` of every regular file of a tar file (``data``: its bytes,
+    memory-mapped), header by header; the contents are skipped (GNU long names and pax paths are
+    read). A header's checksum is checked for the first one and for any without the ustar magic."""
+    pos, long_name, end = 0, None, len(data)
     while True:
-        fh.seek(pos)
-        header = fh.read(_BLOCK)
-        if len(header) < _BLOCK or not header.strip(b"\0"):
+        header = data[pos:pos + _BLOCK]
+        if len(header) < _BLOCK or not header[0]:  # the end: zero blocks (a name never starts with one)
             if header.strip(b"\0"):
                 raise DataError(f"{name} is cut short at byte {pos}")
             return
-        where = f"{name} at byte {pos}"
-        if sum(header[:148]) + 256 + sum(header[156:]) != _number(header[148:156], where):
-            raise DataError(f"{where}: not a tar header (the file is damaged, or not a tar file)")
-        size, flag, data = _number(header[124:136], where), header[156:157], pos + _BLOCK
-        pos = data + ((size + _BLOCK - 1) & ~(_BLOCK - 1))
+        if pos == 0 or header[257:262] != b"ustar":
+            _checked_header(header, f"{name} at byte {pos}")
+        size, flag, start = _number(header[124:136], f"{name} at byte {pos}"), header[156:157], pos + _BLOCK
+        pos = start + ((size + _BLOCK - 1) & ~(_BLOCK - 1))
+        if pos > end + _BLOCK:
+            raise DataError(f"{name} is cut short at byte {end}")
         if flag in (b"L", b"x"):
-            fh.seek(data)
-            payload = fh.read(size)
+            payload = data[start:start + size]
             long_name = payload.rstrip(b"\0") if flag == b"L" else (_pax_path(payload) or long_name)
             continue
         if flag not in (b"0", b"\0", b"7"):  # directories, links, global headers: no member
             long_name = None if flag != b"g" else long_name
             continue
         member = long_name or header[:100].split(b"\0", 1)[0]
-        if long_name is None and header[257:262] == b"ustar" and header[345]:
+        if long_name is None and header[345] and header[257:262] == b"ustar":
             member = header[345:500].split(b"\0", 1)[0] + b"/" + member
         long_name = None
-        yield member.decode("utf-8", "surrogateescape"), data, size
+        yield member.decode("utf-8", "surrogateescape"), start, size
 
 
 def split_key(member: str) -> tuple[str, str]:
@@ -131,15 +137,17 @@ def scan_shard(path: Path) -> list[list]:
     json text]`` (the texts None when absent)."""
     samples: dict[str, dict] = {}
     try:
-        with open(path, "rb", buffering=1 << 20) as fh:
-            for member, offset, size in _members(fh, path.name):
-                key, ext = split_key(member)
-                entry = samples.setdefault(key, {})
-                if ext in LABEL_KEYS and size <= INLINE_MAX:
-                    fh.seek(offset)
-                    entry[ext] = fh.read(size).decode("utf-8", "replace")
-                elif ext in IMAGE_KEYS:
-                    entry[ext] = (offset, size)
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for member, offset, size in _members(data, path.name):
+                    key, ext = split_key(member)
+                    entry = samples.setdefault(key, {})
+                    if ext in LABEL_KEYS and size <= INLINE_MAX:
+                        entry[ext] = data[offset:offset + size].decode("utf-8", "replace")
+                    elif ext in IMAGE_KEYS:
+                        entry[ext] = (offset, size)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     rows = []
