@@ -152,3 +152,19 @@ def test_functions_are_short_and_private_ones_take_few_positional_parameters(che
                 and len(positional) > MAX_POSITIONAL:
             bad.append(f"{where}:{fn.lineno} {fn.name} takes {len(positional)} positional parameters")
     assert bad == []
+
+
+@pytest.mark.parametrize("name", ["extract", "fit_head", "finetune"])
+def test_a_stage_takes_exactly_the_fields_of_its_options(name):
+    """The public function's parameters are its options dataclass's fields, defaults included, and
+    an unknown keyword is refused by name before anything runs."""
+    import dataclasses
+    import inspect
+
+    function = getattr(featurecache, name)
+    fields = {f.name: f.default for f in dataclasses.fields(function.options)}
+    params = {p.name: p.default for p in inspect.signature(function).parameters.values()}
+    assert params == {k: (inspect.Parameter.empty if v is dataclasses.MISSING else v) for k, v in fields.items()}
+    assert dataclasses.is_dataclass(function.options) and function.options.__dataclass_params__.frozen
+    with pytest.raises(TypeError, match=rf"{name}\(\): .*no_such_option"):
+        function("x", no_such_option=1)
