@@ -397,3 +397,25 @@ def test_export_writes_parquet_in_row_groups(image_folder, tmp_path, monkeypatch
     views = table[table["split"] == "train_views"]
     np.testing.assert_array_equal(views["source"].to_numpy(), store.view_sources(res.cache))
     assert json.loads(pq.read_schema(tmp_path / "f.parquet").metadata[b"featurecache"])["classes"] == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_shards_of_every_tar_format_are_indexed(tmp_path, fmt):
+    """Long member names (GNU long-name headers, pax paths, ustar prefixes) and directories."""
+    from featurecache.data.webdataset import read_member, scan_shard
+
+    folder = "d" * 90 + "/" + "e" * 60  # a ustar prefix
+    long_key = "k" * 120 if fmt != tarfile.USTAR_FORMAT else "short"
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        directory = tarfile.TarInfo(folder)
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for key, data in ((f"{folder}/{long_key}", b"image-bytes"), ("plain", b"other")):
+            for ext, payload in (("jpg", data), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    rows = scan_shard(path)
+    assert [r[0] for r in rows] == [f"{folder}/{long_key}", "plain"]
+    assert [r[4] for r in rows] == ["1", "1"] and read_member(path, f"{folder}/{long_key}") == b"image-bytes"
