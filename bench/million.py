@@ -183,9 +183,15 @@ def write_parquet(root: Path, rows: int) -> float:
     return time.perf_counter() - start
 
 
-def _child(code: str, *args: str, cache: Path, fresh: bool = True) -> dict:
-    if fresh:  # no cache of an earlier run (the shards' indexes are under datasets/, kept with fresh=False)
-        shutil.rmtree(cache, ignore_errors=True)
+def _child(code: str, *args: str, cache: Path, fresh: str = "caches") -> dict:
+    """Run ``code`` in a fresh process; ``fresh``: ``all`` removes the cache directory first (the
+    shards' indexes too, in its ``datasets/``), ``caches`` everything but the indexes, ``none`` nothing."""
+    if cache.is_dir() and fresh != "none":
+        for entry in cache.iterdir():
+            if entry.is_dir() and (fresh == "all" or entry.name != "datasets"):
+                shutil.rmtree(entry)
+            elif not entry.is_dir():
+                entry.unlink()
     env = {**os.environ, "FC_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -230,7 +236,8 @@ def main() -> None:
 def _listing(args, shards: Path, cache: Path, work: Path) -> None:
     print(f"\n1. listing and planning of {args.rows:,} rows (a fresh process each; {_load()})")
     for label in ("first (indexes built)", "again (indexes read)"):
-        r = _child(PLAN, f"webdataset:{shards}", "0", cache=cache, fresh=label.startswith("first"))
+        r = _child(PLAN, f"webdataset:{shards}", "0", cache=cache,
+                   fresh="all" if label.startswith("first") else "none")
         print(f"   webdataset, {label}: {r['plan_s']:.1f} s (listing {r['list_s']:.1f}, fingerprint "
               f"{r['fingerprint_s']:.1f}), peak RSS {r['plan_rss'] / 2**30:.2f} GB "
               f"(after imports {r['base_rss'] / 2**30:.2f} GB); {r['rows']:,} rows, {r['pending']:,} to compute "
@@ -261,7 +268,7 @@ def _assembly(args, shards: Path, work: Path) -> None:
     times = {}
     for part in (4, 2, 1):
         n = args.rows // part
-        r = _child(PLAN, _shards_pattern(shards, n), "1", cache=work / f"cache-assemble-{part}")
+        r = _child(PLAN, _shards_pattern(shards, n), "1", cache=work / "cache")  # the indexes of part 1
         times[n] = r["assemble_s"]
         print(f"   {r['rows']:,} rows: {r['assemble_s']:.1f} s, peak RSS {r['assemble_rss'] / 2**30:.2f} GB")
     smallest = min(times)
