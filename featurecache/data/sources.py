@@ -10,8 +10,10 @@ that claims it reads (a folder tree, a CSV manifest). Nothing here knows about m
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import gc
 import gzip
 import hashlib
 import io
@@ -425,6 +427,19 @@ def limit_records(dataset: Dataset, limit: int, seed: int) -> Dataset:
     return dataset
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while a listing builds its records (it halves the time
+    of a million); as it was afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def open_dataset(
     data: str | os.PathLike,
     split: str | None = None,
@@ -440,6 +455,7 @@ def open_dataset(
     ``limit`` keeps at most that many images per split (a stratified, seeded sample).
     """
     source = resolve_source(data, SourceOptions(split=split, root=root, seed=seed, **options))
-    dataset = source.dataset()
+    with _collector_paused():  # a million records make no cycles; the collector would scan them all again and again
+        dataset = source.dataset()
     return dataset if limit is None else limit_records(dataset, limit, seed)
 
