@@ -168,7 +168,7 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 
 @cli.command()
 @click.argument("data")
-@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Model name (fc backbones), or timm/NAME.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Model name (fc backbones), or timm:NAME.")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="Weights enum name (IMAGENET1K_V1, DEFAULT, ...) or none.")
 @click.option("--weights-file", type=click.Path(dir_okay=False), default=None,
@@ -185,6 +185,10 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
                    "light augmentation), each seeded by --seed, the image and the view.")
 @click.option("--split", default=None, help="Split fractions for a single folder or manifest, e.g. train=0.8,val=0.2.")
 @click.option("--root", default=None, help="Files of a torchvision:NAME dataset.")
+@click.option("--label-key", default=None, metavar="cls|json:FIELD",
+              help="webdataset: the label of a sample: its .cls member (default) or a field of its .json.")
+@click.option("--image-column", default=None, help="parquet:, hf: the image column (default: found by its type).")
+@click.option("--label-column", default=None, help="parquet:, hf: the label column (default: a ClassLabel, or label).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stratified split and --limit sample.")
 @click.option("--limit", type=_count, default=None, help="Use at most N images per split (a stratified sample).")
 @click.option("--resize", type=_count, default=None,
@@ -224,7 +228,9 @@ def extract(as_json, **options):
     """Extract penultimate-layer features of DATA into the cache.
 
     DATA is a folder with train/ val/ test/ class folders, one folder of class
-    folders (with --split), a CSV manifest (path,label[,split]) or torchvision:NAME.
+    folders (with --split), a CSV manifest (path,label[,split]), torchvision:NAME,
+    webdataset:DIR (tar shards train-*.tar, val-*.tar, ...), hf:DIR or hf:NAME (a
+    Hugging Face dataset) or parquet:DIR (train.parquet, val-*.parquet, ...).
     Under torchrun (torchrun --nproc-per-node N -m featurecache extract ...) every
     rank computes a share and the first writes the cache.
     """
@@ -253,6 +259,27 @@ def extract(as_json, **options):
         click.echo(f"skipped {split}/{path}: {reason}", err=True)
     if len(result.skipped) > 10:
         click.echo(f"... and {len(result.skipped) - 10} more skipped (fc cache info lists them)", err=True)
+
+
+@cli.command("export")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--format", "format", type=click.Choice(["parquet", "npy", "csv"]), default="parquet", show_default=True,
+              help="parquet: one file, a list column of features; npy: a folder of arrays; csv: one file.")
+@click.option("--layers", is_flag=True, help="Also each stored layer (fc extract --layers), as columns of its own.")
+@click.option("--views", is_flag=True, help="Also the augmented training views (fc extract --augment-views).")
+@_cache_dir
+@_json
+def export_command(cache, out, format, layers, views, cache_dir, as_json):
+    """Write the features of every split of CACHE to OUT (path, label, class and split with each row)."""
+    from .extraction.export import export
+
+    result = export(cache, out, format=format, layers=layers, views=views, cache_dir=cache_dir)
+    if as_json:
+        emit_json(result)
+        return
+    rows = ", ".join(f"{split} {n}" for split, n in result["rows"].items())
+    click.echo(f"{result['out']}  ({result['format']}; {rows}; columns {', '.join(result['columns'])})")
 
 
 @cli.command()

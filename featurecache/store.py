@@ -5,7 +5,8 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /                     attrs: format, key, complete, classes (JSON), config (JSON)
     /<split>/features     float32|float16, N x D, chunked by rows
     /<split>/labels       int64, N
-    /<split>/paths        UTF-8 strings, N, relative to the data root
+    /<split>/paths        UTF-8 strings, N, relative to the data root (SHARD.tar#KEY, FILE#ROW:
+                          an item of a container), in chunks of 65,536
     /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
     /<split>/layers/<L>   N x D_L: the pooled output of layer L (``fc extract --layers``)
     /train_views/...      K augmented views of each train image (``--augment-views K``):
@@ -227,7 +228,7 @@ class ShardWriter:
         ok = np.zeros(self.n, dtype=bool)
         seen = np.zeros(self.n, dtype=bool)
         reasons = [""] * self.n
-        rows: dict[int, np.ndarray] = {}
+        rows: list[tuple[np.ndarray, np.ndarray]] = []  # (records, their feature rows) of each shard
         tags: dict[str, set[str]] = {}
         for shard in _shards(self.dir):
             with np.load(shard) as z:
@@ -242,15 +243,16 @@ class ShardWriter:
             ok[idx] = good
             for i, r in zip(idx[~good], why[~good]):
                 reasons[int(i)] = str(r)
-            for i, row in zip(idx[good], feats):
-                rows[int(i)] = row
+            if len(feats):
+                rows.append((idx[good], feats))
             if dim is None and len(feats):
                 dim = feats.shape[1]
         if not seen.all():
             raise CacheError(f"{(~seen).sum()} images of {self.n} have no features yet")
         features = np.zeros((int(ok.sum()), dim or 0), dtype=dtype)
-        for out_row, i in enumerate(np.flatnonzero(ok)):
-            features[out_row] = rows[int(i)]
+        out_row = np.cumsum(ok) - 1  # the row of each good record in the result
+        for idx, feats in rows:
+            features[out_row[idx]] = feats
         return features, ok, reasons, tags
 
     def remove(self) -> None:
@@ -265,6 +267,21 @@ def _str_dataset(group, name: str, values, shape=None):
     if shape is not None:
         data = data.reshape(shape)
     return group.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8"))
+
+
+#: Rows of variable-length strings per chunk of a ``paths`` dataset, and per write.
+STRING_CHUNK = 65536
+
+
+def _str_column(group, name: str, values: list[str]):
+    """A column of UTF-8 strings of any length, stored in chunks and written a chunk at a time:
+    a million paths never become one array of Python objects."""
+    n = len(values)
+    column = group.create_dataset(name, shape=(n,), dtype=h5py.string_dtype("utf-8"),
+                                  chunks=(max(1, min(STRING_CHUNK, n)),) if n else None)
+    for start in range(0, n, STRING_CHUNK):
+        column[start:start + STRING_CHUNK] = np.asarray(values[start:start + STRING_CHUNK], dtype=object)
+    return column
 
 
 def write_cache(
@@ -411,7 +428,7 @@ def _write_split(group, part: dict, chunk_rows: int) -> None:
         layers = group.create_group("layers")
         for name, values in part["layers"].items():
             _matrix(layers, name, values, chunk_rows)
-    _str_dataset(group, "paths", list(part["paths"]))
+    _str_column(group, "paths", list(part["paths"]))
     skipped = list(part.get("skipped", []))
     _str_dataset(group, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
 
@@ -702,3 +719,24 @@ def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, 
         out = np.empty((len(rows), sum(d.shape[1] for d in datasets)), dtype=dtype)
         out[order] = _read_sorted(datasets, rows[order], block, dtype)
         return out
+
+
+def iter_blocks(path: str | os.PathLike, split: str, sets: list[str] | tuple[str, ...] = ("penultimate",),
+                block: int = 65536):
+    """The rows of one split (or of :data:`VIEWS`), ``block`` at a time: ``(first row, columns)``
+    with ``labels``, ``paths``, ``source`` and ``view`` (those of the views only) and each feature
+    set of ``sets`` (as stored: float32 or float16). No more than one block is in memory."""
+    with _open(path) as f:
+        group = _split_group(f, path, split)
+        datasets = {name: _datasets(f, group, name) for name in sets}
+        n = int(group["labels"].shape[0])
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            columns = {"labels": group["labels"][start:stop], "paths": list(group["paths"].asstr()[start:stop])}
+            for name in ("source", "view"):
+                if name in group:
+                    columns[name] = group[name][start:stop]
+            for name, parts in datasets.items():
+                values = [d[start:stop] for d in parts]
+                columns[name] = values[0] if len(values) == 1 else np.hstack(values)
+            yield start, columns

@@ -67,6 +67,11 @@ CASES = [
     ("report", "{run} {run}", 2, r"pass --compare"),
     ("runs", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("fit-head", "{cache} --seeds 0", 2, r"'--seeds'"),
+    ("extract", "webdataset:{images}", 2, r"no \.tar shards in"),
+    ("extract", "{images} --label-column species", 2, r"--label-column is for .*parquet:.* data, not folder data"),
+    ("export", "{cache} {tmp}/f.xlsx --format xlsx", 2, r"Invalid value for '--format': 'xlsx' is not one of"),
+    ("export", "{cache} {tmp}/f.parquet --views", 2, r"has no augmented views \(extract with --augment-views K\)"),
+    ("export", "no-such-cache {tmp}/f.parquet", 3, r"no cache matches 'no-such-cache'"),
 ]
 
 

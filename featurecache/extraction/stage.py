@@ -18,6 +18,7 @@ views' rows in :data:`featurecache.store.VIEWS`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import sys
@@ -178,6 +179,9 @@ class ExtractOptions:
     lock_timeout: float | None = None
     checkpoint_every: int = 256
     progress: bool = True
+    label_key: str | None = None  # webdataset: cls (the default) or json:FIELD
+    image_column: str | None = None  # parquet:, hf: found by its type when not given
+    label_column: str | None = None
 
 
 @takes(ExtractOptions)
@@ -194,9 +198,13 @@ def extract(options: ExtractOptions) -> ExtractResult:
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
     forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
+    ``label_key`` (``webdataset:``), ``image_column`` and ``label_column`` (``parquet:``, ``hf:``) say
+    where a sample's label and image are, when they are not found by themselves.
+
     The options are the fields of :class:`ExtractOptions`.
     """
     started = time.perf_counter()
+    options = dataclasses.replace(options, backbone=backbones.canonical_name(options.backbone))  # timm:NAME
     group = distributed.Group.from_environment(options.shard)
     layers, tta = _check_tricks(options)
     run = _settings(options, group, tta)
@@ -268,7 +276,8 @@ def _strict_error(path: str, reason: str) -> DataError:
 
 def _open_data(options: ExtractOptions) -> Dataset:
     dataset = open_dataset(options.data, split=options.split, root=options.root, seed=options.seed,
-                           limit=options.limit)
+                           limit=options.limit, label_key=options.label_key, image_column=options.image_column,
+                           label_column=options.label_column)
     if options.strict and dataset.skipped:
         _, path, reason = dataset.skipped[0]
         raise _strict_error(path, reason)
@@ -330,6 +339,8 @@ def _tricks_config(layers: list[str], tta: str | None, views: Views | None) -> d
 def _label(backbone: str, dataset: Dataset) -> str:
     """The readable part of the cache file's name: backbone and data."""
     data = dataset.source.split(":")[-1] if dataset.loader else Path(dataset.root).name
+    if dataset.opener is not None:  # webdataset:DIR, parquet:DIR, hf:DIR or hf:NAME
+        data = f"{dataset.source.split(':')[0]}-{Path(dataset.source.split(':', 1)[1]).name}"
     return f"{backbone.replace('/', '-')}-{data}"
 
 

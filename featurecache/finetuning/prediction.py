@@ -33,6 +33,7 @@ from .. import runtime
 from ..data.images import ImageTensors, image_loader, normalize_batch
 from ..data.preprocess import Preprocess
 from ..data.sources import IMAGE_EXTENSIONS, Dataset, Record
+from ..data.webdataset import is_member_path, read_file_or_member
 from ..errors import DataError, RunError, UsageError, plural
 from ..progress import Progress
 from ..sweep.calibration import apply_temperature, head_temperature
@@ -51,7 +52,8 @@ Probabilities = Callable[[torch.Tensor], np.ndarray]
 
 
 def image_paths(paths) -> list[str]:
-    """Files as given, and every image (by extension) under each folder, recursively and sorted."""
+    """Files as given (``SHARD.tar#KEY`` for a sample of a WebDataset shard), and every image (by
+    extension) under each folder, recursively and sorted."""
     found: list[str] = []
     for given in paths:
         path = Path(given)
@@ -59,8 +61,8 @@ def image_paths(paths) -> list[str]:
             found += sorted(str(p) for p in path.rglob("*")
                             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.exists():
-            found.append(str(path))
+        elif path.exists() or is_member_path(str(given)):  # a file, or a shard's sample SHARD.tar#KEY
+            found.append(str(given) if is_member_path(str(given)) else str(path))
         else:
             raise DataError(f"no such file or folder: {path}")
     if not found:
@@ -159,7 +161,8 @@ def predict(
     workers = runtime.resolve_workers(workers)
     probabilities, classes, pre, said = load_predictor(model, head, device, cache_dir, trust)
     dev = runtime.resolve_device(device)
-    dataset = Dataset("", classes, [Record(os.path.abspath(f), -1, "predict") for f in files], "predict")
+    dataset = Dataset("", classes, [Record(os.path.abspath(f), -1, "predict") for f in files], "predict",
+                      opener=read_file_or_member)
     loader = image_loader(ImageTensors(dataset, np.arange(len(files)), pre, None), batch_size, workers, dev)
     k = min(topk, len(classes))
     predictions, skipped = [], []

@@ -46,7 +46,7 @@ from torch import nn
 from .. import runtime, store
 from ..data.images import AUGMENTS, ImageTensors, augment_seed, image_loader, normalize_batch
 from ..data.preprocess import Preprocess
-from ..data.sources import Dataset, Record, open_dataset
+from ..data.sources import Dataset, Record, reopen
 from ..errors import FinetuneError, UsageError, suggest
 from ..files import atomic_write, require_space, sha256_file, write_json
 from ..metrics import classification_metrics, summary
@@ -80,14 +80,12 @@ def cache_images(cache_meta: dict, split: str) -> tuple[Dataset, np.ndarray]:
     """The images of one split of a cache, in cache order (skipped ones excluded), with labels."""
     data = cache_meta["config"]["data"]
     _, labels, paths = store.load_features(cache_meta["path"], split)
-    if data.get("kind") == "torchvision":
-        base = open_dataset(data["source"], root=data["root"])
-    else:
-        if not Path(data["root"]).is_dir():
-            raise FinetuneError(f"the images of {cache_meta['path']} are no longer at {data['root']}")
-        base = Dataset(data["root"], cache_meta["classes"], [], data.get("source", "folder"))
+    if data.get("kind") != "torchvision" and not Path(data["root"]).is_dir():
+        raise FinetuneError(f"the images of {cache_meta['path']} are no longer at {data['root']}")
+    base = reopen(data)
     records = [Record(p, int(label), split) for p, label in zip(paths, labels)]
-    return dataclasses.replace(base, records=records, skipped=[]), np.asarray(labels, dtype=np.int64)
+    return (dataclasses.replace(base, classes=list(cache_meta["classes"]), records=records, skipped=[]),
+            np.asarray(labels, dtype=np.int64))
 
 
 class TrainImages(ImageTensors):
