@@ -557,11 +557,16 @@ class _Sweep:
             scaling.fit_within(state, self.rungs[-1].rows, share, taken)
 
     def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
-        for place, state in enumerate(ranked[keep:], keep + 1):
+        """The heads that move on from ``rung``: those predicted best on all rows, and the rung's leader;
+        the others are pruned, with their predicted score in the reason."""
+        moving, pruned, predictions = scaling.survivors(ranked, keep, self.rungs[-1].rows)
+        for place, state in enumerate(pruned, keep + 1):
+            accuracy = state.curve[-1][1]
             state.status = "pruned"
-            state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): ranked "
-                            f"{place} of {len(ranked)} on {self.plan.selection}; {keep} moved on")
-        return ranked[:keep]
+            state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): "
+                            f"{self.plan.selection} {accuracy:.4f}, {predictions[id(state)].describe()}; ranked "
+                            f"{place} of {len(ranked)} by the prediction; {keep} moved on")
+        return moving
 
     def probe(self, alive: list) -> list:
         """Time the heads whose cost grows faster than the rows (an RBF SVM) on a small sample first, so that
@@ -580,6 +585,8 @@ class _Sweep:
             if rung.index == 1 and self.echo:
                 _echo_estimates(self, alive)
             ranked = sorted(self.run_rung(rung, alive), key=key)
+            for state in ranked:  # the learning curve: rows learnt from, selection accuracy
+                state.curve.append((state.cost[0], -key(state)[0]))
             following = self.rungs[rung.index + 1] if rung.index + 1 < len(self.rungs) else None
             alive = self.prune(ranked, rung, following.keep) if following else ranked
 
