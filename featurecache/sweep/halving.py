@@ -3,8 +3,8 @@
 Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Above it:
 
 - **Rungs.** Every head is first fitted on a stratified sample of about
-  :data:`FIRST_RUNG_ROWS` rows; with ``halving`` only the best third (by the selection
-  accuracy, then log-loss) moves on to a sample three times larger, and so on up to all
+  :data:`FIRST_RUNG_ROWS` rows; with ``halving`` only a third (those predicted best on all
+  rows, see *learning curves*) moves on to a sample three times larger, and so on up to all
   rows, where at least :data:`FINAL_HEADS` heads arrive. Samples are nested prefixes of
   one stratified order, so each rung's rows include the previous rung's. Without
   ``halving`` the first rung only times the heads and every head moves on.

@@ -749,7 +749,8 @@ def fit_head(
     each kept in its image's fold and never scored.
 
     Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head is
-    fitted on a stratified sample first and only the best third moves on to larger ones;
+    fitted on a stratified sample first and only a third, those predicted best on all rows from their
+    learning curves, moves on to larger ones;
     ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and row samples
     chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default half the available
     memory) bounds the features held: beyond it heads learn from row chunks or a sample.
@@ -777,9 +778,10 @@ def fit_head(
 def list_head_types() -> list[dict]:
     """The registry as rows: name, family, kind, transferable, class_weight, default parameters and the
     facts the sweep uses (simplicity rank, relative cost, warm-start path; on many rows how the cost
-    grows with the rows, whether there is a stand-in and whether it learns from row chunks)."""
+    grows with the rows, the prior of its learning curve, whether there is a stand-in and whether it learns
+    from row chunks)."""
     return [{"name": h.name, "family": h.family, "kind": h.kind, "transferable": h.transferable,
              "class_weight": h.class_weight, "defaults": h.defaults, "description": h.description,
              "simplicity": h.simplicity, "cost": h.cost, "warm_path": h.warm_path, "growth": h.growth,
-             "stand_in": h.stand_in is not None, "chunked": h.chunked is not None}
+             "learning_curve": h.learning_curve, "stand_in": h.stand_in is not None, "chunked": h.chunked is not None}
             for h in HEADS.values()]
