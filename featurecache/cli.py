@@ -619,7 +619,7 @@ def fit_head(as_json, **options):
 @_json
 def runs_command(cache_dir, as_json):
     """The runs of the cache directory: backbone, best head, its score with a 95% interval."""
-    from .reporting.compare import list_runs
+    from .reporting.listing import list_runs
     from .sweep.leaderboard import format_interval as _ci
 
     rows = list_runs(cache_dir)
