@@ -354,3 +354,17 @@ def test_halving_keeps_the_late_bloomer_that_wins_on_all_rows(tmp_path, many_row
     second = board["curve:error=0.21;slope=0.02"]  # the heads ahead of it on 400 rows: one of them makes room
     assert second["status"] == "pruned" and second["rows"] == 400
     assert re.search(r"\(400 rows\): val 0\.7933, predicted 0\.79\d\d on 1,200 rows", second["reason"])
+
+
+def test_half_of_the_heads_moving_on_are_the_rung_leaders():
+    """Neighbours' prior (error ~ rows^-0.2) predicts them above the linear heads on 100 times the rows; half the
+    places still go to the heads that lead the rung."""
+    from featurecache.heads import parse_grid
+
+    configs = [*parse_grid("logreg:C=1,2,3"), *parse_grid("knn:n_neighbors=1,2,3")]
+    states = [scaling.HeadState(cfg, cfg, curve=[(1000, accuracy)])
+              for cfg, accuracy in zip(configs, (0.90, 0.89, 0.88, 0.87, 0.86, 0.85))]
+    moving, pruned, predictions = scaling.survivors(states, 4, 100000)
+    assert predictions[id(states[3])].accuracy > predictions[id(states[0])].accuracy
+    assert {s.form.spec for s in moving} == {"logreg:C=1", "logreg:C=2", "knn:n_neighbors=1", "knn:n_neighbors=2"}
+    assert [s.form.spec for s in pruned] == ["knn:n_neighbors=3", "logreg:C=3"]

@@ -13,8 +13,9 @@ Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Abo
   small samples and overtake them later. Each head's score on all rows is predicted from the
   scores of its own rungs, a power law ``error = a * rows ** -b`` fitted in log-log and
   anchored at its latest rung; with a single rung, ``b`` is the median of its family's fitted
-  exponents, or the prior its head type registers (``learning_curve``). The heads predicted
-  best move on, and so does the head that leads the rung.
+  exponents, or the prior its head type registers (``learning_curve``). Half of the heads
+  that move on (at least one) are the rung's best on their scores, the others those
+  predicted best on all rows.
 - **Cost models.** A head's cost is ``seconds(rows) = s * (rows / r) ** growth``, with
   ``(r, s)`` its latest timed fit and ``growth`` what its head type declares. With a
   budget, heads whose cost grows much faster than the rows (``growth`` of
@@ -266,13 +267,15 @@ def predict(states: list[HeadState], rows: int) -> dict[int, Prediction]:
 
 def survivors(ranked: list[HeadState], keep: int, rows: int) -> tuple[list, list, dict[int, Prediction]]:
     """``(moving on, pruned, predictions)`` of the heads of ``ranked`` (best first on the rung): the
-    ``keep`` heads predicted best on ``rows`` rows (ties: the rung's order), the rung's leader among
-    them; both lists in the prediction's order."""
+    best half of ``keep`` (at least one) on the rung's scores, and the others predicted best on ``rows``
+    rows (ties: the rung's order); both lists in the prediction's order. The half kept on its score
+    hedges against a prior or a noisy curve that overrates a head."""
     predictions = predict(ranked, rows)
     place = {id(s): i for i, s in enumerate(ranked)}
     order = sorted(ranked, key=lambda s: (-predictions[id(s)].accuracy, place[id(s)]))
-    moving = {id(s) for s in order[:keep]}
-    if ranked and keep and id(ranked[0]) not in moving:  # the head leading now moves on too
-        moving.discard(id(order[keep - 1]))
-        moving.add(id(ranked[0]))
+    moving = {id(s) for s in ranked[:max(1, keep // 2)]} if keep else set()
+    for state in order:
+        if len(moving) >= keep:
+            break
+        moving.add(id(state))
     return [s for s in order if id(s) in moving], [s for s in order if id(s) not in moving], predictions
