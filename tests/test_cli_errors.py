@@ -1,8 +1,9 @@
 """Every command answers bad input with one line on stderr and the documented exit code.
 
-2: an unusable option, argument or input file; 3: a missing, locked or inconsistent cache
-or run; 1 only for an unexpected error. Each leaf command of ``fc`` has cases here, and a
-new command without one fails :func:`test_every_command_has_a_case`.
+2: an unusable option, argument or input file; 3: a missing, locked, damaged or inconsistent
+cache or run; 4: a write the machine refused (tests/test_faults.py); 1 only for an unexpected
+error. Each leaf command of ``fc`` has cases here, and a new command without one fails
+:func:`test_every_command_has_a_case`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ CASES = [
     ("cache list", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("cache info", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
     ("cache rm", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("cache verify", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("cache verify", "{tmp}/good.toml", 3, r"good.toml is not a readable HDF5 cache"),
     ("weights import", "{tmp}/missing.pth --backbone mobilenet_v2", 2, r"weights file not found"),
     ("weights import", "{tmp}/missing.pth --backbone mobilenet_v9", 2, r"mobilenet_v9"),
     ("fit-head", "{cache} --head nosuchhead", 2, r"nosuchhead"),

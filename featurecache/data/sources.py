@@ -126,6 +126,9 @@ def _parse_split_fractions(spec: str) -> dict[str, float]:
             raise DataError(f"bad --split {spec!r}: write it as train=0.8,val=0.2") from None
         if not sep or not name or fractions[name] < 0:
             raise DataError(f"bad --split {spec!r}: write it as train=0.8,val=0.2")
+        if name not in SPLITS:
+            raise DataError(f"bad --split {spec!r}: {name!r} is not one of {', '.join(SPLITS)}"
+                            + suggest(name, SPLITS))
     total = sum(fractions.values())
     if abs(total - 1.0) > 1e-6:
         raise DataError(f"--split fractions must sum to 1, not {total:g}")
@@ -206,13 +209,13 @@ def _csv_source(path: Path, split: str | None, seed: int) -> Dataset:
     has_split = "split" in columns
     if has_split and split:
         raise DataError(f"manifest {path} has a split column; drop --split")
+    for line, row in enumerate(rows, start=2):
+        _check_row(path, line, row, has_split)
     classes = sorted({r["label"] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     records, skipped = [], []
-    for line, row in enumerate(rows, start=2):
-        rel = (row["path"] or "").strip()
-        if not rel:
-            raise DataError(f"manifest {path}, line {line}: empty path")
+    for row in rows:
+        rel = row["path"].strip()
         rel_path = Path(rel) if Path(rel).is_absolute() else root / rel
         rel = os.path.relpath(rel_path, root) if not Path(rel).is_absolute() else str(rel_path)
         rec_split = (row.get("split") or "train").strip() if has_split else "train"
@@ -222,9 +225,32 @@ def _csv_source(path: Path, split: str | None, seed: int) -> Dataset:
         records.append(Record(rel, index[row["label"]], rec_split))
     if not records:
         raise DataError(f"manifest {path} lists no images")
+    _check_files_exist(path, root, records)
     description = {"kind": "csv", "manifest": path.name}
     records = _assign_splits(records, split, seed, description) if split else sorted(records, key=_split_order)
     return Dataset(str(root), classes, records, "csv", skipped, description=description)
+
+
+def _check_row(path: Path, line: int, row: dict, has_split: bool) -> None:
+    """A DataError for a manifest row without a path or a label, or with a split that is not train, val or test
+    (an empty split cell means train)."""
+    where = f"manifest {path}, line {line}"
+    if not (row.get("path") or "").strip():
+        raise DataError(f"{where}: empty path")
+    if not (row.get("label") or "").strip():
+        raise DataError(f"{where}: empty label (every image needs its class)")
+    split = (row.get("split") or "").strip() if has_split else ""
+    if split and split not in SPLITS:
+        raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}" + suggest(split, SPLITS))
+
+
+def _check_files_exist(path: Path, root: Path, records: list[Record]) -> None:
+    """A DataError when no file a split of the manifest lists exists: nothing of that split could be extracted."""
+    for split in SPLITS:
+        listed = [r for r in records if r.split == split]
+        if listed and not any((root / r.path).is_file() for r in listed):
+            raise DataError(f"manifest {path}: none of the {len(listed)} files of split {split!r} exists "
+                            f"(first: {root / listed[0].path}); paths are relative to the manifest's folder")
 
 
 def _gunzip(src: Path, dest: Path) -> None:
