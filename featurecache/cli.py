@@ -651,8 +651,9 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
               help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
                    "planned from timed small fits (0: no bound).")
 @click.option("--halving/--no-halving", default=True, show_default=True,
-              help="Above 4,000 training rows, fit every head on a sample first and move only the best third "
-                   "on to larger samples (successive halving).")
+              help="Above 4,000 training rows, fit every head on a sample first and move only a third on to "
+                   "larger samples: those predicted best on all rows from their learning curves (successive "
+                   "halving).")
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="Features held in memory, e.g. 4G (default: half the available memory); beyond it heads learn "
                    "from row chunks of the file or from a sample.")

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.neighbors import NearestCentroid
 from test_sweep import digits_cache
 
@@ -281,3 +284,87 @@ def test_calibration_on_a_holdout_and_seeds_only_on_few_rows(tmp_path, many_rows
     assert all(e["calibration"]["temperature"] > 0 for e in res.leaderboard)
     with pytest.raises(UsageError, match="seeds > 1 refits every head on all training rows"):
         featurecache.fit_head(cache, head=("knn",), seeds=3)
+
+
+# --------------------------------------------------------------------------- late bloomers
+
+
+class _Curve(ClassifierMixin, BaseEstimator):
+    """A planted learning curve: on a cache whose first feature is the label and whose second is a
+    uniform key, right on the rows whose key is below ``1 - error * (rows / 133) ** -slope``, where
+    ``rows`` is how many it learnt from; wrong (the next class) on the others."""
+
+    _parameter_constraints: ClassVar[dict] = {"error": [float], "slope": [float]}
+
+    def __init__(self, error=0.2, slope=0.0):
+        self.error, self.slope = error, slope
+
+    def fit(self, X, y):
+        self.classes_, self.rows_ = np.unique(y), len(X)
+        return self
+
+    def predict_proba(self, X):
+        accuracy = 1.0 - self.error * (self.rows_ / 133) ** -self.slope
+        label = X[:, 0].astype(int)
+        guess = np.where(X[:, 1] < accuracy, label, (label + 1) % len(self.classes_))
+        proba = np.full((len(X), len(self.classes_)), 0.1 / (len(self.classes_) - 1))
+        proba[np.arange(len(X)), guess] = 0.9
+        return proba
+
+
+def _curve(*, error=0.2, slope=0.0):
+    """A planted learning curve."""
+    return _Curve(error=error, slope=slope)
+
+
+def _curve_cache(tmp_path) -> str:
+    """1,200 train, 300 val and 300 test rows of (label, key, noise, noise); val's keys evenly spaced, so that
+    a planted accuracy is what the sweep measures."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 1200), ("val", 300), ("test", 300)):
+        y = np.arange(n) % 10
+        X = np.column_stack([y, (rng.permutation(n) + 0.5) / n, rng.normal(size=(n, 2))]).astype(np.float32)
+        splits[split] = {"features": X, "labels": y, "paths": [f"{split}/{i}" for i in range(n)], "skipped": []}
+    config = {"backbone": "planted", "weights": {"weights": "none"}, "feature_dim": 4, "data": {"root": "planted"}}
+    return str(store.write_cache(tmp_path / "planted.h5", [str(c) for c in range(10)], config, splits))
+
+
+@pytest.fixture
+def curve_head():
+    register_head("curve", _curve, family="linear", trusted=[f"{__name__}._Curve"])
+    yield
+    from featurecache.heads import HEADS
+
+    HEADS.pop("curve")
+
+
+def test_halving_keeps_the_late_bloomer_that_wins_on_all_rows(tmp_path, many_rows, curve_head):
+    """Rungs of 133, 400 and 1,200 rows. The bloomer is third of seven on 133 rows (0.74) and third of three on
+    400 (0.785, below 0.804 and 0.795), where the last rung has room for two; its error falls fastest, and on all
+    rows it is the best head (0.822 against 0.809). Ranked on the last rung's scores it would be pruned."""
+    bloomer = "curve:error=0.26;slope=0.173"
+    grid = ("curve:error=0.2;slope=0.02", "curve:error=0.21;slope=0.02", bloomer,
+            "curve:error=0.3,0.32,0.34,0.36;slope=0.02")
+    result = featurecache.fit_head(_curve_cache(tmp_path), head=grid, jobs=1, budget=None)
+    board = {e["head"]: e for e in result.leaderboard}
+    assert [r["rows"] for r in json.loads((Path(result.run_dir) / "run.json").read_text())["rungs"]] == [133, 400, 1200]
+    assert board[bloomer]["status"] == "fitted" and board[bloomer]["rows"] == 1200
+    assert result.best == bloomer and board[bloomer]["selection_accuracy"] == pytest.approx(0.8233, abs=1e-3)
+    second = board["curve:error=0.21;slope=0.02"]  # the heads ahead of it on 400 rows: one of them makes room
+    assert second["status"] == "pruned" and second["rows"] == 400
+    assert re.search(r"\(400 rows\): val 0\.7933, predicted 0\.79\d\d on 1,200 rows", second["reason"])
+
+
+def test_half_of_the_heads_moving_on_are_the_rung_leaders():
+    """Neighbours' prior (error ~ rows^-0.2) predicts them above the linear heads on 100 times the rows; half the
+    places still go to the heads that lead the rung."""
+    from featurecache.heads import parse_grid
+
+    configs = [*parse_grid("logreg:C=1,2,3"), *parse_grid("knn:n_neighbors=1,2,3")]
+    states = [scaling.HeadState(cfg, cfg, curve=[(1000, accuracy)])
+              for cfg, accuracy in zip(configs, (0.90, 0.89, 0.88, 0.87, 0.86, 0.85))]
+    moving, pruned, predictions = scaling.survivors(states, 4, 100000)
+    assert predictions[id(states[3])].accuracy > predictions[id(states[0])].accuracy
+    assert {s.form.spec for s in moving} == {"logreg:C=1", "logreg:C=2", "knn:n_neighbors=1", "knn:n_neighbors=2"}
+    assert [s.form.spec for s in pruned] == ["knn:n_neighbors=3", "logreg:C=3"]

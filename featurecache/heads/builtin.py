@@ -69,19 +69,19 @@ def _smaller_forest(cfg, shrink):
 
 
 register_head("linear", TorchLinearClassifier, family="linear", kind="torch", simplicity=1, to_module=torch_module,
-              stand_in=_fewer_epochs, chunked=torch_chunks)
+              learning_curve=0.1, stand_in=_fewer_epochs, chunked=torch_chunks)
 register_head("mlp", TorchMLPClassifier, family="mlp", kind="torch", simplicity=3, to_module=torch_module,
-              stand_in=_fewer_epochs, chunked=torch_chunks)
+              learning_curve=0.3, stand_in=_fewer_epochs, chunked=torch_chunks)
 
 
-@register_head("logreg", family="linear", simplicity=1, warm_path="C", to_module=logreg_module,
+@register_head("logreg", family="linear", simplicity=1, learning_curve=0.1, warm_path="C", to_module=logreg_module,
                stand_in=_fewer_iterations)
 def _logreg(*, C=1.0, max_iter=1000, class_weight=None, random_state=None):
     """Multinomial logistic regression (L-BFGS)."""
     return LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state)
 
 
-@register_head("linear-svm", family="linear", simplicity=1, to_module=decision_softmax_module,
+@register_head("linear-svm", family="linear", simplicity=1, learning_curve=0.1, to_module=decision_softmax_module,
                trusted=[type_name(DecisionSoftmaxClassifier)], growth=1.2, stand_in=_fewer_iterations)
 def _linear_svm(*, C=1.0, max_iter=10000, class_weight=None, random_state=None):
     """Linear SVM (liblinear); probabilities: softmax of the decision function."""
@@ -89,14 +89,14 @@ def _linear_svm(*, C=1.0, max_iter=10000, class_weight=None, random_state=None):
         LinearSVC(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state))
 
 
-@register_head("ridge", family="linear", simplicity=1, to_module=decision_softmax_module,
+@register_head("ridge", family="linear", simplicity=1, learning_curve=0.1, to_module=decision_softmax_module,
                trusted=[type_name(DecisionSoftmaxClassifier)])
 def _ridge(*, alpha=1.0, class_weight=None):
     """Ridge classifier; probabilities: softmax of the decision function."""
     return DecisionSoftmaxClassifier(RidgeClassifier(alpha=alpha, class_weight=class_weight))
 
 
-@register_head("svm", family="kernel", simplicity=3, cost=2, growth=2.0, stand_in=_kernel_map,
+@register_head("svm", family="kernel", simplicity=3, learning_curve=0.3, cost=2, growth=2.0, stand_in=_kernel_map,
                trusted=["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"])
 def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
     """RBF SVM; probabilities: Platt scaling on 5 folds, then one SVC on all rows."""
@@ -107,7 +107,7 @@ def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
         method="sigmoid", cv=5, ensemble=False)
 
 
-@register_head("rbf-map", family="kernel", simplicity=3, cost=2, to_module=kernel_map_module,
+@register_head("rbf-map", family="kernel", simplicity=3, learning_curve=0.3, cost=2, to_module=kernel_map_module,
                stand_in=_fewer_components, trusted=[type_name(KernelMapClassifier)])
 def _rbf_map(*, C=1.0, gamma="scale", n_components=1000, max_iter=1000, class_weight=None, random_state=None):
     """RBF kernel map (Nystroem) + logistic regression: the RBF SVM's stand-in on many rows; transferable."""
@@ -115,8 +115,8 @@ def _rbf_map(*, C=1.0, gamma="scale", n_components=1000, max_iter=1000, class_we
                                class_weight=class_weight, random_state=random_state)
 
 
-@register_head("sgd", family="linear", simplicity=1, to_module=decision_softmax_module, stand_in=_fewer_iterations,
-               chunked=sgd_chunks, trusted=[type_name(DecisionSoftmaxClassifier)])
+@register_head("sgd", family="linear", simplicity=1, learning_curve=0.1, to_module=decision_softmax_module,
+               stand_in=_fewer_iterations, chunked=sgd_chunks, trusted=[type_name(DecisionSoftmaxClassifier)])
 def _sgd(*, loss="log_loss", alpha=0.001, max_iter=20, class_weight=None, random_state=None):
     """Linear model by stochastic gradient descent; probabilities: softmax of the decision function; learns
     from row chunks."""
@@ -130,20 +130,20 @@ _NEIGHBOR_TYPES = ["sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball
                      ("Euclidean", "Manhattan", "Chebyshev", "Minkowski"))]
 
 
-@register_head("knn", family="neighbors", simplicity=2, trusted=_NEIGHBOR_TYPES)
+@register_head("knn", family="neighbors", simplicity=2, learning_curve=0.2, trusted=_NEIGHBOR_TYPES)
 def _knn(*, n_neighbors=5, weights="uniform", metric="euclidean"):
     """k nearest neighbours; probabilities: the (weighted) vote shares."""
     return KNeighborsClassifier(n_neighbors=n_neighbors, weights=weights, metric=metric)
 
 
-@register_head("nearest-centroid", family="neighbors", simplicity=0, trusted=[type_name(SoftmaxNearestCentroid)],
-               chunked=centroid_chunks)
+@register_head("nearest-centroid", family="neighbors", simplicity=0, learning_curve=0.0,
+               trusted=[type_name(SoftmaxNearestCentroid)], chunked=centroid_chunks)
 def _nearest_centroid(*, shrink_threshold=None):
     """Nearest (shrunken) centroid; probabilities: softmax of minus squared distances."""
     return SoftmaxNearestCentroid(shrink_threshold=shrink_threshold)
 
 
-@register_head("random-forest", family="trees", simplicity=4, cost=3, warm_path="n_estimators",
+@register_head("random-forest", family="trees", simplicity=4, learning_curve=0.2, cost=3, warm_path="n_estimators",
                trusted=["sklearn.tree._tree.Tree"], growth=1.2, stand_in=_smaller_forest)
 def _random_forest(*, n_estimators=300, max_features="sqrt", max_depth=None, min_samples_leaf=1, max_samples=None,
                    class_weight=None, random_state=None):
@@ -153,8 +153,8 @@ def _random_forest(*, n_estimators=300, max_features="sqrt", max_depth=None, min
                                   class_weight=class_weight, random_state=random_state, n_jobs=1)
 
 
-@register_head("hgb", family="trees", simplicity=4, cost=3, warm_path="max_iter", stand_in=_fewer_iterations,
-               trusted=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
+@register_head("hgb", family="trees", simplicity=4, learning_curve=0.2, cost=3, warm_path="max_iter",
+               stand_in=_fewer_iterations, trusted=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
 def _hgb(*, learning_rate=0.1, max_iter=100, max_leaf_nodes=31, l2_regularization=0.0, max_features=1.0,
          class_weight=None, random_state=None):
     """Histogram gradient boosting."""

@@ -67,7 +67,10 @@ class HeadType:
 
     For large data: ``growth`` is how the cost of a fit grows with the rows (seconds
     proportional to ``rows ** growth``: 1 for linear models, 2 for a kernel SVM); the
-    sweep times a small fit and scales it by this. ``stand_in(cfg, shrink)`` returns
+    sweep times a small fit and scales it by this. ``learning_curve`` is how fast its error
+    falls as the rows grow (error proportional to ``rows ** -learning_curve``): successive
+    halving predicts a head's score on all rows from its own rungs, and uses this prior
+    when the head and its family have too few rungs to fit one. ``stand_in(cfg, shrink)`` returns
     a config of the same inductive bias that costs about ``shrink`` (< 1) times as
     much, or None; and ``chunked(pipeline, chunks)`` fits the head from row chunks
     (:mod:`featurecache.heads.chunked`) when the features do not fit in memory.
@@ -86,6 +89,7 @@ class HeadType:
     to_module: Callable | None = None
     trusted: tuple[str, ...] = ()
     growth: float = 1.0
+    learning_curve: float = 0.15
     stand_in: Callable | None = None
     chunked: Callable | None = None
 
@@ -118,7 +122,8 @@ class HeadType:
 HEADS: dict[str, HeadType] = {}
 
 
-def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | None, growth: float) -> None:
+def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | None, growth: float,
+                        learning_curve: float = 0.15) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]*", name):
         raise HeadError(f"head name {name!r}: use letters, digits, -, _ and + (no dots, colons or spaces)")
     if name in HEADS:
@@ -129,11 +134,15 @@ def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | N
         raise HeadError(f"head {name}: warm_path {warm_path!r} is not one of its parameters {', '.join(defaults)}")
     if not isinstance(growth, (int, float)) or not 0 < growth <= 4:
         raise HeadError(f"head {name}: growth must be a number in (0, 4] (seconds ~ rows ** growth), got {growth!r}")
+    if isinstance(learning_curve, bool) or not isinstance(learning_curve, (int, float)) or \
+            not 0 <= learning_curve <= 1:
+        raise HeadError(f"head {name}: learning_curve must be a number in [0, 1] (error ~ rows ** -learning_curve), "
+                        f"got {learning_curve!r}")
 
 
 def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None, *, family: str,
                   kind: str = "sklearn", simplicity: int = UNRANKED, cost: int = 1, warm_path: str | None = None,
-                  to_module: Callable | None = None, trusted=(), growth: float = 1.0,
+                  to_module: Callable | None = None, trusted=(), growth: float = 1.0, learning_curve: float = 0.15,
                   stand_in: Callable | None = None, chunked: Callable | None = None):
     """Register a head under ``name``: everything about it in one call. Returns its :class:`HeadType`.
 
@@ -145,7 +154,8 @@ def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None
     ``factory``, returns a decorator that registers the function it decorates and gives it back.
     """
     facts = dict(family=family, kind=kind, simplicity=simplicity, cost=cost, warm_path=warm_path,
-                 to_module=to_module, trusted=tuple(trusted), growth=growth, stand_in=stand_in, chunked=chunked)
+                 to_module=to_module, trusted=tuple(trusted), growth=growth, learning_curve=learning_curve,
+                 stand_in=stand_in, chunked=chunked)
     if factory is None:
         def decorate(function):
             register_head(name, function, **facts)
@@ -154,7 +164,7 @@ def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None
         return decorate
     signature = inspect.signature(factory).parameters
     defaults = {k: p.default for k, p in signature.items() if k not in _CONTEXT}
-    _check_registration(name, kind, defaults, warm_path, growth)
+    _check_registration(name, kind, defaults, warm_path, growth, learning_curve)
     context = tuple(k for k in _CONTEXT if k in signature)
     description = (inspect.getdoc(factory) or name).splitlines()[0]
     HEADS[name] = HeadType(name=name, factory=factory, defaults=defaults, context=context, description=description,

@@ -3,11 +3,19 @@
 Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Above it:
 
 - **Rungs.** Every head is first fitted on a stratified sample of about
-  :data:`FIRST_RUNG_ROWS` rows; with ``halving`` only the best third (by the selection
-  accuracy, then log-loss) moves on to a sample three times larger, and so on up to all
+  :data:`FIRST_RUNG_ROWS` rows; with ``halving`` only a third (those predicted best on all
+  rows, see *learning curves*) moves on to a sample three times larger, and so on up to all
   rows, where at least :data:`FINAL_HEADS` heads arrive. Samples are nested prefixes of
   one stratified order, so each rung's rows include the previous rung's. Without
   ``halving`` the first rung only times the heads and every head moves on.
+- **Learning curves.** Heads are not ranked for pruning on the rung's scores alone: heads
+  whose error falls faster with the rows (networks, kernels) look worse than linear heads on
+  small samples and overtake them later. Each head's score on all rows is predicted from the
+  scores of its own rungs, a power law ``error = a * rows ** -b`` fitted in log-log and
+  anchored at its latest rung; with a single rung, ``b`` is the median of its family's fitted
+  exponents, or the prior its head type registers (``learning_curve``). Half of the heads
+  that move on (at least one) are the rung's best on their scores, the others those
+  predicted best on all rows.
 - **Cost models.** A head's cost is ``seconds(rows) = s * (rows / r) ** growth``, with
   ``(r, s)`` its latest timed fit and ``growth`` what its head type declares. With a
   budget, heads whose cost grows much faster than the rows (``growth`` of
@@ -28,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +47,8 @@ LARGE_ROWS = 4000  # above: rungs, a holdout instead of k folds, the budget
 FIRST_RUNG_ROWS = 1500  # about the rows of the first rung
 ETA = 3  # each rung keeps a third of the heads on three times the rows
 FINAL_HEADS = 2  # heads that reach all rows at least
+CURVE_MAX = 1.0  # the largest exponent of error ~ rows ** -b a head's rungs may give it
+ERROR_FLOOR = 1e-3  # errors are at least this, so that a perfect rung still has a logarithm
 PROBE_ROWS, PROBE_GROWTH = 500, 1.5  # heads whose cost grows this fast are timed on this many rows first
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 10000  # of train, when there is no val split
 TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all saw
@@ -158,6 +168,7 @@ class HeadState:
     rows: int = 0  # training rows of the latest successful fit
     seconds: float = 0.0  # of every fit of this head
     cost: tuple[int, float] | None = None  # (rows, seconds) of the latest fit of ``form``
+    curve: list = field(default_factory=list)  # (rows, selection accuracy) of each rung it got a result at
     cap: int | None = None  # rows of a sample its share pays for
     result: dict | None = None  # of the latest successful fit: probas, files, record
     fitted: HeadConfig | None = None  # the config of that fit
@@ -200,3 +211,71 @@ def fit_within(state: HeadState, rows: int, share: float, taken: set[str]) -> No
     growth = head_type(state.form.name).growth
     state.cap = max(FIRST_RUNG_ROWS // 2, int(rows * (share / estimate) ** (1.0 / growth)))
     state.reason = f"fitted on a stratified sample of {state.cap:,} rows ({why})"
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A head's predicted selection accuracy on ``rows`` rows, and where its exponent came from."""
+
+    accuracy: float
+    rows: int
+    exponent: float
+    source: str  # "its N rungs", "its family's rungs" or "the prior of HEAD"
+
+    def describe(self) -> str:
+        return f"predicted {self.accuracy:.4f} on {self.rows:,} rows (error ~ rows^-{self.exponent:.2f}, {self.source})"
+
+
+def curve_exponent(curve: list) -> float | None:
+    """``b`` of ``error = a * rows ** -b`` fitted by least squares in log-log to ``(rows, accuracy)``
+    points, within ``[0, CURVE_MAX]``; None with fewer than two distinct sizes."""
+    rows = np.log([n for n, _ in curve])
+    if len(curve) < 2 or np.ptp(rows) == 0:
+        return None
+    errors = np.log([max(ERROR_FLOOR, 1.0 - a) for _, a in curve])
+    slope = np.polyfit(rows, errors, 1)[0]
+    return float(np.clip(-slope, 0.0, CURVE_MAX))
+
+
+def predict(states: list[HeadState], rows: int) -> dict[int, Prediction]:
+    """``id(state) -> Prediction`` of each state's selection accuracy on ``rows`` rows, from the last
+    point of its curve: its own exponent with two rungs or more, else its family's median, else the
+    prior of its head type."""
+    own = {id(s): curve_exponent(s.curve) for s in states if s.curve}
+    family: dict[str, list[float]] = {}
+    for state in states:
+        if own.get(id(state)) is not None:
+            family.setdefault(head_type(state.form.name).family, []).append(own[id(state)])
+    out = {}
+    for state in states:
+        if not state.curve:
+            continue
+        htype = head_type(state.form.name)
+        exponent, source = own[id(state)], f"its {len(state.curve)} rungs"
+        if exponent is None and htype.family in family:
+            exponent, source = float(np.median(family[htype.family])), f"its family's rungs ({htype.family})"
+        if exponent is None:
+            exponent, source = htype.learning_curve, f"the prior of {htype.name}"
+        last_rows, last_accuracy = state.curve[-1]
+        error = max(ERROR_FLOOR, 1.0 - last_accuracy) * (max(rows, last_rows) / last_rows) ** -exponent
+        out[id(state)] = Prediction(1.0 - error, rows, exponent, source)
+    return out
+
+
+def survivors(ranked: list[HeadState], keep: int, rows: int) -> tuple[list, list, dict[int, Prediction]]:
+    """``(moving on, pruned, predictions)`` of the heads of ``ranked`` (best first on the rung): the
+    best half of ``keep`` (at least one) on the rung's scores, and the others predicted best on ``rows``
+    rows (ties: the rung's order); both lists in the prediction's order. The half kept on its score
+    hedges against a prior or a noisy curve that overrates a head."""
+    predictions = predict(ranked, rows)
+    place = {id(s): i for i, s in enumerate(ranked)}
+    order = sorted(ranked, key=lambda s: (-predictions[id(s)].accuracy, place[id(s)]))
+    moving = {id(s) for s in ranked[:max(1, keep // 2)]} if keep else set()
+    for state in order:
+        if len(moving) >= keep:
+            break
+        moving.add(id(state))
+    return [s for s in order if id(s) in moving], [s for s in order if id(s) not in moving], predictions

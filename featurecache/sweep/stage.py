@@ -492,11 +492,16 @@ class _Sweep:
             scaling.fit_within(state, self.rungs[-1].rows, share, taken)
 
     def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
-        for place, state in enumerate(ranked[keep:], keep + 1):
+        """The heads that move on from ``rung``: those predicted best on all rows, and the rung's leader;
+        the others are pruned, with their predicted score in the reason."""
+        moving, pruned, predictions = scaling.survivors(ranked, keep, self.rungs[-1].rows)
+        for place, state in enumerate(pruned, keep + 1):
+            accuracy = state.curve[-1][1]
             state.status = "pruned"
-            state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): ranked "
-                            f"{place} of {len(ranked)} on {self.plan.selection}; {keep} moved on")
-        return ranked[:keep]
+            state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): "
+                            f"{self.plan.selection} {accuracy:.4f}, {predictions[id(state)].describe()}; ranked "
+                            f"{place} of {len(ranked)} by the prediction; {keep} moved on")
+        return moving
 
     def probe(self, alive: list) -> list:
         """Time the heads whose cost grows faster than the rows (an RBF SVM) on a small sample first, so that
@@ -515,6 +520,8 @@ class _Sweep:
             if rung.index == 1 and self.echo:
                 _echo_estimates(self, alive)
             ranked = sorted(self.run_rung(rung, alive), key=key)
+            for state in ranked:  # the learning curve: rows learnt from, selection accuracy
+                state.curve.append((state.cost[0], -key(state)[0]))
             following = self.rungs[rung.index + 1] if rung.index + 1 < len(self.rungs) else None
             alive = self.prune(ranked, rung, following.keep) if following else ranked
 
@@ -688,7 +695,8 @@ def fit_head(options: SweepOptions) -> SweepResult:
     each kept in its image's fold and never scored.
 
     Above 4,000 training rows (:mod:`featurecache.sweep.halving`): with ``halving`` every head is
-    fitted on a stratified sample first and only the best third moves on to larger ones;
+    fitted on a stratified sample first and only a third, those predicted best on all rows from their
+    learning curves, moves on to larger ones;
     ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and row samples
     chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default half the available
     memory) bounds the features held: beyond it heads learn from row chunks or a sample.
@@ -715,9 +723,10 @@ def fit_head(options: SweepOptions) -> SweepResult:
 def list_head_types() -> list[dict]:
     """The registry as rows: name, family, kind, transferable, class_weight, default parameters and the
     facts the sweep uses (simplicity rank, relative cost, warm-start path; on many rows how the cost
-    grows with the rows, whether there is a stand-in and whether it learns from row chunks)."""
+    grows with the rows, the prior of its learning curve, whether there is a stand-in and whether it learns
+    from row chunks)."""
     return [{"name": h.name, "family": h.family, "kind": h.kind, "transferable": h.transferable,
              "class_weight": h.class_weight, "defaults": h.defaults, "description": h.description,
              "simplicity": h.simplicity, "cost": h.cost, "warm_path": h.warm_path, "growth": h.growth,
-             "stand_in": h.stand_in is not None, "chunked": h.chunked is not None}
+             "learning_curve": h.learning_curve, "stand_in": h.stand_in is not None, "chunked": h.chunked is not None}
             for h in HEADS.values()]
