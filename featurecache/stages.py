@@ -34,13 +34,14 @@ FUNCTIONS: tuple[Function, ...] = (
     Function("extract", "featurecache.extraction.stage", "extract"),
     Function("load_features", "featurecache.store", None),
     Function("fit_head", "featurecache.sweep.stage", "fit-head"),
+    Function("audit", "featurecache.auditing.stage", "audit"),
     Function("finetune", "featurecache.finetuning.trainer", "finetune"),
     Function("predict", "featurecache.finetuning.prediction", "predict"),
     Function("report", "featurecache.reporting.pages", "report"),
     Function("list_runs", "featurecache.reporting.compare", "runs"),
     Function("run", "featurecache.pipeline.run", "run"),
 )
-# The stage modules are named extractor, sweep, finetuning, prediction, reporting and pipeline
+# The stage modules are named extractor, sweep, auditing, finetuning, prediction, reporting and pipeline
 # so that importing them never shadows the functions of the same name in the package.
 
 BY_NAME: dict[str, Function] = {f.name: f for f in FUNCTIONS}

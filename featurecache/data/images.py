@@ -16,7 +16,9 @@ the same augmentation in any worker process, after a resume and in any slice of 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import hashlib
 import io
 import os
 import warnings
@@ -79,6 +81,37 @@ def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, ma
         raise ImageSkipped("not an image (cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
+
+
+# --------------------------------------------------------------------------- content hashes
+
+HASH_THREADS = 4  # files hashed side by side: hashlib releases the GIL on large buffers
+
+
+def content_hash(dataset: Dataset, record: Record) -> str:
+    """The BLAKE2b-128 hash (hex) of an image file's bytes, or for an item of a torchvision dataset of
+    its decoded pixels; ``""`` when it cannot be read. Byte-identical files share it, whatever their names."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        if dataset.loader is None:
+            with open(os.path.join(dataset.root, record.path), "rb") as fh:
+                digest.update(fh.read())
+        else:
+            img = dataset.loader(record)
+            digest.update(f"{img.mode}:{img.width}x{img.height}:".encode())
+            digest.update(img.tobytes())
+    except Exception:  # unreadable: such a row has no features either, or is told apart by them
+        return ""
+    return digest.hexdigest()
+
+
+def content_hashes(dataset: Dataset, indices) -> list[str]:
+    """:func:`content_hash` of the records at ``indices``, a few files at a time."""
+    records = [dataset.records[int(i)] for i in indices]
+    if len(records) < 64 or dataset.loader is not None:
+        return [content_hash(dataset, r) for r in records]
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+        return list(pool.map(functools.partial(content_hash, dataset), records, chunksize=16))
 
 
 # --------------------------------------------------------------------------- augmentation

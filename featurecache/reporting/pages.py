@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, store
+from ..auditing.stage import PAGE_FILE, audit_dir_of, saved_audit, test_leaks
 from ..data.images import ImageSkipped, load_rgb
 from ..data.sources import TORCHVISION_PREFIX, Dataset, Record, open_dataset
 from ..errors import UsageError, plural
@@ -70,6 +71,7 @@ def _report_key(run_dir: Path, head: str, samples: int) -> str:
                      for p in sorted(run_dir.glob(f"{FINETUNE_DIR}/*/*.json"))},
         "head": head,
         "samples": samples,
+        "audit": (saved_audit(json.loads((run_dir / "run.json").read_text())["cache"]) or {}).get("key"),
         "code": sha256_file(__file__),
         "version": __version__,
     }
@@ -312,7 +314,38 @@ def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict
         _sentence(selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard)),
         *_calibration_line(head_meta, final_split),
     ]
-    return lines + [_finetune_line(ft, final_split) for ft in finetunes]
+    return lines + [_finetune_line(ft, final_split) for ft in finetunes] + _audit_lines(meta)
+
+
+def _audit_lines(meta: dict) -> list[str]:
+    """What ``fc audit`` found in the run's cache, with a warning for test leaks; what ``--exclude`` left out."""
+    lines = []
+    excluded = meta.get("exclude")
+    if excluded:
+        scored = ", ".join(f"{n} {s}" for s, n in excluded["scores"].items()) or "none"
+        why = f": {excluded['reason']}" if excluded["reason"] else ""
+        lines.append(f"Excluded ({Path(excluded['file']).name}{why}): {excluded['train']} train images left out of "
+                     f"training; left out of the scores: {scored}")
+    audit = saved_audit(meta["cache"])
+    if audit is None:
+        return lines
+    c = audit["counts"]
+    leaks = ", ".join(f"{pair} {n}" for pair, n in c["leaks"].items()) or "none"
+    lines.append(f"Audit of the cache: leaks {leaks}; conflicts {c['conflicts']}; likely label errors "
+                 + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items()))
+    n_test = test_leaks(audit)
+    scored = (excluded or {}).get("scores", {}).get("test", 0)
+    if n_test and not scored:
+        lines.append(f"Warning: fc audit found {n_test} test images with a duplicate in another split: the test "
+                     "scores are optimistic; fit-head --exclude with fc audit --list leaks leaves them out")
+    return lines
+
+
+def _audit_link(meta: dict) -> list[tuple]:
+    page = audit_dir_of(meta["cache"]) / PAGE_FILE
+    if saved_audit(meta["cache"]) is None or not page.is_file():
+        return []
+    return [("link", "Audit of the cache", (str(page), page.as_uri()))]
 
 
 def _provenance(run) -> dict:
@@ -373,6 +406,7 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
     blocks: list[tuple] = [
         ("title", f"featurecache report: {meta['run_id']}", None),
         ("list", "Summary", _summary_lines(run, head_meta, finetunes, cache_info)),
+        *_audit_link(meta),
         ("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)),
         *_figure_blocks(figures, "intervals"),
         ("table", f"Metrics of {head_meta['head']} on {final_split}",
@@ -412,6 +446,7 @@ _MARKDOWN = {
     "list": lambda title, lines: f"## {title}\n\n" + "".join(f"- {_md_cell(line)}\n" for line in lines),
     "table": lambda title, payload: f"## {title}\n\n" + _md_table(*payload),
     "figure": lambda title, chart: f"## {title}\n\n![{title}]({chart.name}.png)\n",
+    "link": lambda title, link: f"## {title}\n\n[{link[0]}]({link[1]})\n",
 }
 _HTML = {
     "title": lambda title, _: f"<h1>{html.escape(title)}</h1>",
@@ -420,6 +455,8 @@ _HTML = {
     "table": lambda title, payload: f"<h2>{html.escape(title)}</h2>\n" + _html_table(*payload),
     "figure": lambda title, chart: f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" '
                                    f'src="{chart.data_uri}">',
+    "link": lambda title, link: f'<h2>{html.escape(title)}</h2>\n<p><a href="{html.escape(link[1])}">'
+                                f"{html.escape(link[0])}</a></p>",
 }
 
 
