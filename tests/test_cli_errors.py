@@ -64,6 +64,12 @@ CASES = [
     ("report", "{run} {run}", 2, r"pass --compare"),
     ("runs", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("fit-head", "{cache} --seeds 0", 2, r"'--seeds'"),
+    ("fit-head", "{cache} --exclude {tmp}/no-such-list.txt", 2, r"--exclude: no such file .*no-such-list\.txt"),
+    ("fit-head", "{cache} --exclude {tmp}/good.toml", 2, r"--exclude: none of the 2 paths in .*good\.toml"),
+    ("audit", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("audit", "{cache} --threshold 1.5", 2, r"Invalid value for '--threshold': 1.5 is not in the range 0<x<=1"),
+    ("audit", "{cache} --list everything", 2, r"Invalid value for '--list': 'everything' is not one of"),
+    ("audit", "{cache} --run {tmp}/no-such-run", 3, r"no run matches"),
 ]
 
 
