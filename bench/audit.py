@@ -258,6 +258,11 @@ def measure_one(name: str, cache: str, truth: dict, threshold: float | None) -> 
         "flip_recall_top2x": len(flips & top) / len(flips), "flip_auroc": auroc(scores, positive),
         "counts": r["counts"],
     }
+    for t in (0.925, 0.95, 0.975, 0.99):  # the same pairs at higher thresholds (byte-identical ones always count)
+        kept = {(p["a"]["path"], p["b"]["path"]) for p in r["pairs"] if p["kind"] == "leak"
+                and (p["similarity"] >= t or p["found_by"] == "identical bytes")}
+        out[f"at {t}"] = {"leaks": len(kept), "recall": len(set(planted) & kept) / len(planted),
+                          "precision": len(set(planted) & kept) / max(1, len(kept))}
     print(json.dumps(out))
     return out
 
@@ -292,18 +297,70 @@ def cmd_measure(args) -> None:
     print(uptime())
 
 
+# --------------------------------------------------------------------------- acting on it
+
+
+def _test_correct(run_dir: str, cache: str, rows: np.ndarray) -> np.ndarray:
+    from featurecache import store
+    from featurecache.metrics import class_probabilities
+    from featurecache.sweep.runs import load_head
+
+    estimator, _ = load_head(run_dir, "best")
+    X, y, _ = store.load_features(cache, "test")
+    proba = class_probabilities(estimator, X[rows], len(store.info(cache)["classes"]))
+    return proba.argmax(axis=1) == y[rows]
+
+
+def cmd_exclude(args) -> None:
+    """Test accuracy of the default sweep on planted Fashion-MNIST, with and without --exclude of the flagged
+    labels and the leaks, on the same test images (those the exclusion keeps), with the paired-bootstrap
+    interval of the difference."""
+    import featurecache as fc
+    from featurecache import store
+    from featurecache.metrics import paired_difference
+
+    work = Path(args.work)
+    cache = caches(work)["fashion-mnist-planted"]
+    threshold = args.threshold or 0.975
+    result = fc.audit(cache, threshold=threshold)
+    listing = work / f"exclude-labels-leaks-{threshold}.txt"
+    lines = result.lines("labels") + result.lines("leaks")
+    listing.write_text(f"# fc audit --threshold {threshold}: labels, leaks\n" + "\n".join(lines) + "\n")
+    print(f"{uptime()}; excluding {len(result.lines('labels'))} flagged labels and {len(result.lines('leaks'))} "
+          f"leaks (threshold {threshold})")
+    started = time.perf_counter()
+    plain = fc.fit_head(cache, progress=True)
+    t_plain = time.perf_counter() - started
+    excluded = fc.fit_head(cache, exclude=str(listing), progress=True)
+    t_excluded = time.perf_counter() - started - t_plain
+    left_out = json.loads((Path(excluded.run_dir) / "run.json").read_text())["exclude"]
+    test_paths = store.load_paths(cache, "test")
+    dropped = {p for line in lines for p in line.split("\t")}
+    rows = np.array([i for i, p in enumerate(test_paths) if p not in dropped])
+    a, b = _test_correct(excluded.run_dir, cache, rows), _test_correct(plain.run_dir, cache, rows)
+    diff = paired_difference(a, b)
+    out = {"threshold": threshold, "excluded": left_out, "test_rows": len(rows),
+           "plain": {"best": plain.best, "test_accuracy": float(b.mean()), "seconds": round(t_plain, 1)},
+           "excluded_run": {"best": excluded.best, "test_accuracy": float(a.mean()), "seconds": round(t_excluded, 1)},
+           "difference": diff, "load": uptime()}
+    print(json.dumps(out, indent=1))
+    (work / "exclude.json").write_text(json.dumps(out, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=[*sorted(STEPS), "all"])
     parser.add_argument("--work", default="/tmp/fc-audit-bench")
     parser.add_argument("--only", nargs="*", help="extract: these data sets only")
-    parser.add_argument("--threshold", type=float, default=None, help="measure: fc audit --threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="measure: fc audit --threshold (default: its default); exclude: default 0.975")
     args = parser.parse_args(argv)
     for step in (list(STEPS) if args.step == "all" else [args.step]):
         STEPS[step](args)
 
 
-STEPS = {"plant": cmd_plant, "extract": cmd_extract, "threshold": cmd_threshold, "measure": cmd_measure}
+STEPS = {"plant": cmd_plant, "extract": cmd_extract, "threshold": cmd_threshold, "measure": cmd_measure,
+         "exclude": cmd_exclude}
 
 if __name__ == "__main__":
     main()

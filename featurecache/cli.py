@@ -628,7 +628,7 @@ def fit_head(as_json, **options):
               help="Cosine similarity from which two images are near-duplicates.")
 @click.option("--outliers", type=click.IntRange(min=0), default=20, show_default=True,
               help="Images farthest from every other image to report.")
-@click.option("--exact-max", type=click.IntRange(min=0), default=20_000, show_default=True, metavar="ROWS",
+@click.option("--exact-max", type=click.IntRange(min=0), default=10_000, show_default=True, metavar="ROWS",
               help="Up to this many rows the neighbour search is exact; above, approximate (faiss).")
 @click.option("--seed", default=0, show_default=True, help="Folds of the label scores.")
 @click.option("--list", "listing", type=click.Choice(["labels", "leaks", "duplicates", "outliers"]), default=None,
@@ -661,6 +661,8 @@ def audit_command(as_json, listing, top, **options):
     click.echo(f"leaks: {leaks}; conflicts: {c['conflicts']}; duplicates: {c['duplicates']}; "
                f"likely label errors: " + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items())
                + f"; outliers shown: {c['outliers']}")
+    for note in result.report.get("notes", []):
+        click.echo(f"note: {note}", err=True)
     if not result.report["hashes"]:
         click.echo("this cache has no content hashes (written before fc recorded them): byte-identical copies are "
                    "found by their features alone; fc extract into a new cache directory records them", err=True)

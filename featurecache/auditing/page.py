@@ -27,7 +27,7 @@ h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
 .counts{display:flex;flex-wrap:wrap;gap:.6em}
 .count{border:1px solid #ccc;border-radius:6px;padding:.4em .8em}
 .count b{font-size:1.3em;display:block}
-.warn{background:#fde8e8;border-color:#e99}
+.warn{background:#fde8e8;border-color:#e99} .note{background:#fff6dd;padding:.4em}
 .items{display:flex;flex-wrap:wrap;gap:.8em}
 .item{border:1px solid #ddd;border-radius:6px;padding:.4em;font-size:.8em;max-width:260px}
 .pair{display:flex;gap:.3em}
@@ -152,7 +152,9 @@ def render(report: dict, config: dict) -> str:
     about = (f"{Path(report['cache']).name}: {n['rows']:,} rows, neighbours by {n['method']} search, near-duplicates "
              f"at cosine ≥ {report['options']['threshold']}, labels scored by {report['head']} "
              f"({'content hashes recorded' if report['hashes'] else 'no content hashes: exact copies by features'})")
-    body = "".join(f'<h2 id="{html.escape(t.split()[0].lower())}">{html.escape(t)}</h2>{s}' for t, s in sections)
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in report.get("notes", []))
+    body = notes + "".join(f'<h2 id="{html.escape(t.split()[0].lower())}">{html.escape(t)}</h2>{s}'
+                           for t, s in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fc audit</title><style>{_STYLE}</style>"
             f"</head><body><h1>Audit of {html.escape(Path(report['cache']).name)}</h1><p>{html.escape(about)}</p>"
             f"{_counts(report)}{body}</body></html>")

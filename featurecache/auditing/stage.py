@@ -36,6 +36,7 @@ FORMAT = "featurecache-audit/1"
 NEIGHBOURS = 10  # nearest rows searched per row: pairs beyond the 10th neighbour of both rows are not seen
 LISTS = ("labels", "leaks", "duplicates", "outliers")
 TOP_CONFUSED = 10
+NEAR_SHARE_WARNING = 0.10  # images with a neighbour at the threshold, above which the audit warns
 
 
 @dataclass
@@ -215,17 +216,25 @@ def _findings(data: _Data, spec: str, options: dict, progress: bool) -> dict:
     rows, n = data.rows, len(data.X)
     train = data.split_rows["train"]
     fits = lab.FOLDS + 1
+    clock = time.perf_counter()
     with Progress(n + fits, "audit", unit="steps", enabled=progress) as bar, bar.heartbeat():
         bar.set_current(f"nearest neighbours of {n:,} rows")
         sims, idx, method = search(data.X, NEIGHBOURS, options["exact_max"], on_block=bar.update)
         pairs = dup.find_pairs(rows, data.X, sims, idx, options["threshold"])
+        timings = {"neighbours": round(time.perf_counter() - clock, 3)}
         bar.set_current(f"label scores ({spec}, {lab.FOLDS} folds)")
         split_data = {s: (data.X[r], rows.labels[r]) for s, r in data.split_rows.items()}
         scores = lab.label_scores(spec, split_data, len(rows.classes), data.views, options["seed"],
                                   on_fold=lambda: bar.update(1))
+        timings["labels"] = round(time.perf_counter() - clock - timings["neighbours"], 3)
     issues = _label_issues(data, scores)
+    nearest = sims[:, 0].astype(np.float64)
     report = {
-        "neighbours": {"method": method, "k": int(sims.shape[1]), "rows": n},
+        "neighbours": {"method": method, "k": int(sims.shape[1]), "rows": n,
+                       "nearest_similarity": {q: round(float(np.quantile(nearest, float(q))), 4)
+                                              for q in ("0.5", "0.9", "0.99")}},
+        "notes": _notes(nearest, options["threshold"]),
+        "timings": timings,
         "pairs": pairs,
         "label_issues": issues,
         "train_ranking": _ranking(data, scores["train"], train),
@@ -235,6 +244,17 @@ def _findings(data: _Data, spec: str, options: dict, progress: bool) -> dict:
     report["classes"] = _classes(data, pairs, issues)
     report["confused"] = _confused(rows.classes, rows.labels[train], scores["train"].suggested)
     return report
+
+
+def _notes(nearest: np.ndarray, threshold: float) -> list[str]:
+    """A warning when most images have a neighbour at the threshold: near-duplicates are not told apart."""
+    share = float((nearest >= threshold).mean())
+    if share < NEAR_SHARE_WARNING:
+        return []
+    return [f"{share:.0%} of the images have a neighbour at cosine >= {threshold}: in these features near-duplicates "
+            f"are not told apart from similar images (the median nearest neighbour is at "
+            f"{float(np.median(nearest)):.3f}, the 99th percentile at {float(np.quantile(nearest, 0.99)):.3f}); "
+            "raise --threshold, or trust only the byte-identical pairs"]
 
 
 def _label_issues(data: _Data, scores: dict) -> list[dict]:
