@@ -673,7 +673,7 @@ def audit_command(as_json, listing, top, **options):
 @_json
 def runs_command(cache_dir, as_json):
     """The runs of the cache directory: backbone, best head, its score with a 95% interval."""
-    from .reporting.compare import list_runs
+    from .reporting.listing import list_runs
     from .sweep.leaderboard import format_interval as _ci
 
     rows = list_runs(cache_dir)

@@ -15,7 +15,7 @@ from test_sweep import digits_cache
 import featurecache
 from featurecache.errors import UsageError
 from featurecache.pipeline import run as pipeline
-from featurecache.reporting.compare import list_runs
+from featurecache.reporting.listing import list_runs
 from featurecache.sweep.leaderboard import with_interval
 
 HEADS = ("logreg:C=0.1;pre=standardize", "knn:n_neighbors=3", "nearest-centroid")

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 import featurecache
 from featurecache import runtime, store
 from featurecache.backbones import models as backbones
+from featurecache.backbones import taps
 from featurecache.data.images import AUGMENTS, ImageTensors, Views, augment_seed
 from featurecache.data.preprocess import Preprocess
 from featurecache.errors import BackboneError, UsageError
@@ -88,7 +89,7 @@ def test_layers_are_pooled_from_the_same_pass_after_the_main_features():
     block.register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.inference_mode():
         out = net.model(x)
-        expected = [plain.model(x), *(backbones.LayerTap(plain.model, n)(x) for n in ("features.17", "features.14"))]
+        expected = [plain.model(x), *(taps.LayerTap(plain.model, n)(x) for n in ("features.17", "features.14"))]
     assert calls == [1], "one forward pass for the main features and every layer"
     assert out.shape == (3, 1760)
     for got, want in zip(out.split([1280, 320, 160], dim=1), expected):
@@ -188,11 +189,12 @@ def key_of(monkeypatch):
 
 def test_keys_without_the_options_are_those_of_before(image_folder, key_of):
     key, config = key_of(image_folder)
-    run = extractor._settings(distributed.Group(), "auto", "auto", "float32", 8, 0, False, None, 256, False, "auto",
-                              False)
-    dataset = extractor._open_data(str(image_folder), None, None, 0, None, False)
+    options = extractor.ExtractOptions(data=str(image_folder), **FAST)
+    run = extractor._settings(options, distributed.Group(), None)
     pre = backbones.resolve_preprocess("mobilenet_v2", "none", None, False, resize=48, crop=40)
-    before = extractor._key_config("mobilenet_v2", "none", None, None, pre.to_dict(), run, dataset)
+    job = extractor._Job(backbone={}, dataset=extractor._open_data(options), pre=pre, run=run,
+                         group=distributed.Group(), lock_timeout=None, started=0.0)
+    before = extractor._key_config(options, job)
     assert config == before and key == store.cache_key(before)
     assert not {"layers", "tta", "augment_views"} & set(config)
     assert key_of(image_folder, layers=None, tta="none", augment_views=0)[0] == key
@@ -278,8 +280,8 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
 
 def test_tta_halves_the_default_batch_not_a_given_one():
     def batch(size, tta):
-        return extractor._settings(distributed.Group(), "cpu", "auto", "float32", size, 0, False, None, 256, False,
-                                   "auto", False, tta).batch_size
+        options = extractor.ExtractOptions(data="", device="cpu", batch_size=size, workers=0, progress=False)
+        return extractor._settings(options, distributed.Group(), tta).batch_size
 
     assert (batch(None, None), batch(None, "flip"), batch(8, "flip")) == (4, 2, 8)
 
@@ -288,7 +290,7 @@ def test_tta_halves_the_default_batch_not_a_given_one():
 
 
 def test_each_view_is_seeded_by_the_seed_the_record_and_the_view(image_folder):
-    dataset = extractor._open_data(str(image_folder), None, None, 0, None, False)
+    dataset = extractor._open_data(extractor.ExtractOptions(data=str(image_folder)))
     n = len(dataset.records)
     train = tuple(i for i, r in enumerate(dataset.records) if r.split == "train")
     views = Views(first=n, records=train, k=2, seed=7)

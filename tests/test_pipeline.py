@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, make_split_folder, run_cli
 
 from featurecache.errors import PipelineError
+from featurecache.pipeline import fetchers
 from featurecache.pipeline import run as pipeline
 
 DEMO = Path(str(resources.files("featurecache.pipeline") / "demo.toml"))  # package data: fc demo runs it
@@ -273,7 +274,7 @@ def _zip_of_images(tmp_path: Path) -> Path:
 
 def test_fetch_zip_unpacks_its_top_folder(tmp_path):
     archive = _zip_of_images(tmp_path)
-    dest = pipeline.fetch_zip(archive.as_uri(), tmp_path / "datasets" / "tiny")
+    dest = fetchers.fetch_zip(archive.as_uri(), tmp_path / "datasets" / "tiny")
     assert sorted(p.name for p in dest.iterdir()) == ["train", "val"]
     assert len(list(dest.rglob("*.jpg"))) + len(list(dest.rglob("*.png"))) == 10
     assert [p.name for p in dest.parent.iterdir()] == ["tiny"]  # no leftovers
@@ -293,10 +294,10 @@ def test_pipeline_fetches_missing_data_once(tmp_path):
 
 def test_fetch_failure_is_one_line(tmp_path):
     with pytest.raises(PipelineError, match=r"cannot download file://.*nothing\.zip"):
-        pipeline.fetch_zip((tmp_path / "nothing.zip").as_uri(), tmp_path / "d")
+        fetchers.fetch_zip((tmp_path / "nothing.zip").as_uri(), tmp_path / "d")
     (tmp_path / "notzip.zip").write_text("hello")
     with pytest.raises(PipelineError, match="is not a zip file"):
-        pipeline.fetch_zip((tmp_path / "notzip.zip").as_uri(), tmp_path / "d")
+        fetchers.fetch_zip((tmp_path / "notzip.zip").as_uri(), tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
 
@@ -314,7 +315,7 @@ def _tree_digest(root: Path) -> str:
 def test_write_digits_is_deterministic_and_left_alone_when_complete(tmp_path):
     from PIL import Image
 
-    from featurecache.pipeline.run import write_digits
+    from featurecache.pipeline.fetchers import write_digits
 
     a = write_digits(tmp_path / "a")
     b = write_digits(tmp_path / "b")
@@ -330,7 +331,7 @@ def test_write_digits_is_deterministic_and_left_alone_when_complete(tmp_path):
 
 
 def test_write_digits_refuses_a_foreign_folder(tmp_path):
-    from featurecache.pipeline.run import write_digits
+    from featurecache.pipeline.fetchers import write_digits
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file.txt").write_text("mine")

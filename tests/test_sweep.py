@@ -15,7 +15,7 @@ from conftest import run_cli
 import featurecache
 from featurecache import store
 from featurecache.errors import HeadError, RunError
-from featurecache.heads import make_estimator, parse_grid
+from featurecache.heads import grids, make_estimator, parse_grid
 from featurecache.metrics import classification_metrics
 from featurecache.sweep import engine, runs
 from featurecache.sweep import stage as sweep
@@ -245,7 +245,7 @@ def test_sweep_file_grid(tmp_path, cache):
         '[[head]]\nname = "mlp"\nhidden = [16, [16, 8]]\ndropout = 0.0\nbatch_norm = true\nepochs = 3\n\n'
         '[[head]]\nname = "nearest-centroid"\n'
     )
-    specs = sweep.read_sweep_file(sweep_file)
+    specs = grids.read_sweep_file(sweep_file)
     assert specs == ["logreg:C=0.1,1;pre=standardize", "mlp:hidden=16,16x8;dropout=0.0;batch_norm=true;epochs=3",
                      "nearest-centroid"]
     res = featurecache.fit_head(cache, sweep_file=str(sweep_file), head=("knn",), jobs=1)
@@ -266,12 +266,12 @@ def test_bad_sweep_files(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(HeadError, match=re.escape(message)):
-        sweep.build_grid(sweep_file=path)
+        grids.build_grid(sweep_file=path)
 
 
 def test_default_sweep_runs_without_a_grid(monkeypatch):
-    monkeypatch.setattr(sweep, "DEFAULT_SWEEP", ["knn:n_neighbors=1,3", "nearest-centroid"])
-    assert [c.spec for c in sweep.build_grid()] == ["knn:n_neighbors=1", "knn:n_neighbors=3", "nearest-centroid"]
+    monkeypatch.setattr(grids, "DEFAULT_SWEEP", ["knn:n_neighbors=1,3", "nearest-centroid"])
+    assert [c.spec for c in grids.build_grid()] == ["knn:n_neighbors=1", "knn:n_neighbors=3", "nearest-centroid"]
 
 
 # --------------------------------------------------------------------------- runs and their caches

@@ -13,9 +13,9 @@ The penultimate layer is found generically: the classifier is the layer the sour
 replaced by ``nn.Identity``, so the model returns what the classifier would have read.
 
 ``layers`` adds the globally average-pooled output of more named modules, read by forward
-hooks during the same pass (:class:`Taps`), side by side after the main features;
+hooks during the same pass (:class:`~featurecache.backbones.taps.Taps`), side by side after the main features;
 ``tta="flip"`` averages every feature over the image and its horizontal mirror
-(:class:`FlipMean`). The model still returns one tensor, and ``Backbone.parts`` says which
+(:class:`~featurecache.backbones.taps.FlipMean`). The model still returns one tensor, and ``Backbone.parts`` says which
 columns are which.
 """
 
@@ -36,12 +36,11 @@ import torch
 from torch import nn
 
 from ..data.preprocess import Preprocess
-from ..errors import BackboneError, FeatureCacheWarning, UsageError, suggest
+from ..errors import BackboneError, FeatureCacheWarning, suggest
 from ..files import atomic_write, sha256_file
-from ..names import FEATURE_SETS
+from .taps import FlipMean, LayerTap, Taps, check_layer_names, check_tta, parse_layers
 
 TIMM_PREFIX = "timm/"
-TTA = ("none", "flip")  # --tta: none, or the mean over the image and its horizontal mirror
 
 
 @dataclass
@@ -109,139 +108,6 @@ def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def global_pool(out: torch.Tensor) -> torch.Tensor:
-    """Average a layer's output down to one vector per image."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if out.dim() == 4:  # N, C, H, W
-        return out.mean(dim=(2, 3))
-    if out.dim() == 3:  # N, tokens, D
-        return out.mean(dim=1)
-    return out.flatten(1)
-
-
-class _StopForward(Exception):
-    pass
-
-
-class LayerTap(nn.Module):
-    """Runs ``model`` up to ``layer`` and returns that layer's pooled output."""
-
-    def __init__(self, model: nn.Module, layer: str):
-        super().__init__()
-        self.model = model
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(output)
-            raise _StopForward
-
-        handle = self.model.get_submodule(self.layer).register_forward_hook(hook)
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return global_pool(captured[0])
-
-
-class Taps(nn.Module):
-    """Runs ``model`` once and returns its main features, then the pooled output of each of
-    ``layers``, side by side. ``main``: a module whose pooled output is the main features;
-    None: ``model``'s own output (the penultimate features). The outputs are read by forward
-    hooks that live only while one call runs: nothing stays registered on ``model``, and the
-    module trains, traces and freezes like any other."""
-
-    def __init__(self, model: nn.Module, main: str | None, layers: Sequence[str]):
-        super().__init__()
-        self.model = model
-        self.main = main
-        self.layers = list(layers)
-
-    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The main features and each layer's pooled output, one ``N x D`` tensor each."""
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-        try:
-            for name in dict.fromkeys([self.main, *self.layers] if self.main else self.layers):
-                def hook(_module, _inputs, output, name=name):
-                    captured[name] = output
-
-                handles.append(self.model.get_submodule(name).register_forward_hook(hook))
-            out = self.model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        main = global_pool(captured[self.main]) if self.main else out.flatten(1)
-        return [main, *(global_pool(captured[name]) for name in self.layers)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.outputs(x), dim=1)
-
-
-class FlipMean(nn.Module):
-    """``tta="flip"``: the mean of ``model``'s output on the images and on their horizontal
-    mirrors, computed in one pass over a batch twice as large."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(torch.cat([x, x.flip(-1)]))
-        return out.unflatten(0, (2, -1)).mean(dim=0)
-
-
-def parse_layers(layers: str | Sequence[str] | None) -> list[str]:
-    """``--layers``: a comma-separated string or a sequence of module names, as a list (empty
-    for None or ""); a UsageError for an empty, reserved or repeated name."""
-    if layers is None or (isinstance(layers, str) and not layers.strip()):
-        return []
-    items = layers.split(",") if isinstance(layers, str) else list(layers)
-    names = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise UsageError(f"--layers takes module names separated by commas (e.g. features.14,features.17), "
-                             f"not {layers if isinstance(layers, str) else items!r}")
-        name = item.strip()
-        if name in FEATURE_SETS:
-            raise UsageError(f"--layers: {name!r} names a set of the cache's features, not a layer "
-                             f"({' and '.join(FEATURE_SETS)} are reserved)")
-        if name in names:
-            raise UsageError(f"--layers names {name} twice")
-        names.append(name)
-    return names
-
-
-def check_tta(tta: str | None) -> str | None:
-    """``--tta``: None for ``none`` (or None), ``flip``; a UsageError for anything else."""
-    if tta is None or tta == "none":
-        return None
-    if tta not in TTA:
-        raise UsageError(f"unknown --tta {tta!r}: choose none or flip" + suggest(str(tta), TTA))
-    return tta
-
-
-def _check_layer_names(model: nn.Module, name: str, layer: str | None, layers: Sequence[str],
-                       classifier: str) -> None:
-    """A BackboneError for a name of ``layers`` that is not a module of ``model`` (with the close
-    matches), that is the ``layer`` read as main features, or that is the classifier replaced by
-    the penultimate features (or a part of it)."""
-    names = [n for n, _ in model.named_modules() if n]
-    for item in layers:
-        if item not in names:
-            raise BackboneError(f"unknown layer {item!r} for {name} in --layers" + suggest(item, names))
-        if item == layer:
-            raise BackboneError(f"--layers names {item}, the layer --layer already reads as the main features")
-        if not layer and (item == classifier or item.startswith(classifier + ".")):
-            raise BackboneError(f"--layers names {item}, the classifier of {name}: the main features are what it "
-                                "reads (the penultimate layer)")
-
-
 def check_layers(name: str, layer: str | None, layers: Sequence[str]) -> None:
     """A BackboneError for a name of ``layers`` that backbone ``name`` cannot pool (see
     :func:`build`), found from the network's shapes alone, before anything is computed."""
@@ -251,7 +117,7 @@ def check_layers(name: str, layer: str | None, layers: Sequence[str]) -> None:
     source = _source_for(name)
     with _empty_weights():
         model = source.create(name, None)
-    _check_layer_names(model, name, layer, layers, source.classifier(model)[0])
+    check_layer_names(model, name, layer, layers, source.classifier(model)[0])
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -571,22 +437,33 @@ def _create(name: str, weights: str | None, warn: bool) -> nn.Module:
         return source.create(name, None)
 
 
-def _features_model(model: nn.Module, name: str, layer: str | None, classifier: str, width: int,
-                    preprocess: Preprocess, layers: Sequence[str] = (), tta: str | None = None,
+@dataclass(frozen=True)
+class _Readout:
+    """What of backbone ``name`` becomes features: the classifier's input, or ``layer`` pooled, then
+    each of ``layers`` pooled, flip-averaged when ``tta`` is ``flip``."""
+
+    name: str
+    layer: str | None
+    layers: Sequence[str]
+    tta: str | None
+
+
+def _features_model(model: nn.Module, readout: _Readout, classifier: str, width: int, crop: int,
                     ) -> tuple[nn.Module, list[tuple[str, int]]]:
-    """The frozen network that returns features, and its parts: the classifier's input, or ``layer``
-    pooled, then each of ``layers`` pooled, flip-averaged when ``tta`` is ``flip``."""
+    """The frozen network that returns the features of ``readout``, and its parts (name, width)
+    measured on a ``crop``-pixel probe."""
+    name, layer, layers, tta = readout.name, readout.layer, readout.layers, readout.tta
     model.eval().requires_grad_(False)
     if layer:
         names = [n for n, _ in model.named_modules() if n]
         if layer not in names:
             raise BackboneError(f"unknown layer {layer!r} for {name}" + suggest(layer, names))
-    _check_layer_names(model, name, layer, layers, classifier)
+    check_layer_names(model, name, layer, layers, classifier)
     if not layer:
         _replace_module(model, classifier, nn.Identity())
         if not layers and not tta:
             return model, [("penultimate", int(width))]
-    probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
+    probe = torch.zeros(1, 3, crop, crop)
     if layers:
         model = Taps(model, layer, layers).eval()
         with torch.inference_mode():
@@ -634,7 +511,7 @@ def build(
     if weights_file:
         _load_without_classifier(model, load_state_dict_file(weights_file), classifier, f"weights file {weights_file}")
         identity["weights_file"] = str(Path(weights_file).resolve())
-    model, parts = _features_model(model, name, layer, classifier, width, preprocess, layers, tta)
+    model, parts = _features_model(model, _Readout(name, layer, layers, tta), classifier, width, preprocess.crop)
     return Backbone(name=name, model=model, preprocess=preprocess, feature_dim=parts[0][1],
                     layer=layer or "penultimate", identity=identity, classifier=classifier, parts=parts)
 

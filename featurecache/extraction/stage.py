@@ -4,13 +4,13 @@
 the key up, and otherwise runs the model over the images that have no features yet
 (finished batches are checkpointed as shards, named by their rows) and writes the cache
 file. It runs as one process, as one rank of a ``torchrun`` job or as one ``--shard I/N``
-slice (:mod:`featurecache.distributed`): all of them add to the same shards, so any of
+slice (:mod:`featurecache.extraction.distributed`): all of them add to the same shards, so any of
 them resumes the work of any other, and all of them write the same file.
 
 The job's rows are the dataset's records, then, with ``augment_views=K``, K augmented views
-of each train record (:class:`featurecache.images.Views`): the loop, the shards, a resume and
+of each train record (:class:`featurecache.data.images.Views`): the loop, the shards, a resume and
 the slices treat them alike. The model returns one tensor per image, the main features then
-the pooled ``layers`` (:attr:`featurecache.backbones.Backbone.parts`); the shards hold it
+the pooled ``layers`` (:attr:`featurecache.backbones.models.Backbone.parts`); the shards hold it
 whole, and writing the file splits it into ``features`` and ``layers/NAME`` and puts the
 views' rows in :data:`featurecache.store.VIEWS`.
 """
@@ -31,12 +31,14 @@ import torch
 
 from .. import runtime, store
 from ..backbones import models as backbones
+from ..backbones import taps
 from ..data.images import DECODERS, Views, content_hashes, image_loader, normalize_batch, resolve_decode
 from ..data.preprocess import Preprocess
 from ..data.sources import Dataset, open_dataset
 from ..errors import CacheLockedError, DataError, UsageError, plural
 from ..files import versions
 from ..progress import Progress
+from ..stages import takes
 from . import distributed
 
 DTYPES = ("float32", "float16")
@@ -95,14 +97,14 @@ class _Job:
     backbone: dict  # backbones.build's arguments but the preprocessing
     dataset: Dataset
     pre: Preprocess
-    key_config: dict
-    key: str
-    entry: store.Entry
     run: _Run
     group: distributed.Group
     lock_timeout: float | None
     started: float
     views: Views | None = None  # augmented views of the train records, as rows after the records
+    key_config: dict = field(default_factory=dict)  # what the key hashes (set by _job)
+    key: str = ""
+    entry: store.Entry | None = None
 
     @functools.cached_property
     def net(self) -> backbones.Backbone:
@@ -132,39 +134,53 @@ class _Job:
 # --------------------------------------------------------------------------- the stage
 
 
-def extract(
-    data: str,
-    backbone: str = "mobilenet_v2",
-    weights: str = "DEFAULT",
-    weights_file: str | None = None,
-    layer: str | None = None,
-    layers: str | Sequence[str] | None = None,
-    tta: str | None = None,
-    augment_views: int = 0,
-    split: str | None = None,
-    root: str | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: tuple | None = None,
-    std: tuple | None = None,
-    interpolation: str | None = None,
-    draft: bool = False,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    dtype: str = "float32",
-    decode: str = "auto",
-    shard: str | None = None,
-    cache_dir: str | None = None,
-    strict: bool = False,
-    max_image_pixels: int | None = None,
-    lock_timeout: float | None = None,
-    checkpoint_every: int = 256,
-    progress: bool = True,
-) -> ExtractResult:
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Every option of :func:`extract`, as given: the one object the stage hands down.
+
+    The data and how they are read (``data``, ``split``, ``root``, ``seed``, ``limit``, ``strict``,
+    ``max_image_pixels``), the backbone and what it stores (``backbone``, ``weights``,
+    ``weights_file``, ``layer``, ``layers``, ``tta``, ``augment_views``), the preprocessing
+    (``resize`` ... ``draft``: None takes the weights' own), how the loop runs (``batch_size``,
+    ``workers``, ``device``, ``precision``, ``dtype``, ``decode``, ``shard``, ``checkpoint_every``)
+    and where the cache goes (``cache_dir``, ``lock_timeout``).
+    """
+
+    data: str
+    backbone: str = "mobilenet_v2"
+    weights: str = "DEFAULT"
+    weights_file: str | None = None
+    layer: str | None = None
+    layers: str | Sequence[str] | None = None
+    tta: str | None = None
+    augment_views: int = 0
+    split: str | None = None
+    root: str | None = None
+    seed: int = 0
+    limit: int | None = None
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    interpolation: str | None = None
+    draft: bool = False
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float32"
+    decode: str = "auto"
+    shard: str | None = None
+    cache_dir: str | None = None
+    strict: bool = False
+    max_image_pixels: int | None = None
+    lock_timeout: float | None = None
+    checkpoint_every: int = 256
+    progress: bool = True
+
+
+@takes(ExtractOptions)
+def extract(options: ExtractOptions) -> ExtractResult:
     """Extract features of ``data`` with ``backbone`` into the cache, or reuse a complete match.
 
     Returns an :class:`ExtractResult`; ``result.cache`` is the HDF5 file to pass to
@@ -177,33 +193,36 @@ def extract(
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
     forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
+    The options are the fields of :class:`ExtractOptions`.
     """
     started = time.perf_counter()
-    group = distributed.Group.from_environment(shard)
-    layers, tta = _check_tricks(layers, tta, augment_views)
-    run = _settings(group, device, precision, dtype, batch_size, workers, strict, max_image_pixels, checkpoint_every,
-                    progress, decode, draft, tta)
-    if lock_timeout is not None and lock_timeout < 0:
-        raise UsageError(f"--lock-timeout must be 0 or more seconds, not {lock_timeout}")
-    dataset = _open_data(data, split, root, seed, limit, strict)
-    views = _views(dataset, augment_views, seed)
-    pre = backbones.resolve_preprocess(backbone, weights, weights_file, draft, resize=resize, crop=crop, mean=mean,
-                                       std=std, interpolation=interpolation)
-    net = dict(name=backbone, weights=weights, weights_file=weights_file, layer=layer, layers=layers, tta=tta)
-    return _launch(_job(net, dataset, pre, views, run, group, cache_dir, lock_timeout, started))
+    group = distributed.Group.from_environment(options.shard)
+    layers, tta = _check_tricks(options)
+    run = _settings(options, group, tta)
+    if options.lock_timeout is not None and options.lock_timeout < 0:
+        raise UsageError(f"--lock-timeout must be 0 or more seconds, not {options.lock_timeout}")
+    dataset = _open_data(options)
+    views = _views(dataset, options.augment_views, options.seed)
+    pre = backbones.resolve_preprocess(options.backbone, options.weights, options.weights_file, options.draft,
+                                       resize=options.resize, crop=options.crop, mean=options.mean, std=options.std,
+                                       interpolation=options.interpolation)
+    net = dict(name=options.backbone, weights=options.weights, weights_file=options.weights_file,
+               layer=options.layer, layers=layers, tta=tta)
+    job = _Job(backbone=net, dataset=dataset, pre=pre, run=run, group=group, lock_timeout=options.lock_timeout,
+               started=started, views=views)
+    return _launch(_job(options, job))
 
 
-def _job(net: dict, dataset: Dataset, pre: Preprocess, views: Views | None, run: _Run, group: distributed.Group,
-         cache_dir, lock_timeout: float | None, started: float) -> _Job:
-    """The job of :func:`extract`: ``net`` (backbones.build's arguments but the preprocessing) checked,
-    the cache key and where its entry lives."""
-    backbones.check_layers(net["name"], net["layer"], net["layers"])  # before any work, from the shapes alone
-    key_config = {**_key_config(net["name"], net["weights"], net["weights_file"], net["layer"], pre.to_dict(), run,
-                                dataset),
-                  **_tricks_config(net["layers"], net["tta"], views)}
-    key = store.cache_key(key_config)
-    entry = store.Entry.locate(store.default_cache_dir(cache_dir), _label(net["name"], dataset), key)
-    return _Job(net, dataset, pre, key_config, key, entry, run, group, lock_timeout, started, views)
+def _job(options: ExtractOptions, job: _Job) -> _Job:
+    """``job`` with its key and entry: the backbone's arguments checked (from the shapes alone, before
+    any work), the cache key from everything that changes the features, and where its entry lives."""
+    net = job.backbone
+    backbones.check_layers(net["name"], net["layer"], net["layers"])
+    job.key_config = {**_key_config(options, job), **_tricks_config(net["layers"], net["tta"], job.views)}
+    job.key = store.cache_key(job.key_config)
+    job.entry = store.Entry.locate(store.default_cache_dir(options.cache_dir), _label(net["name"], job.dataset),
+                                   job.key)
+    return job
 
 
 def _launch(job: _Job) -> ExtractResult:
@@ -220,63 +239,66 @@ def _launch(job: _Job) -> ExtractResult:
 # --------------------------------------------------------------------------- its steps
 
 
-def _settings(group: distributed.Group, device, precision, dtype, batch_size, workers, strict, max_image_pixels,
-              checkpoint_every, progress, decode, draft, tta=None) -> _Run:
+def _settings(options: ExtractOptions, group: distributed.Group, tta: str | None) -> _Run:
     """The loop's options, checked (a UsageError for a value that cannot be used) and resolved.
 
     With ``tta`` each image and its mirror go through the model together: the default batch is
     halved so that a forward pass holds as many images as without (MobileNetV2 with ``tta`` on two
     CPU cores: 92 images/s at batch 2, 51 at batch 4)."""
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: choose float32 or float16")
-    for option, value in (("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
-                          ("--max-image-pixels", max_image_pixels)):
+    if options.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {options.dtype!r}: choose float32 or float16")
+    for option, value in (("--batch-size", options.batch_size), ("--checkpoint-every", options.checkpoint_every),
+                          ("--max-image-pixels", options.max_image_pixels)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, not {value}")
-    dev = runtime.resolve_device(device, group.local_rank)
-    return _Run(device=dev, precision=runtime.resolve_precision(precision, dev), dtype=dtype,
-                batch_size=batch_size or max(1, runtime.default_batch_size(dev) // (2 if tta else 1)),
-                workers=None if workers is None else runtime.resolve_workers(workers), strict=strict,
-                max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every, progress=progress,
-                decode=resolve_decode(decode, dev, draft), cores=runtime.cores_per_process(group.local_world))
+    dev = runtime.resolve_device(options.device, group.local_rank)
+    return _Run(device=dev, precision=runtime.resolve_precision(options.precision, dev), dtype=options.dtype,
+                batch_size=options.batch_size or max(1, runtime.default_batch_size(dev) // (2 if tta else 1)),
+                workers=None if options.workers is None else runtime.resolve_workers(options.workers),
+                strict=options.strict, max_image_pixels=options.max_image_pixels,
+                checkpoint_every=options.checkpoint_every, progress=options.progress,
+                decode=resolve_decode(options.decode, dev, options.draft),
+                cores=runtime.cores_per_process(group.local_world))
 
 
 def _strict_error(path: str, reason: str) -> DataError:
     return DataError(f"{path}: {reason} (--strict)")
 
 
-def _open_data(data, split, root, seed, limit, strict) -> Dataset:
-    dataset = open_dataset(data, split=split, root=root, seed=seed, limit=limit)
-    if strict and dataset.skipped:
+def _open_data(options: ExtractOptions) -> Dataset:
+    dataset = open_dataset(options.data, split=options.split, root=options.root, seed=options.seed,
+                           limit=options.limit)
+    if options.strict and dataset.skipped:
         _, path, reason = dataset.skipped[0]
         raise _strict_error(path, reason)
     return dataset
 
 
-def _key_config(backbone, weights, weights_file, layer, preprocess: dict, run: _Run, dataset: Dataset) -> dict:
+def _key_config(options: ExtractOptions, job: _Job) -> dict:
     """Everything that changes the features: its hash is the cache key. The decoder is part of
     it only when it is not PIL on the CPU, so that the caches made before it was an option stay valid."""
     config = {
-        "backbone": backbone,
-        "weights": backbones.weights_identity(backbone, weights, weights_file),
-        "preprocess": preprocess,
-        "layer": layer or "penultimate",
-        "precision": run.precision,
-        "dtype": run.dtype,
-        "max_image_pixels": run.max_image_pixels,
-        "dataset": dataset.fingerprint(),
+        "backbone": options.backbone,
+        "weights": backbones.weights_identity(options.backbone, options.weights, options.weights_file),
+        "preprocess": job.pre.to_dict(),
+        "layer": options.layer or "penultimate",
+        "precision": job.run.precision,
+        "dtype": job.run.dtype,
+        "max_image_pixels": job.run.max_image_pixels,
+        "dataset": job.dataset.fingerprint(),
     }
-    if run.decode != "cpu":
-        config["decode"] = run.decode
+    if job.run.decode != "cpu":
+        config["decode"] = job.run.decode
     return config
 
 
-def _check_tricks(layers, tta, augment_views) -> tuple[list[str], str | None]:
+def _check_tricks(options: ExtractOptions) -> tuple[list[str], str | None]:
     """``layers`` as a list of names and ``tta`` as None or ``flip``; a UsageError for a value of
     ``--layers``, ``--tta`` or ``--augment-views`` that cannot be used."""
-    if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 0:
-        raise UsageError(f"--augment-views must be a whole number, 0 or more, not {augment_views!r}")
-    return backbones.parse_layers(layers), backbones.check_tta(tta)
+    k = options.augment_views
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UsageError(f"--augment-views must be a whole number, 0 or more, not {k!r}")
+    return taps.parse_layers(options.layers), taps.check_tta(options.tta)
 
 
 def _views(dataset: Dataset, k: int, seed: int) -> Views | None:

@@ -65,9 +65,9 @@ class Network(nn.Module):
 class Exported(nn.Module):
     """uint8 images (resized and center-cropped) -> class probabilities, ``softmax(logits / temperature)``.
 
-    Normalization repeats :func:`featurecache.images.normalize_batch` operation for
+    Normalization repeats :func:`featurecache.data.images.normalize_batch` operation for
     operation, so an exported model sees exactly what extraction and training saw. The
-    temperature is 1 unless the head was calibrated (:mod:`featurecache.calibration`).
+    temperature is 1 unless the head was calibrated (:mod:`featurecache.sweep.calibration`).
     """
 
     def __init__(self, network: nn.Module, preprocess: Preprocess, temperature: float = 1.0):
@@ -173,7 +173,7 @@ class Assembly:
 def load_run_head(run, head: str = "best", cache_dir: str | None = None, trust: bool = False):
     """``(run, fitted pipeline, head.json)`` of a stage-two run (path or id) and one of its heads.
 
-    ``trust`` lets a run of the old pickle format load (see :func:`featurecache.runs.load_head`).
+    ``trust`` lets a run of the old pickle format load (see :func:`featurecache.sweep.runs.load_head`).
     """
     from ..sweep.runs import load_head, load_run, resolve_run
 

@@ -1,6 +1,6 @@
 """Stage three: fine-tune the backbone together with the head a stage-two run selected.
 
-The network is assembled from the run alone (:mod:`featurecache.model`): at step 0 it
+The network is assembled from the run alone (:mod:`featurecache.finetuning.network`): at step 0 it
 predicts what the head predicted on the cached features. That is measured on the selection
 split before any update and reported as ``start_accuracy`` next to the head's recorded
 ``head_accuracy`` (LP-FT: fine-tuning starts from the best linear probe, not from a random
@@ -49,6 +49,7 @@ from ..errors import FinetuneError, UsageError, suggest
 from ..files import atomic_write, write_json
 from ..metrics import classification_metrics, summary
 from ..progress import Progress
+from ..stages import takes
 from ..sweep.calibration import fit_temperature
 from .network import (
     CONFIG_FILE,
@@ -364,10 +365,9 @@ def _validate(settings: _Settings, checkpoint_every: int) -> None:
             raise UsageError(f"--{name} cannot be negative")
 
 
-def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.device, workers: int,
-              checkpoint_every: int, progress: bool, trust: bool) -> _Job:
+def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device) -> _Job:
     """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
-    loaded, pipeline, head_meta = load_run_head(run, head, cache_dir, trust)
+    loaded, pipeline, head_meta = load_run_head(options.run, options.head, options.cache_dir, options.trust)
     meta = loaded.meta
     cache_meta = store.info(meta["cache"])
     split = meta["selection_split"]
@@ -377,7 +377,8 @@ def _open_job(run, head: str, cache_dir, settings: _Settings, device: torch.devi
             f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); "
             "re-extract with --split train=0.8,val=0.2"
         )
-    return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, checkpoint_every, progress)
+    return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, runtime.resolve_workers(options.workers),
+                options.checkpoint_every, options.progress)
 
 
 def _reused(job: _Job) -> FinetuneResult | None:
@@ -625,31 +626,42 @@ def _run(job: _Job, resume: bool) -> FinetuneResult:
     return result
 
 
-def finetune(
-    run: str,
-    head: str = "best-transferable",
-    epochs: int = 5,
-    unfreeze: str = "all",
-    backbone_lr_mult: float = 0.1,
-    bn: str = "frozen",
-    augment: str = "light",
-    optimizer: str = "adamw",
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    warmup_epochs: float = 1.0,
-    batch_size: int = 32,
-    accumulate: int = 1,
-    workers: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    patience: int = 3,
-    checkpoint_every: int = 50,
-    resume: bool = False,
-    seed: int = 0,
-    trust: bool = False,
-    cache_dir: str | None = None,
-    progress: bool = True,
-) -> FinetuneResult:
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Every option of :func:`finetune`, as given: the one object the stage hands down.
+
+    Where it starts (``run``, ``head``, ``trust``, ``cache_dir``), what it trains and how (``epochs``
+    ... ``patience``, ``seed``: with the run and the head they name the output folder), and how it
+    runs (``workers``, ``device``, ``checkpoint_every``, ``resume``).
+    """
+
+    run: str
+    head: str = "best-transferable"
+    epochs: int = 5
+    unfreeze: str = "all"
+    backbone_lr_mult: float = 0.1
+    bn: str = "frozen"
+    augment: str = "light"
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float = 1.0
+    batch_size: int = 32
+    accumulate: int = 1
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    patience: int = 3
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    trust: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+@takes(FinetuneOptions)
+def finetune(options: FinetuneOptions) -> FinetuneResult:
     """Fine-tune backbone and head of a stage-two run; export the best epoch as ``model.pt`` and ``model.safetensors``.
 
     ``run``: a run directory, run id or unique prefix. ``head``: ``best-transferable`` (the
@@ -662,15 +674,20 @@ def finetune(
     checkpoints. ``resume``: continue from the last checkpoint of the same configuration.
     ``trust``: also load a run saved in the old pickle format, which can run code when loaded.
     """
-    defaults = OPTIMIZERS.get(optimizer, OPTIMIZERS["adamw"])
-    dev = runtime.resolve_device(device)
-    settings = _Settings(
-        epochs=epochs, unfreeze=unfreeze, backbone_lr_mult=backbone_lr_mult, bn=bn, augment=augment,
-        optimizer=optimizer, lr=defaults.lr if lr is None else float(lr),
-        weight_decay=defaults.weight_decay if weight_decay is None else float(weight_decay),
-        warmup_epochs=warmup_epochs, batch_size=batch_size, accumulate=accumulate,
-        precision=runtime.resolve_precision(precision, dev), patience=patience, seed=seed)
-    _validate(settings, checkpoint_every)
-    job = _open_job(run, head, cache_dir, settings, dev, runtime.resolve_workers(workers), checkpoint_every, progress,
-                    trust)
-    return _reused(job) or _run(job, resume)
+    device = runtime.resolve_device(options.device)
+    settings = _settings(options, device)
+    _validate(settings, options.checkpoint_every)
+    job = _open_job(options, settings, device)
+    return _reused(job) or _run(job, options.resume)
+
+
+def _settings(options: FinetuneOptions, device: torch.device) -> _Settings:
+    """The options that change the outcome, with the optimizer's defaults and the precision resolved."""
+    defaults = OPTIMIZERS.get(options.optimizer, OPTIMIZERS["adamw"])
+    return _Settings(
+        epochs=options.epochs, unfreeze=options.unfreeze, backbone_lr_mult=options.backbone_lr_mult, bn=options.bn,
+        augment=options.augment, optimizer=options.optimizer,
+        lr=defaults.lr if options.lr is None else float(options.lr),
+        weight_decay=defaults.weight_decay if options.weight_decay is None else float(options.weight_decay),
+        warmup_epochs=options.warmup_epochs, batch_size=options.batch_size, accumulate=options.accumulate,
+        precision=runtime.resolve_precision(options.precision, device), patience=options.patience, seed=options.seed)

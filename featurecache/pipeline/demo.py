@@ -1,7 +1,7 @@
 """``fc demo``: the demo pipeline that ships inside the package, run offline.
 
 The pipeline (``featurecache/pipeline/demo.toml``, package data) writes scikit-learn's digits as a
-folder of images (:func:`featurecache.pipeline.write_digits`), extracts MobileNetV2
+folder of images (:func:`featurecache.pipeline.fetchers.write_digits`), extracts MobileNetV2
 features, fits the default sweep, fine-tunes and reports. It needs no checkout: an
 installed wheel runs it from any directory.
 """

@@ -13,55 +13,18 @@ and the heads to fit. Everything comes from the runs' JSON files, the numbers
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .. import __version__, files, store
 from ..errors import HeadError, UsageError
-from ..sweep.leaderboard import tied_count, with_interval
-from ..sweep.runs import RUN_FILE, RUNS, resolve_run
+from ..sweep.leaderboard import with_interval
+from ..sweep.runs import RUN_FILE, resolve_run
+from .document import Chart, interval_chart, up_to_date, write_document
+from .listing import read_run, run_row, weights_name
 
 COMPARISONS = "comparisons"
 OTHER = "other"  # the family of a head this process does not know
-
-
-def _read(run_dir: Path) -> tuple[dict, list[dict]]:
-    """``run.json`` and the leaderboard of a run directory."""
-    return json.loads((run_dir / RUN_FILE).read_text()), json.loads((run_dir / "leaderboard.json").read_text())
-
-
-def _weights(config: dict) -> str:
-    """``IMAGENET1K_V1``, ``none``, or the first 12 hex of a weights file's sha256."""
-    identity = config.get("weights") or {}
-    if identity.get("weights"):
-        return str(identity["weights"]).rpartition(".")[2]
-    return str(identity.get("sha256", ""))[:12]
-
-
-def run_row(run_dir: Path, meta: dict, leaderboard: list[dict]) -> dict:
-    """One run as a row: backbone, best head, its selection and final scores with intervals, ties, seconds."""
-    config, best = meta.get("config", {}), leaderboard[0]
-    selection, final = meta["selection_split"], meta["final_split"]
-    return {
-        "run": meta["run_id"], "run_dir": str(run_dir), "backbone": config.get("backbone"),
-        "weights": _weights(config), "data": config.get("data", {}).get("root"), "best": meta["best"],
-        "selection_split": selection, "selection_accuracy": best["metrics"][selection]["accuracy"],
-        "selection_accuracy_ci": best["metrics"][selection].get("accuracy_ci"),
-        "final_split": final, "final_accuracy": best["metrics"][final]["accuracy"],
-        "final_accuracy_ci": best["metrics"][final].get("accuracy_ci"),
-        "tied": tied_count(leaderboard), "heads": len(leaderboard),
-        "extract_seconds": config.get("seconds"), "fit_seconds": meta.get("seconds"), "created": meta.get("created"),
-    }
-
-
-def list_runs(cache_dir: str | None = None) -> list[dict]:
-    """Every complete run in the cache directory, as :func:`run_row` rows, by data, backbone and run id."""
-    root = store.default_cache_dir(cache_dir) / RUNS
-    found = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
-        if root.is_dir() else []
-    rows = [run_row(path, *_read(path)) for path in found]
-    return sorted(rows, key=lambda r: (str(r["data"]), str(r["backbone"]), r["run"]))
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -106,7 +69,7 @@ def _table(runs: list[tuple], families: list[str], which: str) -> tuple[list[str
             first.setdefault(family_of(entry["head"]), entry)
         cells = [with_interval(first[f]["metrics"][split]) if f in first else "" for f in families]
         config = meta.get("config", {})
-        rows.append([str(config.get("backbone")), _weights(config), meta["run_id"], _seconds(config.get("seconds")),
+        rows.append([str(config.get("backbone")), weights_name(config), meta["run_id"], _seconds(config.get("seconds")),
                      _seconds(meta.get("seconds")), *cells, meta["best"]])
     return columns, rows
 
@@ -142,7 +105,6 @@ def _notes(runs: list[tuple], which: str) -> list[str]:
 
 def _blocks(runs: list[tuple]) -> tuple[list[tuple], object]:
     """The comparison's blocks and its chart of each run's best head with its interval."""
-    from .pages import Chart, interval_chart
 
     which, families = _split(runs), _families(runs)
     labels = [f"{m.get('config', {}).get('backbone')} ({m['run_id'][-12:]}): {m['best']}" for _, m, _ in runs]
@@ -160,12 +122,11 @@ def _blocks(runs: list[tuple]) -> tuple[list[tuple], object]:
 
 def compare_runs(runs: list, cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the comparison of ``runs`` (directories, ids or unique prefixes); return ``comparison.html``."""
-    from .pages import up_to_date, write_document
 
     dirs = list(dict.fromkeys(Path(resolve_run(r, cache_dir)).resolve() for r in runs))
     if len(dirs) < 2:
         raise UsageError(f"a comparison needs at least two different runs, got {len(dirs)}")
-    loaded = [(d, *_read(d)) for d in dirs]
+    loaded = [(d, *read_run(d)) for d in dirs]
     key = store.cache_key({"runs": [(d / RUN_FILE).read_text() + (d / "leaderboard.json").read_text() for d in dirs],
                            "code": files.sha256_file(__file__), "version": __version__})
     out_dir = dirs[0].parent.parent / COMPARISONS / key[:12]

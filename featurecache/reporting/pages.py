@@ -14,13 +14,9 @@ hash of everything it shows: asking again for an unchanged run returns the page 
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +26,14 @@ from ..auditing.stage import PAGE_FILE, audit_dir_of, saved_audit, test_leaks
 from ..data.images import ImageSkipped, load_rgb
 from ..data.sources import TORCHVISION_PREFIX, Dataset, Record, open_dataset
 from ..errors import UsageError, plural
-from ..files import atomic_write, sha256_file, versions, write_json
+from ..files import sha256_file, versions, write_json
 from ..finetuning.network import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
 from ..metrics import SUMMARY_KEYS, class_probabilities
 from ..sweep.leaderboard import calibrated, selection_note, with_interval
+from .document import Chart, interval_chart, png, up_to_date, write_document
 
 REPORT_DIR = "report"
 INTERVAL_HEADS = 30  # heads drawn with their intervals
-
-
-@dataclass
-class Chart:
-    name: str  # file stem
-    title: str
-    png: bytes
-
-    @property
-    def data_uri(self) -> str:
-        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -90,12 +76,6 @@ def _image_dataset(config: dict) -> Dataset:
 # --------------------------------------------------------------------------- figures
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def _confusion_figure(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
     from matplotlib.figure import Figure
 
@@ -116,7 +96,7 @@ def _confusion_figure(matrix: list[list[int]], classes: list[str], title: str) -
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=10 if n <= 10 else 7,
                         color="white" if cm[i, j] > threshold else "black")
-    return _png(fig)
+    return png(fig)
 
 
 def _curves_figure(finetunes: list[dict]) -> bytes:
@@ -145,33 +125,7 @@ def _curves_figure(finetunes: list[dict]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def interval_chart(labels: list[str], series: dict[str, list[tuple[float, list]]],
-                   shaded: list[bool] | None = None) -> bytes:
-    """Points with horizontal 95% intervals, one row per label (top first), one marker per series
-    (``name -> [(value, [low, high]), ...]``); ``shaded`` rows get a green band."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 1.4 + 0.3 * len(labels)), dpi=100)
-    ax = fig.add_subplot()
-    rows = np.arange(len(labels))
-    for i, flag in enumerate(shaded or []):
-        if flag:
-            ax.axhspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.1, linewidth=0)
-    for k, (name, points) in enumerate(series.items()):
-        value = np.array([p[0] for p in points])
-        ci = np.array([p[1] if p[1] else [p[0], p[0]] for p in points])
-        offset = (k - (len(series) - 1) / 2) * 0.25
-        ax.errorbar(value, rows + offset, xerr=[value - ci[:, 0], ci[:, 1] - value], fmt="o", capsize=3,
-                    markersize=4, label=name)
-    ax.set_yticks(rows, labels, fontsize=8)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
-    ax.set_xlabel("accuracy (95% bootstrap interval)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    return _png(fig)
+    return png(fig)
 
 
 def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
@@ -194,7 +148,7 @@ def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
                 ax.text(x, min(a + 0.02, 0.93), str(n), ha="center", fontsize=6)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
         ax.legend(fontsize=7, loc="center left")  # confidences below 1/C are rare: the left is free
-    return _png(fig)
+    return png(fig)
 
 
 def _samples_figure(images: list, titles: list[str], correct: list[bool]) -> bytes:
@@ -212,7 +166,7 @@ def _samples_figure(images: list, titles: list[str], correct: list[bool]) -> byt
         ax.set_title(title, fontsize=9, color="tab:green" if ok else "tab:red")
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _pick_samples(y: np.ndarray, pred: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
@@ -224,8 +178,20 @@ def _pick_samples(y: np.ndarray, pred: np.ndarray, samples: int, seed: int = 0) 
     return np.concatenate([rng.choice(wrong, n_wrong, replace=False), rng.choice(right, n_right, replace=False)])
 
 
-def _sample_images(config: dict, paths: list[str], y: np.ndarray, proba: np.ndarray, classes: list[str],
-                   split: str, samples: int) -> bytes:
+def _samples_chart(meta: dict, estimator, split: str, samples: int) -> Chart:
+    """A grid of ``samples`` images of ``split`` with the head's prediction, misclassified ones first."""
+    classes = list(meta["classes"])
+    X, y, paths = store.load_features(meta["cache"], split, features=meta.get("features", "penultimate"))
+    proba = class_probabilities(estimator, X, len(classes))
+    title = f"Sample {split} images: predicted class (probability) and true class, misclassified ones first (in red)"
+    if split == "train":
+        title += " (training images: the head was fitted on them)"
+    return Chart("samples", title, _sample_images(meta["config"], (paths, y, proba), classes, split, samples))
+
+
+def _sample_images(config: dict, rows: tuple, classes: list[str], split: str, samples: int) -> bytes:
+    """The figure of :func:`_samples_chart`; ``rows`` are the split's paths, labels and probabilities."""
+    paths, y, proba = rows
     picks = _pick_samples(y, proba.argmax(axis=1), samples)
     dataset = _image_dataset(config)
     images, titles, correct = [], [], []
@@ -423,67 +389,6 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
     return blocks
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(columns: list, rows: list[list]) -> str:
-    def line(cells) -> str:
-        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
-
-    return "\n".join([line(columns), "|" + "---|" * len(columns), *map(line, rows)]) + "\n"
-
-
-def _html_table(columns: list, rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
-
-
-# block kind -> (title, payload) -> text, for each format
-_MARKDOWN = {
-    "title": lambda title, _: f"# {title}\n",
-    "list": lambda title, lines: f"## {title}\n\n" + "".join(f"- {_md_cell(line)}\n" for line in lines),
-    "table": lambda title, payload: f"## {title}\n\n" + _md_table(*payload),
-    "figure": lambda title, chart: f"## {title}\n\n![{title}]({chart.name}.png)\n",
-    "link": lambda title, link: f"## {title}\n\n[{link[0]}]({link[1]})\n",
-}
-_HTML = {
-    "title": lambda title, _: f"<h1>{html.escape(title)}</h1>",
-    "list": lambda title, lines: f"<h2>{html.escape(title)}</h2>\n<ul>"
-                                 + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
-    "table": lambda title, payload: f"<h2>{html.escape(title)}</h2>\n" + _html_table(*payload),
-    "figure": lambda title, chart: f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" '
-                                   f'src="{chart.data_uri}">',
-    "link": lambda title, link: f'<h2>{html.escape(title)}</h2>\n<p><a href="{html.escape(link[1])}">'
-                                f"{html.escape(link[0])}</a></p>",
-}
-
-
-def markdown_document(blocks: list[tuple]) -> str:
-    """The Markdown of ``(kind, title, payload)`` blocks: title, list, table or figure."""
-    return "\n".join(_MARKDOWN[kind](title, payload) for kind, title, payload in blocks)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f3f3f3; }
-tr:nth-child(even) td { background: #fafafa; }
-img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
-td { word-break: break-word; }
-"""
-
-
-def html_document(blocks: list[tuple]) -> str:
-    """The self-contained HTML page of the same blocks, figures embedded."""
-    title = html.escape(next(t for kind, t, _ in blocks if kind == "title"))
-    body = "\n".join(_HTML[kind](heading, payload) for kind, heading, payload in blocks)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -501,14 +406,7 @@ def _figures(meta: dict, estimator, head_meta: dict, finetunes: list[dict], cach
     # With cross-validation there is no held-out split of images to show: the grid shows train.
     grid_split = split if split in cache_info["splits"] else "train"
     if samples:
-        X, y, paths = store.load_features(meta["cache"], grid_split, features=meta.get("features", "penultimate"))
-        proba = class_probabilities(estimator, X, len(classes))
-        title = (f"Sample {grid_split} images: predicted class (probability) and true class, "
-                 "misclassified ones first (in red)")
-        if grid_split == "train":
-            title += " (training images: the head was fitted on them)"
-        figures["samples"] = Chart("samples", title, _sample_images(meta["config"], paths, y, proba, classes,
-                                                                       grid_split, samples))
+        figures["samples"] = _samples_chart(meta, estimator, grid_split, samples)
     return figures
 
 
@@ -534,19 +432,6 @@ def _honest_figures(leaderboard: list[dict], head_meta: dict, meta: dict) -> dic
     return figures
 
 
-def up_to_date(html_path: Path, stamp: Path, key: str) -> bool:
-    """Whether the page at ``html_path`` was written for ``key`` (recorded in the JSON ``stamp``)."""
-    return html_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
-
-
-def write_document(out_dir: Path, stem: str, blocks: list[tuple], charts) -> Path:
-    """``<stem>.md`` next to its PNG ``charts`` and the self-contained ``<stem>.html``; returns the latter."""
-    for fig in charts:
-        atomic_write(out_dir / f"{fig.name}.png", fig.png)
-    atomic_write(out_dir / f"{stem}.md", markdown_document(blocks).encode("utf-8"))
-    return atomic_write(out_dir / f"{stem}.html", html_document(blocks).encode("utf-8"))
-
-
 def _one_run(run):
     """The run of a single report: ``run`` itself, or the one item of a list."""
     if isinstance(run, (str, os.PathLike)):
@@ -565,7 +450,7 @@ def report(run, head: str = "best", samples: int = 16, trust: bool = False, cach
     "best-transferable", a spec or a slug); ``samples`` the number of images in the sample grid (0: none);
     ``trust`` also loads a run saved in the old pickle format, which can run code when loaded.
     With ``compare``, ``run`` is a list of runs and one table compares them, backbone by head
-    family (:func:`featurecache.compare.compare_runs`); the path of ``comparison.html`` is returned.
+    family (:func:`featurecache.reporting.compare.compare_runs`); the path of ``comparison.html`` is returned.
     """
     from ..sweep.runs import load_head, load_run, resolve_run
 

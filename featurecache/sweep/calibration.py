@@ -8,7 +8,7 @@ probabilities on train, so no test image takes part.
 
 For a head that is a torch module (its output is logits ``z`` with ``p = softmax(z)``),
 ``softmax(log p / T) = softmax(z / T)``: the exported network divides its logits by
-``T`` (:class:`featurecache.model.Exported`) and predicts what :func:`apply_temperature`
+``T`` (:class:`featurecache.finetuning.network.Exported`) and predicts what :func:`apply_temperature`
 gives.
 """
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import joblib
@@ -193,11 +195,12 @@ def run_task(task: Task, data: SweepData, n_classes: int, seed: int, device, thr
         return [_head_result(model, cfg, task, data, n_classes, seconds) for model, cfg in zip(models, task.configs)]
 
 
-def _run_lane(lane: list[Task], data, n_classes, seed, device, threads, started, finished):
+def _run_lane(lane: list[Task], fit: Callable[[Task], list], threads: int, started, finished):
+    """Fit the tasks of ``lane`` one after another (``fit``: :func:`run_task` bound to the data)."""
     with thread_limit(threads):  # this worker thread's OpenMP pools too
         for task in lane:
             started(task)
-            finished(task, run_task(task, data, n_classes, seed, device))
+            finished(task, fit(task))
 
 
 # --------------------------------------------------------------------------- engines
@@ -235,8 +238,8 @@ class LocalEngine:
             with lock:
                 on_result(task, result)
 
-        calls = (joblib.delayed(_run_lane)(lane, data, n_classes, seed, device, threads, started, finished)
-                 for lane in task_lanes)
+        fit = functools.partial(run_task, data=data, n_classes=n_classes, seed=seed, device=device)
+        calls = (joblib.delayed(_run_lane)(lane, fit, threads, started, finished) for lane in task_lanes)
         with thread_limit(threads):  # the BLAS pools and torch are process-wide: cap them for all workers
             joblib.Parallel(n_jobs=n_jobs, prefer="threads")(calls)
 

@@ -62,8 +62,10 @@ def _read_lines(path: Path) -> tuple[list[str], str | None]:
     return paths, reason
 
 
-def read_exclusion(exclude: str | os.PathLike, cache: Path, splits: list[str]) -> Exclusion:
-    """The rows of ``cache`` that the file ``exclude`` lists; a UsageError when it lists none of them."""
+def read_exclusion(exclude: str | os.PathLike, cache: Path, splits) -> Exclusion:
+    """The rows of ``cache`` (``splits``: the names of its splits) that the file ``exclude`` lists; a
+    UsageError when it lists none of them."""
+    splits = list(splits)
     path = Path(exclude)
     listed, reason = _read_lines(path)
     where: dict[str, list[tuple[str, int]]] = {}

@@ -3,7 +3,7 @@
 :func:`post_options` checks the two options before anything is fitted and returns what
 they add to a run's address (with the ranking's version, so runs ranked the old way are
 not reused). :func:`post_pass` then annotates the ranked leaderboard entries in place:
-``calibration`` (:mod:`featurecache.calibration`) and ``seeds`` (:mod:`featurecache.seeds`).
+``calibration`` (:mod:`featurecache.sweep.calibration`) and ``seeds`` (:mod:`featurecache.sweep.seeds`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _training(data: dict, rows: np.ndarray | None = None) -> tuple[np.ndarray, n
     return np.vstack([X, Xv[keep]]), np.concatenate([y, yv[keep]])
 
 
-def _refit(spec: str, data: dict, splits: list[str], n_classes: int, seed: int, device, folds: list) -> dict:
+def _refit(spec: str, data: dict, splits: list[str], n_classes: int, seed: int, *, device, folds: list) -> dict:
     """``split -> probabilities`` of the head refitted with ``seed`` (``cv``: out of fold)."""
     cfg = HeadConfig.parse(spec)
     X, y = data["train"]
@@ -106,7 +106,7 @@ def seed_spread(entries: list[dict], probas: dict, data: dict, labels: dict, k: 
             n_classes = saved[entry["selection_split"]].shape[1]
 
             def refit(s: int, spec=entry["head"], splits=splits, n_classes=n_classes) -> dict:
-                return _refit(spec, data, splits, n_classes, s, device, folds)
+                return _refit(spec, data, splits, n_classes, s, device=device, folds=folds)
 
             try:
                 entry["seeds"] = _spread_of(entry, labels, refit, k, seed, bar)

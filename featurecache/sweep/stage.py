@@ -7,21 +7,10 @@ on ``val`` when the cache has it, otherwise by stratified k-fold cross-validatio
 exists. Every leaderboard entry names the split it was selected on, so a number used
 to choose a head is never shown as a held-out score.
 
-A sweep file holds ``[[head]]`` tables: ``name`` picks the head, every other key is a
-parameter and a list gives the values to try::
-
-    [[head]]
-    name = "logreg"
-    C = [0.01, 0.1, 1, 10]
-    pre = "standardize"
-
-    [[head]]
-    name = "mlp"
-    hidden = [256, [512, 256]]     # a list of widths is one deeper network
-    dropout = [0.0, 0.3]
+The grid and sweep files are parsed in :mod:`featurecache.heads.grids`.
 
 The fitted heads, the leaderboard and the provenance are saved as a run directory
-(:mod:`featurecache.runs`, no pickles); heads are ranked as :mod:`featurecache.leaderboard` says.
+(:mod:`featurecache.sweep.runs`, no pickles); heads are ranked as :mod:`featurecache.sweep.leaderboard` says.
 
 Heads fit in joblib worker threads (the numeric kernels of numpy, scikit-learn and
 torch release the GIL, and threads start at once and share the features), with the
@@ -35,21 +24,21 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import files, store
-from ..errors import HeadError, UsageError, suggest
-from ..heads import DEFAULT_SWEEP, HEADS, HeadConfig, head_type, parse_grid
+from ..errors import HeadError, UsageError
+from ..heads import HEADS, HeadConfig, head_type
 from ..heads.chunked import can_learn_from_chunks
+from ..heads.grids import build_grid
 from ..metrics import classification_metrics
 from ..progress import LOG_EVERY, Progress
+from ..stages import takes
 from . import engine
 from . import halving as scaling
 from .engine import Task
@@ -58,7 +47,6 @@ from .leaderboard import make_entry, rank
 from .postpass import post_options, post_pass
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
 
-CLASS_WEIGHTS = ("balanced",)
 PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
 
 
@@ -81,67 +69,6 @@ class SweepResult:
 
 
 # --------------------------------------------------------------------------- the grid
-
-
-def _toml_value(value, where: str) -> str:
-    if isinstance(value, list):  # a list of widths inside a list of values: one tuple
-        return "x".join(_toml_value(v, where) for v in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if not isinstance(value, (int, float, str)):
-        raise HeadError(f"{where}: unsupported value {value!r} (use numbers, strings, true/false)")
-    text = repr(value) if isinstance(value, float) else str(value)
-    if any(c in text for c in ",;:=") and not text.startswith("pca:"):
-        raise HeadError(f"{where}: value {value!r} may not contain , ; : or =")
-    return text
-
-
-def read_sweep_file(path: str | os.PathLike) -> list[str]:
-    """The grid specs of a TOML sweep file (one per ``[[head]]`` table)."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise HeadError(f"no sweep file at {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise HeadError(f"{path} is not valid TOML: {exc}") from None
-    unknown = [k for k in data if k != "head"]
-    if unknown:
-        raise HeadError(f"{path}: unknown key {unknown[0]!r}{suggest(unknown[0], ['head'])}; "
-                        "a sweep file holds [[head]] tables")
-    tables = data.get("head", [])
-    if not isinstance(tables, list) or not tables:
-        raise HeadError(f"{path} declares no heads: add [[head]] tables with name = \"...\"")
-    specs = []
-    for i, table in enumerate(tables, 1):
-        where = f"{path} head #{i}"
-        table = dict(table)
-        name = table.pop("name", None)
-        if not isinstance(name, str) or not name:
-            raise HeadError(f"{where} has no name = \"...\"")
-        parts = []
-        for key, values in table.items():
-            values = values if isinstance(values, list) else [values]
-            if not values:
-                raise HeadError(f"{where}: parameter {key} has no values")
-            parts.append(f"{key}=" + ",".join(_toml_value(v, where) for v in values))
-        specs.append(name + (":" + ";".join(parts) if parts else ""))
-    return specs
-
-
-def build_grid(head=(), sweep_file=None, class_weight: str | None = None) -> list[HeadConfig]:
-    """The heads to fit: ``head`` specs and the sweep file's, or the default sweep."""
-    if class_weight is not None and class_weight not in CLASS_WEIGHTS:
-        raise HeadError(f"unknown class_weight {class_weight!r}: use balanced, or leave it out")
-    specs = [*([head] if isinstance(head, str) else head), *(read_sweep_file(sweep_file) if sweep_file else [])]
-    configs = list({c.spec: c for spec in specs or DEFAULT_SWEEP for c in parse_grid(spec)}.values())
-    if not configs:
-        raise HeadError("the head grid is empty")
-    if class_weight is not None:  # heads that cannot weight classes are fitted as they are
-        configs = [replace(c, class_weight=class_weight) if c.class_weight is None and head_type(c.name).class_weight
-                   else c for c in configs]
-        configs = list({c.spec: c for c in configs}.values())
-    return configs
 
 
 def _groups(configs: list[HeadConfig]) -> list[tuple[str, tuple[HeadConfig, ...]]]:
@@ -207,7 +134,7 @@ class _Plan:
     seed: int
     class_weight: str | None
     run_dir: Path
-    post: dict = field(default_factory=dict)  # --seeds and --calibrate, as featurecache.postpass checked them
+    post: dict = field(default_factory=dict)  # --seeds and --calibrate, as featurecache.sweep.postpass checked them
     budget: float | None = None
     halving: bool = True
     memory: int = 0  # bytes of features a sweep may hold
@@ -277,15 +204,16 @@ def _views(meta: dict, views: bool | None) -> int:
     return 0 if views is False else meta["views"]["n"]
 
 
-def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
-          max_memory, features="penultimate", views=None, exclude=None) -> _Plan:
-    """Check the inputs and decide the grid, the selection and the run directory."""
+def _plan(options: SweepOptions, post: dict) -> _Plan:
+    """Check the inputs and decide the grid, the selection and the run directory (``post``: what
+    ``--seeds`` and ``--calibrate`` add to the run's address)."""
     from ..runtime import resolve_device
 
-    path = store.resolve(cache, cache_dir).resolve()
+    path = store.resolve(options.cache, options.cache_dir).resolve()
     meta = store.info(path)
-    configs = build_grid(head, sweep_file, class_weight)
-    resolve_device(device)
+    configs = build_grid(options.head, options.sweep_file, options.class_weight)
+    resolve_device(options.device)
+    jobs = options.jobs
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise HeadError(f"jobs must be a positive integer, got {jobs!r}")
     if "train" not in meta["splits"]:
@@ -295,10 +223,11 @@ def _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_d
         raise UsageError(f"seeds > 1 refits every head on all training rows: it is for caches of up to "
                          f"{scaling.LARGE_ROWS:,} training rows, and {path.name} has {meta['splits']['train']['n']:,}")
     final = "test" if "test" in meta["splits"] else selection
-    plan = _Plan(path, meta, configs, selection, final, cv if selection == "cv" else None, seed, class_weight,
-                 path, post, scaling.check_budget(budget), bool(halving), scaling.memory_cap(max_memory), max_memory,
-                 features=_feature_set(meta, features), views=_views(meta, views),
-                 exclusion=None if exclude is None else read_exclusion(exclude, path, list(meta["splits"])))
+    plan = _Plan(path, meta, configs, selection, final, options.cv if selection == "cv" else None, options.seed,
+                 options.class_weight, path, post, scaling.check_budget(options.budget), bool(options.halving),
+                 scaling.memory_cap(options.max_memory), options.max_memory,
+                 features=_feature_set(meta, options.features), views=_views(meta, options.views),
+                 exclusion=None if options.exclude is None else read_exclusion(options.exclude, path, meta["splits"]))
     plan.run_dir = path.parent / RUNS / _run_id(plan)
     return plan
 
@@ -650,8 +579,7 @@ def _outcome(states: list[scaling.HeadState], failed: dict) -> _Outcome:
     return outcome
 
 
-def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool, started: float, backend: str,
-               scheduler) -> tuple[_Outcome, dict]:
+def _run_sweep(plan: _Plan, data: engine.SweepData, options: SweepOptions, started: float) -> tuple[_Outcome, dict]:
     """Fit the heads rung by rung on the chosen engine; what each head gave, and the labels of every evaluation."""
     states = [scaling.HeadState(cfg, cfg) for cfg in plan.configs]
     rows = _rows(plan, data)
@@ -661,13 +589,13 @@ def _run_sweep(plan: _Plan, data: engine.SweepData, jobs, device, progress: bool
     probes = sum(head_type(c.name).growth >= scaling.PROBE_GROWTH for c in plan.configs) \
         if plan.budget is not None and len(rung_list) > 1 else 0
     fits = sum(r.keep for r in rung_list) * (1 + len(rows.folds)) + probes
-    runner = engine.open_engine(backend, scheduler, jobs)
+    runner = engine.open_engine(options.backend, options.scheduler, options.jobs)
     try:
-        with Progress(fits, "fit-head", unit="fits", enabled=progress, every=PROGRESS_EVERY) as bar, \
+        with Progress(fits, "fit-head", unit="fits", enabled=options.progress, every=PROGRESS_EVERY) as bar, \
                 bar.heartbeat():
             sweep = _Sweep(plan, data, rows, runner, rung_list, states, _Recorder(plan, states, rows, bar),
-                           started, device, progress)
-            if progress and plan.large:
+                           started, options.device, options.progress)
+            if options.progress and plan.large:
                 _echo_plan(sweep)
             sweep.run()
     finally:
@@ -691,7 +619,7 @@ def _rank(plan: _Plan, labels: dict, outcome: _Outcome, specs) -> list[dict]:
 
 
 def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
-    """``name -> (features, labels)`` for :func:`featurecache.postpass.post_pass`: every split's rows
+    """``name -> (features, labels)`` for :func:`featurecache.sweep.postpass.post_pass`: every split's rows
     up to 4,000 training rows, where ``seeds`` may refit heads; above, the labels of every evaluation
     (enough for ``calibrate``)."""
     if plan.large:
@@ -729,28 +657,40 @@ def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) ->
     }
 
 
-def fit_head(
-    cache: str,
-    head: tuple = (),
-    sweep_file: str | None = None,
-    jobs: int | None = None,
-    seed: int = 0,
-    class_weight: str | None = None,
-    cv: int = 5,
-    device: str = "auto",
-    budget: float | None = scaling.DEFAULT_BUDGET,
-    halving: bool = True,
-    max_memory: str | None = None,
-    backend: str = "local",
-    scheduler: str | None = None,
-    cache_dir: str | None = None,
-    seeds: int = 1,
-    calibrate: str | None = None,
-    features: str = "penultimate",
-    views: bool | None = None,
-    exclude: str | None = None,
-    progress: bool = False,
-) -> SweepResult:
+@dataclass(frozen=True)
+class SweepOptions:
+    """Every option of :func:`fit_head`, as given: the one object the stage hands down.
+
+    What is fitted (``head``, ``sweep_file``, ``class_weight``, ``features``, ``views``, ``exclude``), how heads are
+    chosen (``seed``, ``cv``, ``seeds``, ``calibrate``), how much it may cost (``budget``, ``halving``,
+    ``max_memory``), where the fits run (``jobs``, ``device``, ``backend``, ``scheduler``) and where the
+    cache is (``cache``, ``cache_dir``).
+    """
+
+    cache: str
+    head: tuple = ()
+    sweep_file: str | None = None
+    jobs: int | None = None
+    seed: int = 0
+    class_weight: str | None = None
+    cv: int = 5
+    device: str = "auto"
+    budget: float | None = scaling.DEFAULT_BUDGET
+    halving: bool = True
+    max_memory: str | None = None
+    backend: str = "local"
+    scheduler: str | None = None
+    cache_dir: str | None = None
+    seeds: int = 1
+    calibrate: str | None = None
+    features: str = "penultimate"
+    views: bool | None = None
+    exclude: str | None = None
+    progress: bool = False
+
+
+@takes(SweepOptions)
+def fit_head(options: SweepOptions) -> SweepResult:
     """Fit every head of the grid on ``cache``, rank them and save them in a run directory.
 
     ``cache`` is a cache file, its name or a unique key prefix (looked up in ``cache_dir``).
@@ -760,13 +700,13 @@ def fit_head(
     cross-validation on ``train`` (above 4,000 training rows: a stratified ``holdout`` of train).
     ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
     heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` fits
-    one temperature per head on the selection split (:mod:`featurecache.postpass`).
+    one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`).
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored. ``exclude``: a file of paths (``fc audit --list``)
     left out of training, and for val and test images out of the scores (:mod:`featurecache.sweep.exclusion`).
 
-    Above 4,000 training rows (:mod:`featurecache.scaling`): with ``halving`` every head is
+    Above 4,000 training rows (:mod:`featurecache.sweep.halving`): with ``halving`` every head is
     fitted on a stratified sample first and only the best third moves on to larger ones;
     ``budget`` seconds (None or 0: no bound) bound the sweep through stand-ins and row samples
     chosen from timed small fits. ``max_memory`` (e.g. ``"4G"``; default half the available
@@ -775,17 +715,16 @@ def fit_head(
     (or $FC_DASK_SCHEDULER). The same inputs give the same leaderboard and the saved run.
     """
     started = time.perf_counter()
-    post = post_options(seeds, calibrate)  # checked before any fit; part of the run's address
-    plan = _plan(cache, head, sweep_file, jobs, seed, class_weight, cv, device, cache_dir, post, budget, halving,
-                 max_memory, features, views, exclude=exclude)
+    post = post_options(options.seeds, options.calibrate)  # checked before any fit; part of the run's address
+    plan = _plan(options, post)
     reused = _reused(plan, started)
     if reused is not None:
         return reused
     data = _read_data(plan)
-    outcome, labels = _run_sweep(plan, data, jobs, device, progress, started, backend, scheduler)
+    outcome, labels = _run_sweep(plan, data, options, started)
     entries = _rank(plan, labels, outcome, outcome.files)
-    entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv, device,
-                        progress)
+    entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
+                        options.device, options.progress)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
