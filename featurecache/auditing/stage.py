@@ -99,7 +99,7 @@ def saved_audit(cache: str | Path) -> dict | None:
     return saved if saved.get("cache_key") == key else None
 
 
-def test_leaks(report: dict) -> int:
+def leaks_into_test(report: dict) -> int:
     """Leaks whose held-out side is in test."""
     return sum(n for pair, n in report["counts"]["leaks"].items() if pair.endswith("-test"))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, store
-from ..auditing.stage import PAGE_FILE, audit_dir_of, saved_audit, test_leaks
+from ..auditing.stage import PAGE_FILE, audit_dir_of, leaks_into_test, saved_audit
 from ..data.images import ImageSkipped, load_rgb
 from ..data.sources import TORCHVISION_PREFIX, Dataset, Record, open_dataset
 from ..errors import UsageError, plural
@@ -299,7 +299,7 @@ def _audit_lines(meta: dict) -> list[str]:
     leaks = ", ".join(f"{pair} {n}" for pair, n in c["leaks"].items()) or "none"
     lines.append(f"Audit of the cache: leaks {leaks}; conflicts {c['conflicts']}; likely label errors "
                  + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items()))
-    n_test = test_leaks(audit)
+    n_test = leaks_into_test(audit)
     scored = (excluded or {}).get("scores", {}).get("test", 0)
     if n_test and not scored:
         lines.append(f"Warning: fc audit found {n_test} test images with a duplicate in another split: the test "
