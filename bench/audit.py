@@ -322,7 +322,10 @@ def cmd_exclude(args) -> None:
     work = Path(args.work)
     cache = caches(work)["fashion-mnist-planted"]
     threshold = args.threshold or 0.975
-    result = fc.audit(cache)  # the default threshold (as measure ran it: reused); leaks kept from `threshold` up
+    from featurecache.auditing.stage import AUDIT_FILE, AuditResult, audit_dir_of
+
+    saved = audit_dir_of(cache) / AUDIT_FILE  # the default audit that measure wrote, else a new one
+    result = (AuditResult(str(saved.parent), load(saved)) if saved.is_file() else fc.audit(cache))
     leaks = [f"{p['a']['path']}\t{p['b']['path']}" for p in result.report["pairs"] if p["kind"] == "leak"
              and (p["similarity"] >= threshold or p["found_by"] == "identical bytes")]
     listing = work / f"exclude-labels-leaks-{threshold}.txt"
