@@ -13,7 +13,7 @@ package, and ``fc --help``, stay fast. The functions are listed in
 The packages follow the stages, and each imports only from the layers below it, in this
 order (``tests/test_layout.py`` checks it, with every import inside a function too)::
 
-    shared < data < backbones < extraction < heads < sweep < finetuning < reporting < pipeline < cli
+    shared < data < backbones < extraction < heads < sweep < auditing < finetuning < reporting < pipeline < cli
 
 The shared modules are those at the top of the package that every stage uses: ``errors``,
 ``names``, ``files``, ``progress``, ``runtime``, ``metrics``, ``stages`` and ``store`` (the

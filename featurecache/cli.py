@@ -647,6 +647,9 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--views/--no-views", default=None,
               help="Also learn from the augmented views stored with fc extract --augment-views "
                    "(default: when the cache has them). Scores never use views.")
+@click.option("--exclude", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Leave out the images a file lists (one path a line, as fc audit --list prints them): train "
+                   "images out of training, val and test images out of the scores. The run records it.")
 @click.option("--budget", type=click.FloatRange(min=0), default=210.0, show_default=True, metavar="SECONDS",
               help="Bound on the sweep's seconds above 4,000 training rows, kept by stand-ins and row samples "
                    "planned from timed small fits (0: no bound).")
@@ -694,6 +697,58 @@ def fit_head(as_json, **options):
 def _run_id(run_dir: str) -> str:
     """The id of a run, the last part of its folder's name: commands that take RUN take it, or a unique prefix."""
     return os.path.basename(run_dir).rpartition("-")[2]
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@cli.command("audit")
+@click.argument("cache")
+@click.option("--run", default=None, metavar="RUN",
+              help="Score the labels with this stage-two run's best transferable head (default: a cross-validated "
+                   "logistic regression).")
+@click.option("--threshold", type=click.FloatRange(min=0, max=1, min_open=True), default=0.90, show_default=True,
+              help="Cosine similarity from which two images are near-duplicates.")
+@click.option("--outliers", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Images farthest from every other image to report.")
+@click.option("--exact-max", type=click.IntRange(min=0), default=10_000, show_default=True, metavar="ROWS",
+              help="Up to this many rows the neighbour search is exact; above, approximate (faiss).")
+@click.option("--seed", default=0, show_default=True, help="Folds of the label scores.")
+@click.option("--list", "listing", type=click.Choice(["labels", "leaks", "duplicates", "outliers"]), default=None,
+              help="Print one finding a line instead: paths as the cache stores them; pairs as two paths and a tab.")
+@click.option("--top", type=_count, default=None,
+              help="With --list: at most N lines (labels: the N most suspicious train images, flagged or not).")
+@_cache_dir
+@_json
+def audit_command(as_json, listing, top, **options):
+    """Audit CACHE (path, name or key prefix) from its features: leaks across splits, duplicates, likely label
+    errors and outliers.
+
+    Writes audit.json and audit.html under <cache dir>/audits/<cache name>/ and prints the counts;
+    fc report links the page. Pairs of byte-identical files (content hashes recorded by fc extract) or
+    of cosine similarity at or above --threshold are leaks when they cross splits, conflicts when
+    their labels differ within one. --list prints a list for scripts, such as fc fit-head --exclude.
+    """
+    from .auditing.stage import audit
+
+    result = call_stage(audit, as_json and listing is None, options, progress=True)
+    if result is None:
+        return
+    if listing is not None:
+        for line in result.lines(listing, top):
+            click.echo(line)
+        return
+    c = result.report["counts"]
+    leaks = ", ".join(f"{pair} {n}" for pair, n in c["leaks"].items()) or "none"
+    click.echo(f"{result.page}  ({'reused' if result.reused else f'{result.seconds:.1f} s'})")
+    click.echo(f"leaks: {leaks}; conflicts: {c['conflicts']}; duplicates: {c['duplicates']}; "
+               f"likely label errors: " + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items())
+               + f"; outliers shown: {c['outliers']}")
+    for note in result.report.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    if not result.report["hashes"]:
+        click.echo("this cache has no content hashes (written before fc recorded them): byte-identical copies are "
+                   "found by their features alone; fc extract into a new cache directory records them", err=True)
 
 
 @cli.command("runs")

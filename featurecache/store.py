@@ -7,6 +7,8 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /<split>/labels       int64, N
     /<split>/paths        UTF-8 strings, N, relative to the data root (SHARD.tar#KEY, FILE#ROW:
                           an item of a container), in chunks of 65,536
+    /<split>/hashes       UTF-8 strings, N: BLAKE2b-128 of each image file's bytes (caches written
+                          before it have none; ``fc audit`` then finds duplicates by their features)
     /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
     /<split>/layers/<L>   N x D_L: the pooled output of layer L (``fc extract --layers``)
     /train_views/...      K augmented views of each train image (``--augment-views K``):
@@ -429,6 +431,8 @@ def _write_split(group, part: dict, chunk_rows: int) -> None:
         for name, values in part["layers"].items():
             _matrix(layers, name, values, chunk_rows)
     _str_column(group, "paths", list(part["paths"]))
+    if part.get("hashes") is not None:
+        _str_column(group, "hashes", list(part["hashes"]))
     skipped = list(part.get("skipped", []))
     _str_dataset(group, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
 
@@ -541,6 +545,19 @@ def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float3
         y = g["labels"][...]
         paths = list(g["paths"].asstr()[...])
     return X, y, paths
+
+
+def load_hashes(path: str | os.PathLike, split: str) -> list[str] | None:
+    """The content hash of each row of one split, or None for a cache written before they were recorded."""
+    with _open(path) as f:
+        g = _split_group(f, path, split)
+        return list(g["hashes"].asstr()[...]) if "hashes" in g else None
+
+
+def load_paths(path: str | os.PathLike, split: str) -> list[str]:
+    """The paths of one split's rows, without reading their features."""
+    with _open(path) as f:
+        return list(_split_group(f, path, split)["paths"].asstr()[...])
 
 
 def load_skipped(path: str | os.PathLike, split: str) -> list[tuple[str, str]]:

@@ -31,7 +31,8 @@ COMMANDS = {
 COMPOSED = {"cache info", "cache rm"}
 # Presentation only: how the CLI prints, not what the function computes.
 CLI_ONLY = {"as_json"}
-CLI_ONLY_BY_COMMAND = {"backbones": {"dims"}}  # the feature-dimension column
+CLI_ONLY_BY_COMMAND = {"backbones": {"dims"},  # the feature-dimension column
+                       "audit": {"listing", "top"}}  # --list and --top print a part of the result
 API_ONLY = {"progress"}  # the CLI decides it from the terminal
 
 

@@ -72,6 +72,12 @@ CASES = [
     ("export", "{cache} {tmp}/f.xlsx --format xlsx", 2, r"Invalid value for '--format': 'xlsx' is not one of"),
     ("export", "{cache} {tmp}/f.parquet --views", 2, r"has no augmented views \(extract with --augment-views K\)"),
     ("export", "no-such-cache {tmp}/f.parquet", 3, r"no cache matches 'no-such-cache'"),
+    ("fit-head", "{cache} --exclude {tmp}/no-such-list.txt", 2, r"--exclude: no such file .*no-such-list\.txt"),
+    ("fit-head", "{cache} --exclude {tmp}/good.toml", 2, r"--exclude: none of the 2 paths in .*good\.toml"),
+    ("audit", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("audit", "{cache} --threshold 1.5", 2, r"Invalid value for '--threshold': 1.5 is not in the range 0<x<=1"),
+    ("audit", "{cache} --list everything", 2, r"Invalid value for '--list': 'everything' is not one of"),
+    ("audit", "{cache} --run {tmp}/no-such-run", 3, r"no run matches"),
 ]
 
 

@@ -34,7 +34,7 @@ import torch
 from .. import runtime, store
 from ..backbones import models as backbones
 from ..backbones import taps
-from ..data.images import DECODERS, Views, image_loader, normalize_batch, resolve_decode
+from ..data.images import DECODERS, Views, content_hashes, image_loader, normalize_batch, resolve_decode
 from ..data.preprocess import Preprocess
 from ..data.sources import Dataset, open_dataset
 from ..errors import CacheLockedError, DataError, FeatureCacheWarning, UsageError, plural
@@ -452,9 +452,12 @@ def _rate(counts: list[tuple[int, float]]) -> float:
 def _write(job: _Job, writer: store.ShardWriter, counts: list[tuple[int, float]]) -> ExtractResult:
     """Assemble every shard into the cache file (the entry is locked), then remove the shards."""
     features, ok, reasons, tags = writer.collect(job.width, job.run.dtype)
+    hashing = time.perf_counter()
     splits = _assemble(job, features, ok, reasons)
+    hashing = time.perf_counter() - hashing  # nearly all of it: the content hash of every file
     _check_usable(job, splits)
-    store.write_cache(job.entry.path, job.dataset.classes, _provenance(job, tags), splits, key=job.key)
+    provenance = {**_provenance(job, tags), "hash_seconds": round(hashing, 3)}
+    store.write_cache(job.entry.path, job.dataset.classes, provenance, splits, key=job.key)
     writer.remove()
     result = _summary(job.entry.path, job.key, False, job.started, _rate(counts))
     result.skipped = [(s, p, r) for s, part in splits.items() for p, r in part["skipped"]]
@@ -657,6 +660,7 @@ def _assemble(job: _Job, features: np.ndarray, ok: np.ndarray, reasons: list[str
             **_columns(features[row_of[good]], parts),
             "labels": np.array([dataset.records[i].label for i in good], dtype=np.int64),
             "paths": [dataset.records[i].path for i in good],
+            "hashes": content_hashes(dataset, good),  # for fc audit: recorded, not part of the key
             "skipped": [(dataset.records[i].path, reasons[i]) for i in idx[~ok[idx]]]
             + [(p, r) for s, p, r in dataset.skipped if s == name],
         }

@@ -1,4 +1,4 @@
-"""Pipelines: small TOML files that chain ``extract -> fit-head -> finetune -> report``.
+"""Pipelines: small TOML files that chain ``extract -> audit -> fit-head -> finetune -> report``.
 
 A pipeline file has a few top-level keys and one table per stage it runs::
 
@@ -7,6 +7,8 @@ A pipeline file has a few top-level keys and one table per stage it runs::
 
     [extract]
     backbone = "mobilenet_v2"     # a list, e.g. ["mobilenet_v2", "resnet18"], runs one branch per value
+    [audit]
+    exclude = ["leaks", "labels"] # fit-head leaves out what fc audit --list leaks and --list labels print
     [fit-head]
     [finetune]
     epochs = 2
@@ -60,6 +62,7 @@ class Stage:
     needs: str | None  # the stage whose output feeds ``input`` (None: the top-level ``data``)
     provides: str | None  # the key of ``result.to_dict()`` handed to the stages that need this one
     why: str  # what ``needs`` is for, for the error message
+    extra: tuple = ()  # keys of the table that are the pipeline's, not the function's: inspect.Parameters
 
     def function(self):
         return BY_COMMAND[self.name].load()
@@ -71,13 +74,20 @@ class Stage:
             sig = inspect.signature(fn, eval_str=True)
         except (NameError, TypeError):  # an annotation that cannot be evaluated: check names only
             sig = inspect.signature(fn)
-        return {n: p for n, p in sig.parameters.items() if n not in (self.input, *WIRED)}
+        params = {n: p for n, p in sig.parameters.items() if n not in (self.input, *WIRED)}
+        return params | {p.name: p for p in self.extra}
+
+
+# [audit] exclude = "leaks" or a list of fc audit --list kinds: what the fit-head of the branch leaves out
+_AUDIT_EXCLUDE = inspect.Parameter("exclude", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=str | list[str] | None)
 
 
 STAGES = {
     stage.name: stage
     for stage in (
         Stage("extract", "data", None, "cache", ""),
+        Stage("audit", "cache", "extract", None, "it audits the features [extract] writes", (_AUDIT_EXCLUDE,)),
         Stage("fit-head", "cache", "extract", "run_dir", "it fits heads on the features [extract] writes"),
         Stage("finetune", "run", "fit-head", None, "it fine-tunes the backbone with a head of a [fit-head] run"),
         Stage("report", "run", "fit-head", None, "it reports on a [fit-head] run"),
@@ -207,6 +217,7 @@ def _check(doc: dict, path: Path, overridden: set) -> Plan:
     data = top.get("data")
     if "extract" in tables:
         data = _check_data(path, data, top.get("fetch"), top.get("cache_dir"), overridden)
+    _check_exclude(tables.get("audit", {}), path, overridden)
     fixed, axes = _stage_options(tables, path, overridden)
     branches, labels = _branches(fixed, axes)
     return Plan(path, data, top.get("fetch"), top.get("cache_dir"), list(fixed), branches, labels)
@@ -233,6 +244,20 @@ def _split_document(doc: dict, path: Path, overridden: set) -> tuple[dict, dict]
             raise PipelineError(f"{where}: unknown key" + (suggest(key, [*TOP_LEVEL, *STAGES]) or
                                                           f" (expected one of: {', '.join([*TOP_LEVEL, *STAGES])})"))
     return top, tables
+
+
+def _exclude_kinds(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _check_exclude(table: dict, path: Path, overridden: set) -> None:
+    """``[audit] exclude``: kinds of ``fc audit --list``."""
+    from ..auditing.stage import LISTS
+
+    for kind in _exclude_kinds(table.get("exclude")):
+        if kind not in LISTS:
+            raise PipelineError(f"{_where(path, 'audit.exclude', overridden)}: unknown list {kind!r}"
+                                + (suggest(str(kind), LISTS) or f" (expected {', '.join(LISTS)})"))
 
 
 def _check_needs(tables: dict, path: Path) -> None:
@@ -350,12 +375,30 @@ def _describe_finetune(out: dict) -> str:
             f"{out['best_accuracy']:.4f} fine-tuned)")
 
 
-DESCRIBE = {"extract": _describe_extract, "fit-head": _describe_fit_head, "finetune": _describe_finetune,
-            "report": str}
+def _describe_audit(out: dict) -> str:
+    c = out["counts"]
+    leaks = ", ".join(f"{pair} {n}" for pair, n in c["leaks"].items()) or "none"
+    return (f"{out['page']} (leaks {leaks}; conflicts {c['conflicts']}; likely label errors "
+            + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items())
+            + (f"; fit-head leaves out {out['exclude']}" if out.get("exclude") else "") + ")")
+
+
+DESCRIBE = {"extract": _describe_extract, "audit": _describe_audit, "fit-head": _describe_fit_head,
+            "finetune": _describe_finetune, "report": str}
 
 
 def _output(result):
+    if hasattr(result, "summary"):  # the audit: its counts, not every finding
+        return result.summary()
     return result.to_dict() if hasattr(result, "to_dict") else str(result)
+
+
+def _exclusion_file(result, kinds: list[str]) -> str:
+    """The paths of ``fc audit --list KIND`` for each of ``kinds``, in one file beside the audit."""
+    lines = [f"# fc audit: {', '.join(kinds)}"] + [line for kind in kinds for line in result.lines(kind)]
+    path = Path(result.audit_dir) / f"exclude-{'-'.join(kinds)}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def run(pipeline: str | os.PathLike, set: tuple[str, ...] = (), progress: bool = True) -> dict:
@@ -403,6 +446,7 @@ def _compare(plan: Plan, branches: list[dict], echo) -> str | None:
 def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
     """Run one branch's stages in order, each fed with the output of the stage it needs."""
     outputs: dict[str, object] = {}
+    later: dict[str, str] = {}  # what an earlier stage hands a later one: [audit] exclude's file
     for name in plan.stages:
         stage = STAGES[name]
         fn = stage.function()
@@ -411,7 +455,13 @@ def _run_branch(plan: Plan, options: dict[str, dict], echo, bars: bool) -> dict:
         kwargs[stage.input] = plan.data if stage.needs is None else outputs[stage.needs][STAGES[stage.needs].provides]
         wired = {"cache_dir": plan.cache_dir, "progress": bars, "compare": False, "shard": None}
         kwargs.update({key: value for key, value in wired.items() if key in accepted})
+        extra = {p.name: kwargs.pop(p.name, None) for p in stage.extra}
+        if name == "fit-head" and later.get("exclude") and "exclude" not in kwargs:
+            kwargs["exclude"] = later["exclude"]
         t0 = time.perf_counter()
-        outputs[name] = _output(fn(**kwargs))
+        result = fn(**kwargs)
+        outputs[name] = _output(result)
+        if extra.get("exclude"):  # [audit] exclude: the file the branch's fit-head reads
+            later["exclude"] = outputs[name]["exclude"] = _exclusion_file(result, _exclude_kinds(extra["exclude"]))
         echo(f"{name:<9} {DESCRIBE[name](outputs[name])}  [{time.perf_counter() - t0:.1f} s]")
     return outputs

@@ -91,6 +91,7 @@ _MARKDOWN = {
     "list": lambda title, lines: f"## {title}\n\n" + "".join(f"- {_md_cell(line)}\n" for line in lines),
     "table": lambda title, payload: f"## {title}\n\n" + _md_table(*payload),
     "figure": lambda title, chart: f"## {title}\n\n![{title}]({chart.name}.png)\n",
+    "link": lambda title, link: f"## {title}\n\n[{link[0]}]({link[1]})\n",
 }
 _HTML = {
     "title": lambda title, _: f"<h1>{html.escape(title)}</h1>",
@@ -99,6 +100,8 @@ _HTML = {
     "table": lambda title, payload: f"<h2>{html.escape(title)}</h2>\n" + _html_table(*payload),
     "figure": lambda title, chart: f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" '
                                    f'src="{chart.data_uri}">',
+    "link": lambda title, link: f'<h2>{html.escape(title)}</h2>\n<p><a href="{html.escape(link[1])}">'
+                                f"{html.escape(link[0])}</a></p>",
 }
 
 

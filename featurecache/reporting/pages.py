@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, store
+from ..auditing.stage import PAGE_FILE, audit_dir_of, leaks_into_test, saved_audit
 from ..data.images import ImageSkipped, load_rgb
 from ..data.sources import Dataset, Record, reopen
 from ..errors import UsageError, plural
@@ -56,6 +57,7 @@ def _report_key(run_dir: Path, head: str, samples: int) -> str:
                      for p in sorted(run_dir.glob(f"{FINETUNE_DIR}/*/*.json"))},
         "head": head,
         "samples": samples,
+        "audit": (saved_audit(json.loads((run_dir / "run.json").read_text())["cache"]) or {}).get("key"),
         "code": sha256_file(__file__),
         "version": __version__,
     }
@@ -274,7 +276,38 @@ def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict
         _sentence(selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard)),
         *_calibration_line(head_meta, final_split),
     ]
-    return lines + [_finetune_line(ft, final_split) for ft in finetunes]
+    return lines + [_finetune_line(ft, final_split) for ft in finetunes] + _audit_lines(meta)
+
+
+def _audit_lines(meta: dict) -> list[str]:
+    """What ``fc audit`` found in the run's cache, with a warning for test leaks; what ``--exclude`` left out."""
+    lines = []
+    excluded = meta.get("exclude")
+    if excluded:
+        scored = ", ".join(f"{n} {s}" for s, n in excluded["scores"].items()) or "none"
+        why = f": {excluded['reason']}" if excluded["reason"] else ""
+        lines.append(f"Excluded ({Path(excluded['file']).name}{why}): {excluded['train']} train images left out of "
+                     f"training; left out of the scores: {scored}")
+    audit = saved_audit(meta["cache"])
+    if audit is None:
+        return lines
+    c = audit["counts"]
+    leaks = ", ".join(f"{pair} {n}" for pair, n in c["leaks"].items()) or "none"
+    lines.append(f"Audit of the cache: leaks {leaks}; conflicts {c['conflicts']}; likely label errors "
+                 + ", ".join(f"{s} {n}" for s, n in c["label_issues"].items()))
+    n_test = leaks_into_test(audit)
+    scored = (excluded or {}).get("scores", {}).get("test", 0)
+    if n_test and not scored:
+        lines.append(f"Warning: fc audit found {n_test} test images with a duplicate in another split: the test "
+                     "scores are optimistic; fit-head --exclude with fc audit --list leaks leaves them out")
+    return lines
+
+
+def _audit_link(meta: dict) -> list[tuple]:
+    page = audit_dir_of(meta["cache"]) / PAGE_FILE
+    if saved_audit(meta["cache"]) is None or not page.is_file():
+        return []
+    return [("link", "Audit of the cache", (str(page), page.as_uri()))]
 
 
 def _provenance(run) -> dict:
@@ -335,6 +368,7 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
     blocks: list[tuple] = [
         ("title", f"featurecache report: {meta['run_id']}", None),
         ("list", "Summary", _summary_lines(run, head_meta, finetunes, cache_info)),
+        *_audit_link(meta),
         ("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)),
         *_figure_blocks(figures, "intervals"),
         ("table", f"Metrics of {head_meta['head']} on {final_split}",

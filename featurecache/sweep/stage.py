@@ -43,6 +43,7 @@ from ..stages import takes
 from . import engine
 from . import halving as scaling
 from .engine import Task
+from .exclusion import Exclusion, read_exclusion
 from .leaderboard import make_entry, rank
 from .postpass import post_options, post_pass
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, run_problem, save_fit, write_run
@@ -142,6 +143,7 @@ class _Plan:
     rungs: list = field(default_factory=list)  # rows and heads of each rung, for run.json
     features: str = "penultimate"  # the feature set heads learn from (store.FEATURE_SETS or a layer)
     views: int = 0  # augmented views of the training images heads also learn from (0: none)
+    exclusion: Exclusion | None = None  # rows left out (--exclude)
 
     @property
     def classes(self) -> list[str]:
@@ -171,6 +173,8 @@ def _run_id(plan: _Plan) -> str:
         fields["features"] = plan.features
     if plan.views:
         fields["views"] = plan.views
+    if plan.exclusion is not None:  # only when used, so that other runs keep their address
+        fields["exclude"] = plan.exclusion.address
     if plan.large or plan.views:  # these change what is fitted only on many rows (or views)
         fields.update(budget=plan.budget, halving=plan.halving)
         if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
@@ -223,7 +227,8 @@ def _plan(options: SweepOptions, post: dict) -> _Plan:
     plan = _Plan(path, meta, configs, selection, final, options.cv if selection == "cv" else None, options.seed,
                  options.class_weight, path, post, scaling.check_budget(options.budget), bool(options.halving),
                  scaling.memory_cap(options.max_memory), options.max_memory,
-                 features=_feature_set(meta, options.features), views=_views(meta, options.views))
+                 features=_feature_set(meta, options.features), views=_views(meta, options.views),
+                 exclusion=None if options.exclude is None else read_exclusion(options.exclude, path, meta["splits"]))
     plan.run_dir = path.parent / RUNS / _run_id(plan)
     return plan
 
@@ -293,7 +298,7 @@ class _Rows:
         """The labels of every evaluation (``cv``: all of train, predicted out of fold)."""
         out = {name: data.labels[split] if rows is None else data.labels[split][rows]
                for name, (split, rows) in self.evals.items()}
-        return out | ({"cv": data.labels["train"][:data.n_train]} if self.folds else {})
+        return out | ({"cv": data.labels["train"][self.pool]} if self.folds else {})
 
     def sample(self, n: int) -> np.ndarray | None:
         """The first ``n`` rows of the stratified order with their views, sorted; None for all of train."""
@@ -310,19 +315,28 @@ def _rows(plan: _Plan, data: engine.SweepData) -> _Rows:
     """The pool, its stratified order, the evaluation rows and the folds. On many rows, train
     metrics come from the first rung's rows, which every head learnt from."""
     y = data.labels["train"][:data.n_train]
+    left_out = plan.exclusion.train if plan.exclusion is not None else np.zeros(0, dtype=np.int64)
     if plan.selection == "holdout":
         pool, held = scaling.holdout_split(y, plan.seed)
+        pool, held = np.setdiff1d(pool, left_out), np.setdiff1d(held, left_out)
         _check_split("holdout", y[held], plan.classes, "selecting a head")
     else:
-        pool, held = np.arange(len(y)), None
+        pool, held = np.setdiff1d(np.arange(len(y)), left_out), None
+    if len(left_out):
+        _check_split("train less --exclude", y[pool], plan.classes, "fitting a head")
     order = pool[scaling.stratified_order(y[pool], plan.seed)]
     evals = {"holdout": ("train", held)} if held is not None else {}
-    evals.update({s: (s, None) for s in plan.splits if s != "train"})
-    everything = None if data.views is None else np.arange(data.n_train)  # train's images, without the views
+    evals.update({s: (s, _scored(plan, data, s)) for s in plan.splits if s != "train"})
+    everything = None if data.views is None and not len(left_out) else pool  # train's images, without the views
     evals["train"] = ("train", np.sort(order[:scaling.FIRST_RUNG_ROWS]) if plan.large else everything)
-    folds = _cv_folds(y, plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
-    folds = [(data.with_views(fit), out) for fit, out in folds]  # all views of an image in its image's fold
-    return _Rows(pool, order, evals, folds, held is None, data)
+    folds = _cv_folds(y[pool], plan.cv, plan.seed, plan.classes) if plan.selection == "cv" else []
+    folds = [(data.with_views(pool[fit]), pool[out]) for fit, out in folds]  # views in their image's fold
+    return _Rows(pool, order, evals, folds, held is None and not len(left_out), data)
+
+
+def _scored(plan: _Plan, data: engine.SweepData, split: str) -> np.ndarray | None:
+    """The rows of ``split`` that are scored: all (None) unless ``--exclude`` leaves some out."""
+    return None if plan.exclusion is None else plan.exclusion.kept(split, len(data.labels[split]))
 
 
 # --------------------------------------------------------------------------- the fits of one rung
@@ -416,7 +430,7 @@ class _Recorder:
             if "error" in head:
                 self.errors.setdefault(cfg.spec, head["error"])
             elif "cv" in head["probas"]:
-                oof = self.oof.setdefault(cfg.spec, np.zeros((len(self.rows.pool), len(self.plan.classes))))
+                oof = self.oof.setdefault(cfg.spec, np.zeros((self.rows.data.n_train, len(self.plan.classes))))
                 oof[task.evals["cv"][1]] = head["probas"]["cv"]
             else:
                 state.result, state.fitted, state.rows = head, cfg, n_rows
@@ -430,7 +444,7 @@ class _Recorder:
             error = self.errors.get(state.form.spec)
             if error is None:
                 if state.form.spec in self.oof:
-                    state.result["probas"]["cv"] = self.oof[state.form.spec]
+                    state.result["probas"]["cv"] = self.oof[state.form.spec][self.rows.pool]
                 ok.append(state)
             else:  # kept with the result of an earlier rung, if it has one
                 state.status, state.reason = "failed", error
@@ -623,12 +637,20 @@ def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
     (enough for ``calibrate``)."""
     if plan.large:
         return {name: (None, y) for name, y in labels.items() if name != "cv"}
-    out = {s: (data.rows(s), data.labels[s]) for s in plan.splits if s != "train"}
+    out = {}
+    for s in plan.splits:
+        if s != "train":
+            rows = _scored(plan, data, s)
+            out[s] = (data.rows(s, rows), data.labels[s] if rows is None else data.labels[s][rows])
     images = np.arange(data.n_train)
+    if plan.exclusion is not None:
+        images = np.setdiff1d(images, plan.exclusion.train)
     out["train"] = (data.rows("train", images), data.labels["train"][images])
     if data.views is not None:
-        rows = np.arange(data.n_train, len(data.labels["train"]))
-        out[store.VIEWS] = (data.rows("train", rows), data.labels["train"][rows], data.views)
+        keep = np.flatnonzero(np.isin(data.views, images))  # the views of the images kept, renumbered
+        rows = data.n_train + keep
+        out[store.VIEWS] = (data.rows("train", rows), data.labels["train"][rows],
+                            np.searchsorted(images, data.views[keep]))
     return out
 
 
@@ -639,6 +661,7 @@ def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) ->
         "selection_split": plan.selection, "final_split": plan.final, "seed": plan.seed, "cv": plan.cv,
         "class_weight": plan.class_weight, "budget": plan.budget, "halving": plan.halving, "rungs": plan.rungs,
         "features": plan.features, "feature_dim": plan.dim, "views": plan.views,
+        **({"exclude": plan.exclusion.record} if plan.exclusion is not None else {}),
         "heads": [e["head"] for e in entries], "best": entries[0]["head"],
         "failed": [{"head": spec, "error": reason} for spec, reason in failed.items()],
         "seconds": round(time.perf_counter() - started, 3),
@@ -651,7 +674,7 @@ def _run_meta(plan: _Plan, entries: list[dict], failed: dict, started: float) ->
 class SweepOptions:
     """Every option of :func:`fit_head`, as given: the one object the stage hands down.
 
-    What is fitted (``head``, ``sweep_file``, ``class_weight``, ``features``, ``views``), how heads are
+    What is fitted (``head``, ``sweep_file``, ``class_weight``, ``features``, ``views``, ``exclude``), how heads are
     chosen (``seed``, ``cv``, ``seeds``, ``calibrate``), how much it may cost (``budget``, ``halving``,
     ``max_memory``), where the fits run (``jobs``, ``device``, ``backend``, ``scheduler``) and where the
     cache is (``cache``, ``cache_dir``).
@@ -675,6 +698,7 @@ class SweepOptions:
     calibrate: str | None = None
     features: str = "penultimate"
     views: bool | None = None
+    exclude: str | None = None
     progress: bool = False
 
 
@@ -692,7 +716,8 @@ def fit_head(options: SweepOptions) -> SweepResult:
     one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`).
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
-    each kept in its image's fold and never scored.
+    each kept in its image's fold and never scored. ``exclude``: a file of paths (``fc audit --list``)
+    left out of training, and for val and test images out of the scores (:mod:`featurecache.sweep.exclusion`).
 
     Above 4,000 training rows (:mod:`featurecache.sweep.halving`): with ``halving`` every head is
     fitted on a stratified sample first and only a third, those predicted best on all rows from their
