@@ -385,6 +385,11 @@ def weights_import(file, backbone, weights):
               help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--from-activations", is_flag=True,
+              help="With --unfreeze last:N: store the input of the first trained block once in the cache (float16) "
+                   "and train from it, without decoding images or running the frozen blocks.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="The most the stored activations may take in memory, e.g. 2G (default: half the available).")
 @_trust
 @_cache_dir
 @_json
