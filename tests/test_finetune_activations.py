@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -118,8 +119,8 @@ def test_a_missing_or_corrupt_activations_dataset_is_named_in_one_line(run, how,
     store.read_activations(cache, name, "val", (15, 160, 2, 2))
 
 
-def test_activations_larger_than_max_memory_are_refused_in_one_line_before_anything_is_written(
-        tmp_path, cli_runner):
+def test_activations_larger_than_max_memory_or_the_free_disk_are_refused_in_one_line_before_anything_is_written(
+        tmp_path, cli_runner, monkeypatch):
     run_dir, cache = tiny_run(tmp_path, 2, ["logreg:pre=standardize"], "none")
     before = Path(cache).stat().st_mtime_ns
     result = run_cli(cli_runner, "finetune", run_dir, "--from-activations", "--unfreeze", "last:2",
@@ -130,6 +131,12 @@ def test_activations_larger_than_max_memory_are_refused_in_one_line_before_anyth
     assert Path(cache).stat().st_mtime_ns == before
     assert store.info(cache)["activations"] == []
     assert not [p for p in Path(cache).parent.iterdir() if ".tmp-" in p.name]
+    usage = shutil.disk_usage
+    monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+    with pytest.raises(FinetuneError, match=r"free on .* is not enough"):
+        featurecache.finetune(run_dir, from_activations=True, unfreeze="last:2", workers=0, progress=False,
+                              cache_dir=str(tmp_path / "cache"))
+    assert Path(cache).stat().st_mtime_ns == before
     with pytest.raises(FinetuneError, match="--unfreeze last:N"):
         featurecache.finetune(run_dir, from_activations=True, unfreeze="all", workers=0, progress=False,
                               cache_dir=str(tmp_path / "cache"))

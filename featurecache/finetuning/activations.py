@@ -328,7 +328,7 @@ class ActivationTrainer(_Trainer):
             yield index, source[rows[index]], ("",) * len(index)
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.dev, non_blocking=True).float().div_(self.scale)
+        x = batch.to(self.dev, non_blocking=True).float().div(self.scale)  # never in place: it may be the store
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
