@@ -314,6 +314,8 @@ def cache_info(cache_ref, cache_dir, as_json):
         augment = cfg.get("augment_views", {})
         click.echo(f"views     {meta['views']['n']} rows: {meta['views']['per_image']} per train image "
                    f"({augment.get('policy', '?')} augmentation, seed {augment.get('seed', '?')})")
+    if meta["activations"]:
+        click.echo(f"activations {', '.join(meta['activations'])} (fc finetune --from-activations)")
     click.echo(f"preproc   {json.dumps(cfg['preprocess'])}")
     click.echo(f"data      {cfg['data'].get('root')} ({cfg['data'].get('kind')})")
     click.echo(f"classes   {', '.join(meta['classes'])}")
