@@ -373,7 +373,7 @@ def _validate(settings: _Settings, checkpoint_every: int) -> None:
             raise UsageError(f"--{name} cannot be negative")
 
 
-def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device) -> _Job:
+def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device, workers: int) -> _Job:
     """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
     loaded, pipeline, head_meta = load_run_head(options.run, options.head, options.cache_dir, options.trust)
     meta = loaded.meta
@@ -385,8 +385,8 @@ def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.devic
             f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); "
             "re-extract with --split train=0.8,val=0.2"
         )
-    return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, runtime.resolve_workers(options.workers),
-                options.checkpoint_every, options.progress, options.from_activations, options.max_memory)
+    return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, options.checkpoint_every,
+                options.progress, options.from_activations, options.max_memory)
 
 
 def _reused(job: _Job) -> FinetuneResult | None:
@@ -704,7 +704,7 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     device = runtime.resolve_device(options.device)
     settings = _settings(options, device)
     _validate(settings, options.checkpoint_every)
-    job = _open_job(options, settings, device)
+    job = _open_job(options, settings, device, runtime.resolve_workers(options.workers))
     return _reused(job) or _run(job, options.resume)
 
 
