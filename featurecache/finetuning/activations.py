@@ -47,8 +47,8 @@ from ..files import write_json
 from ..metrics import classification_metrics
 from ..progress import Progress
 from ..sweep.halving import memory_cap
+from .blocks import named_blocks
 from .network import Network
-from .trainer import _Trainer, cache_images, named_blocks
 
 ACTIVATIONS_FILE = "activations.json"  # in the fine-tuning folder: what was stored, its size and cost
 STORE_BATCH = 64  # images per forward pass of the frozen blocks while storing
@@ -197,9 +197,14 @@ def check_room(plan: Plan, cache: Path, max_memory: str | None, stored: bool) ->
 # --------------------------------------------------------------------------- the trainer
 
 
-class ActivationTrainer(_Trainer):
-    """:class:`_Trainer` whose epochs and selection-split evaluations run the backbone's tail on
-    stored activations; the held-out split and the export use the whole network on images."""
+def trainer_class(base: type) -> type:
+    """The trainer ``base`` (:class:`featurecache.finetuning.trainer._Trainer`) with :class:`FromActivations`."""
+    return type("ActivationTrainer", (FromActivations, base), {})
+
+
+class FromActivations:
+    """Makes a trainer's epochs and selection-split evaluations run the backbone's tail on stored
+    activations; the held-out split and the export use the whole network on images."""
 
     def __init__(self, job, backbone, head: nn.Module):
         config = job.cache_meta["config"]
@@ -265,11 +270,10 @@ class ActivationTrainer(_Trainer):
 
     def _images(self, part: str) -> tuple[ImageTensors, int]:
         """The images of one part and the index of its first row."""
-        split = "train" if part == store.VIEWS else part
-        data, labels = cache_images(self.job.cache_meta, split)
+        images, labels = self.images("train" if part == store.VIEWS else part)
         if part != store.VIEWS:
-            return ImageTensors(data, np.arange(len(labels)), self.pre, self.max_pixels), 0
-        v, n = self.plan.views, len(labels)
+            return images, 0
+        data, v, n = images.dataset, self.plan.views, len(labels)
         views = Views(first=n, records=tuple(range(n)), k=int(v["k"]), seed=int(v["seed"]), policy=v["policy"])
         return ImageTensors(data, np.arange(n, n + views.rows), self.pre, self.max_pixels, views), n
 

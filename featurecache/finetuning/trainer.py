@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +50,8 @@ from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
 from ..sweep.calibration import fit_temperature
+from . import activations
+from .blocks import named_blocks
 from .network import (
     CONFIG_FILE,
     FINETUNE_DIR,
@@ -135,22 +136,6 @@ UNFREEZE: dict[str, Callable[[list, int | None], list]] = {
 }
 
 BN_MODES = ("frozen", "train")
-_INDEX = re.compile(r"(.*_)?\d+")
-
-
-def named_blocks(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Parameters grouped into blocks in forward order, by the block's module name.
-
-    A block is what a parameter's name holds up to its first numbered module:
-    ``features.17`` (MobileNetV2), ``layer4.1`` (ResNet), ``encoder_layer_11`` (ViT);
-    a name without one is a block of its own module (``conv1``, ``bn1``).
-    """
-    blocks: dict[str, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        parts = name.split(".")[:-1]
-        cut = next((i + 1 for i, part in enumerate(parts) if _INDEX.fullmatch(part)), len(parts))
-        blocks.setdefault(".".join(parts[:cut]), []).append(param)
-    return blocks
 
 
 def parameter_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -632,9 +617,7 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
 
 def _run(job: _Job, resume: bool) -> FinetuneResult:
     """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
-    from .activations import ActivationTrainer
-
-    kind = ActivationTrainer if job.from_activations else _Trainer
+    kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
     trainer = kind(job, load_backbone(job.loaded.meta["config"], job.loaded.meta.get("features", "penultimate")),
                    head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
