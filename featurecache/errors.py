@@ -2,9 +2,10 @@
 
 The CLI turns each one into a one-line message and the exit code of its class in a
 single place (``featurecache.cli.FcGroup.invoke``); library users catch the root class.
-The codes: 2 for unusable input or options, 3 for a missing, locked or inconsistent
-cache or run. Raise a subclass: the root class itself exits with 1, the code of an
-unexpected error.
+The codes: 2 for unusable input or options, 3 for a missing, locked, damaged or
+inconsistent cache or run, 4 for the machine: a file that could not be written (a full
+disk, a quota, a read-only file system, no permission). Raise a subclass: the root class
+itself exits with 1, the code of an unexpected error.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ class InputError(FeatureCacheError):
 
 
 class StateError(FeatureCacheError):
-    """A cache or run on disk is missing, locked or inconsistent (exit code 3)."""
+    """A cache or run on disk is missing, locked, damaged or inconsistent (exit code 3)."""
 
     exit_code = 3
+
+
+class HostError(FeatureCacheError):
+    """The machine refused: no space left, over quota, a read-only file system, no permission (exit code 4)."""
+
+    exit_code = 4
 
 
 # The classes raised, by what went wrong; the exit code comes from the parent.
@@ -66,6 +73,10 @@ class CacheLockedError(CacheError):
 
 class RunError(StateError):
     """A run directory is missing, broken or does not match its cache."""
+
+
+class StorageError(HostError):
+    """A file or folder could not be written; the message names the path and the free space."""
 
 
 class FeatureCacheWarning(UserWarning):

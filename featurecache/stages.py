@@ -38,6 +38,7 @@ class Function:
 FUNCTIONS: tuple[Function, ...] = (
     Function("extract", "featurecache.extraction.stage", "extract"),
     Function("load_features", "featurecache.store", None),
+    Function("export", "featurecache.extraction.export", "export"),
     Function("fit_head", "featurecache.sweep.stage", "fit-head"),
     Function("finetune", "featurecache.finetuning.trainer", "finetune"),
     Function("predict", "featurecache.finetuning.prediction", "predict"),

@@ -5,7 +5,8 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /                     attrs: format, key, complete, classes (JSON), config (JSON)
     /<split>/features     float32|float16, N x D, chunked by rows
     /<split>/labels       int64, N
-    /<split>/paths        UTF-8 strings, N, relative to the data root
+    /<split>/paths        UTF-8 strings, N, relative to the data root (SHARD.tar#KEY, FILE#ROW:
+                          an item of a container), in chunks of 65,536
     /<split>/skipped      UTF-8 strings, K x 2: (path, reason)
     /<split>/layers/<L>   N x D_L: the pooled output of layer L (``fc extract --layers``)
     /train_views/...      K augmented views of each train image (``--augment-views K``):
@@ -26,6 +27,18 @@ and a rerun computes the missing rows alone. When every row is there, the HDF5 f
 written under a temporary name, marked ``complete``, flushed to the disk and renamed into
 place: a reader never sees a half-written cache. The temporary files a killed run leaves
 are removed by the next run of the same entry.
+
+Every numeric dataset (features, layers, labels, sources, views) carries HDF5's per-chunk
+Fletcher-32 checksum, which the HDF5 library checks on every read: a damaged chunk is a
+:class:`CacheError` naming the cache, never numbers. :func:`verify` reads a cache end to end.
+The checksum is a property of the file, not of the features: it is not part of the cache
+key. Caches written before it have no checksums; they are read as before, and
+:func:`verify` says that their numbers cannot be checked.
+
+A write the machine refuses (a full disk, ...) is a :class:`StorageError`: the file size is
+checked against the free space before the HDF5 file is written, and HDF5 writes through
+:class:`_GuardedFile`, so that a failing disk never reaches the HDF5 library (which crashes
+the process when a write fails while it closes a file).
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -47,7 +61,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, CacheLockedError
-from .files import atomic_write, is_temp_name
+from .files import atomic_write, is_temp_name, require_space, storage_error, writing
 from .names import FEATURE_SETS
 
 FORMAT = "featurecache/1"
@@ -57,6 +71,7 @@ ACTIVATION_DTYPE = np.float16  # how they are stored
 NOT_SPLITS = (VIEWS, ACTIVATIONS)
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
+CHECKSUM = True  # Fletcher-32 on every numeric dataset written (bench/checksums.py turns it off to compare)
 
 
 def h5py_version() -> str:
@@ -127,8 +142,9 @@ def locked(entry: Entry, wait: float | None = None, on_wait=None, shared: bool =
     cache holds it exclusively; the slices of ``--shard I/N`` hold it ``shared``, so that
     they run side by side while a plain run waits for them (and they for it).
     """
-    entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(entry.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(entry.lock_path):
+        entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(entry.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = None if wait is None else time.monotonic() + wait
         told = False
@@ -141,7 +157,8 @@ def locked(entry: Entry, wait: float | None = None, on_wait=None, shared: bool =
                 on_wait(_holder(fd))
                 told = True
             time.sleep(0.2)
-        os.pwrite(fd, f"{os.getpid():<12d}".encode(), 0)  # fixed width: holders sharing it overwrite each other whole
+        with writing(entry.lock_path):
+            os.pwrite(fd, f"{os.getpid():<12d}".encode(), 0)  # fixed width: sharing holders overwrite it whole
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
@@ -184,7 +201,8 @@ class ShardWriter:
             if not owner:
                 raise CacheError(f"{self.dir} holds the shards of other records; a plain fc extract starts it over")
             shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.is_file():
             atomic_write(meta, text)
         if owner:  # what a killed run was writing: shards and cache files under temporary names
@@ -216,7 +234,7 @@ class ShardWriter:
         ok = np.zeros(self.n, dtype=bool)
         seen = np.zeros(self.n, dtype=bool)
         reasons = [""] * self.n
-        rows: dict[int, np.ndarray] = {}
+        rows: list[tuple[np.ndarray, np.ndarray]] = []  # (records, their feature rows) of each shard
         tags: dict[str, set[str]] = {}
         for shard in _shards(self.dir):
             with np.load(shard) as z:
@@ -231,15 +249,16 @@ class ShardWriter:
             ok[idx] = good
             for i, r in zip(idx[~good], why[~good]):
                 reasons[int(i)] = str(r)
-            for i, row in zip(idx[good], feats):
-                rows[int(i)] = row
+            if len(feats):
+                rows.append((idx[good], feats))
             if dim is None and len(feats):
                 dim = feats.shape[1]
         if not seen.all():
             raise CacheError(f"{(~seen).sum()} images of {self.n} have no features yet")
         features = np.zeros((int(ok.sum()), dim or 0), dtype=dtype)
-        for out_row, i in enumerate(np.flatnonzero(ok)):
-            features[out_row] = rows[int(i)]
+        out_row = np.cumsum(ok) - 1  # the row of each good record in the result
+        for idx, feats in rows:
+            features[out_row[idx]] = feats
         return features, ok, reasons, tags
 
     def remove(self) -> None:
@@ -256,6 +275,21 @@ def _str_dataset(group, name: str, values, shape=None):
     return group.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8"))
 
 
+#: Rows of variable-length strings per chunk of a ``paths`` dataset, and per write.
+STRING_CHUNK = 65536
+
+
+def _str_column(group, name: str, values: list[str]):
+    """A column of UTF-8 strings of any length, stored in chunks and written a chunk at a time:
+    a million paths never become one array of Python objects."""
+    n = len(values)
+    column = group.create_dataset(name, shape=(n,), dtype=h5py.string_dtype("utf-8"),
+                                  chunks=(max(1, min(STRING_CHUNK, n)),) if n else None)
+    for start in range(0, n, STRING_CHUNK):
+        column[start:start + STRING_CHUNK] = np.asarray(values[start:start + STRING_CHUNK], dtype=object)
+    return column
+
+
 def write_cache(
     path: str | os.PathLike,
     classes: list[str],
@@ -270,42 +304,137 @@ def write_cache(
     "skipped": [(path, reason), ...]}``, with ``"layers": {name: N x D_name}`` when more
     layers were pooled. The entry :data:`VIEWS` holds the augmented training views: the same
     keys and ``"source"`` (row of train) and ``"view"`` (its number) per row.
+
+    A file system without room for it is refused before writing (a :class:`StorageError`);
+    so is a write that fails on the way, with no temporary file left behind.
     """
+    path = Path(path)
+    require_space(path.parent, _size(splits), f"the cache {path.name}")
 
     def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["key"] = key or cache_key(config)
-            f.attrs["classes"] = json.dumps(list(classes))
-            f.attrs["config"] = json.dumps(config, sort_keys=True)
-            f.attrs["complete"] = False
-            for name, part in splits.items():
-                _write_split(f.create_group(name), part, chunk_rows)
-            f.attrs["complete"] = True
+        with open(tmp, "wb+") as raw:
+            guarded = _GuardedFile(raw)
+            with h5py.File(guarded, "w") as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["key"] = key or cache_key(config)
+                f.attrs["classes"] = json.dumps(list(classes))
+                f.attrs["config"] = json.dumps(config, sort_keys=True)
+                f.attrs["complete"] = False
+                for name, part in splits.items():
+                    _write_split(f.create_group(name), part, chunk_rows)
+                f.attrs["complete"] = True
+            guarded.flush()
+        if guarded.error is not None:
+            raise storage_error(guarded.error, path)
 
     return atomic_write(path, write, fsync=True)
 
 
+def _size(splits: dict[str, dict]) -> int:
+    """About the bytes of a cache file holding ``splits``."""
+    total = 0
+    for part in splits.values():
+        arrays = [part["features"], part["labels"], *part.get("layers", {}).values(),
+                  *(part[k] for k in ("source", "view") if k in part)]
+        total += sum(np.asarray(a).nbytes for a in arrays)
+        total += sum(len(str(p).encode()) + 32 for p in part["paths"])
+        total += sum(len(str(a).encode()) + len(str(b).encode()) + 64 for a, b in part.get("skipped", []))
+    return total
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes a cache through, which never reports a failed write to HDF5.
+
+    The HDF5 library does not survive a write that fails while it closes a file: the process
+    dies of a segmentation fault. So the first failure is kept in :attr:`error`, the rest of
+    the file is written nowhere (reads of it give zeros) and HDF5 finishes as if all went
+    well; :func:`write_cache` then raises the error and the temporary file is removed.
+    """
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.error, self.pos, self.size = raw, None, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == io.SEEK_SET else self.pos + pos if whence == io.SEEK_CUR else self.size + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.raw.seek(self.pos)
+        n = self.raw.readinto(view) or 0
+        view[n:] = bytes(len(view) - n)
+        self.pos += len(view)
+        return len(view)
+
+    def _guard(self, action) -> None:
+        if self.error is None:
+            try:
+                action()
+            except OSError as exc:
+                self.error = exc
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        position = self.pos
+        self._guard(lambda: (self.raw.seek(position), self.raw.write(view)))
+        self.pos += len(view)
+        self.size = max(self.size, self.pos)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        self._guard(lambda: self.raw.truncate(size))
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        if not self.raw.closed:
+            self._guard(self.raw.flush)
+
+
 def _matrix(group, name: str, values, chunk_rows: int) -> None:
+    """An N x D dataset chunked by rows, each chunk with its Fletcher-32 checksum."""
     values = np.asarray(values)
     n = values.shape[0]
-    chunks = (max(1, min(chunk_rows, n)), values.shape[1]) if n and values.shape[1] else None
-    group.create_dataset(name, data=values, chunks=chunks)
+    if not (n and values.shape[1]):
+        group.create_dataset(name, data=values)  # nothing to check: HDF5 filters need chunks
+        return
+    group.create_dataset(name, data=values, chunks=(max(1, min(chunk_rows, n)), values.shape[1]), fletcher32=CHECKSUM)
+
+
+def _vector(group, name: str, values) -> None:
+    """An int64 dataset of N values (labels, sources, views), checksummed as :func:`_matrix`."""
+    values = np.asarray(values, dtype=np.int64)
+    group.create_dataset(name, data=values, **({"chunks": (min(len(values), 1 << 16),), "fletcher32": CHECKSUM}
+                                                 if len(values) else {}))
 
 
 def _write_split(group, part: dict, chunk_rows: int) -> None:
     """One split (or the views group): ``features``, ``labels``, ``paths``, ``skipped``, and
     optionally ``layers`` ({name: N x D}), ``source`` and ``view`` (views only)."""
     _matrix(group, "features", part["features"], chunk_rows)
-    group.create_dataset("labels", data=np.asarray(part["labels"], dtype=np.int64))
+    _vector(group, "labels", part["labels"])
     for name in ("source", "view"):
         if name in part:
-            group.create_dataset(name, data=np.asarray(part[name], dtype=np.int64))
+            _vector(group, name, part[name])
     if part.get("layers"):
         layers = group.create_group("layers")
         for name, values in part["layers"].items():
             _matrix(layers, name, values, chunk_rows)
-    _str_dataset(group, "paths", list(part["paths"]))
+    _str_column(group, "paths", list(part["paths"]))
     skipped = list(part.get("skipped", []))
     _str_dataset(group, "skipped", [x for pair in skipped for x in pair], shape=(len(skipped), 2))
 
@@ -327,6 +456,26 @@ def _open(path: str | os.PathLike) -> h5py.File:
     return f
 
 
+def _damaged(path, exc: BaseException) -> CacheError:
+    name = Path(path).name
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CacheError(f"{path} is damaged: its stored numbers fail their checksum or cannot be read ({reason}); "
+                      f"run fc extract again with the same options, which rebuilds it (fc cache info {name} shows "
+                      "its data and backbone)")
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """A complete cache open for reading; a chunk that fails its checksum (an OSError of HDF5) is a CacheError."""
+    f = _open(path)
+    try:
+        yield f
+    except OSError as exc:
+        raise _damaged(path, exc) from None
+    finally:
+        f.close()
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     try:
         _open(path).close()
@@ -344,7 +493,7 @@ def _layer_names(f) -> list[str]:
 def info(path: str | os.PathLike) -> dict:
     """Classes, config, key and per-split counts of a complete cache; ``layers``: the width of
     every stored layer; ``views``: rows and views per image of :data:`VIEWS` (0 without)."""
-    with _open(path) as f:
+    with _reading(path) as f:
         splits = {}
         for name, g in f.items():
             if name in NOT_SPLITS:
@@ -393,7 +542,7 @@ def feature_dim(meta: dict, features: str = "penultimate") -> int:
 
 def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float32, features: str = "penultimate"):
     """Return ``(X, y, paths)`` for one split of a complete cache (``features``: a feature set)."""
-    with _open(path) as f:
+    with _reading(path) as f:
         g = _split_group(f, path, split)
         X = _read_all(f, g, features, dtype)
         y = g["labels"][...]
@@ -402,8 +551,49 @@ def load_features(path: str | os.PathLike, split: str = "train", dtype=np.float3
 
 
 def load_skipped(path: str | os.PathLike, split: str) -> list[tuple[str, str]]:
-    with _open(path) as f:
+    with _reading(path) as f:
         return [tuple(row) for row in f[split]["skipped"].asstr()[...].tolist()]
+
+
+def _numeric(f) -> list:
+    """Every numeric dataset of a cache file, by name (features, layers, labels, sources, views)."""
+    found = []
+    f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiu"
+                 else None)
+    return found
+
+
+def verify(path: str | os.PathLike, block: int = 8192) -> dict:
+    """Read every number of a complete cache, which checks every chunk's checksum.
+
+    Returns ``{"cache", "datasets", "values", "checksums", "unchecked"}``: ``checksums`` is
+    whether every non-empty numeric dataset carries one, ``unchecked`` the names of those
+    that do not (a cache written before featurecache checksummed its files: it is read, but
+    damage to its numbers cannot be told). A damaged cache is a :class:`CacheError`.
+    """
+    with _reading(path) as f:
+        datasets = _numeric(f)
+        values = 0
+        for d in datasets:
+            for start in range(0, d.shape[0] if d.ndim else 1, block):
+                values += d[start:start + block].size if d.ndim else d[()].size
+        unchecked = [d.name for d in datasets if d.size and not d.fletcher32]
+    return {"cache": str(Path(path)), "datasets": len(datasets), "values": int(values), "checksums": not unchecked,
+            "unchecked": unchecked}
+
+
+def is_sound(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete cache whose numbers all pass their checksums (see :func:`verify`)."""
+    try:
+        verify(path)
+    except CacheError:
+        return False
+    return True
+
+
+def verify_cache(cache: str, cache_dir: str | os.PathLike | None = None) -> dict:
+    """:func:`verify` of a cache given by path, file name or unique key prefix (``fc cache verify``)."""
+    return verify(resolve(cache, cache_dir))
 
 
 def list_caches(cache_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -494,13 +684,13 @@ def _read_all(f, group, features: str, dtype) -> np.ndarray:
 
 def view_sources(path: str | os.PathLike) -> np.ndarray:
     """For every row of :data:`VIEWS`, the row of train it is a view of."""
-    with _open(path) as f:
+    with _reading(path) as f:
         return _split_group(f, path, VIEWS)["source"][...]
 
 
 def load_labels(path: str | os.PathLike, split: str) -> np.ndarray:
     """The labels of one split, without reading its features."""
-    with _open(path) as f:
+    with _reading(path) as f:
         return _split_group(f, path, split)["labels"][...]
 
 
@@ -524,7 +714,7 @@ def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, 
     """The features (feature set ``features``) of ``rows`` (row indices, any order; None: all) of one
     split or of :data:`VIEWS`, read ``block`` rows at a time so that no more than the result and one
     block are in memory."""
-    with _open(path) as f:
+    with _reading(path) as f:
         group = _split_group(f, path, split)
         if rows is None:
             return _read_all(f, group, features, dtype)
@@ -536,6 +726,27 @@ def read_rows(path: str | os.PathLike, split: str, rows=None, dtype=np.float32, 
         out = np.empty((len(rows), sum(d.shape[1] for d in datasets)), dtype=dtype)
         out[order] = _read_sorted(datasets, rows[order], block, dtype)
         return out
+
+
+def iter_blocks(path: str | os.PathLike, split: str, sets: list[str] | tuple[str, ...] = ("penultimate",),
+                block: int = 65536):
+    """The rows of one split (or of :data:`VIEWS`), ``block`` at a time: ``(first row, columns)``
+    with ``labels``, ``paths``, ``source`` and ``view`` (those of the views only) and each feature
+    set of ``sets`` (as stored: float32 or float16). No more than one block is in memory."""
+    with _open(path) as f:
+        group = _split_group(f, path, split)
+        datasets = {name: _datasets(f, group, name) for name in sets}
+        n = int(group["labels"].shape[0])
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            columns = {"labels": group["labels"][start:stop], "paths": list(group["paths"].asstr()[start:stop])}
+            for name in ("source", "view"):
+                if name in group:
+                    columns[name] = group[name][start:stop]
+            for name, parts in datasets.items():
+                values = [d[start:stop] for d in parts]
+                columns[name] = values[0] if len(values) == 1 else np.hstack(values)
+            yield start, columns
 
 
 # --------------------------------------------------------------------------- stored activations

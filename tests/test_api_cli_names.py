@@ -24,6 +24,7 @@ COMMANDS = {
     "heads show": "featurecache.sweep.runs:load_run",
     "backbones": "featurecache.backbones.models:list_backbones",
     "cache list": "featurecache.store:list_caches",
+    "cache verify": "featurecache.store:verify_cache",
     "weights import": "featurecache.backbones.models:import_weights",
 }
 # Commands that combine a few store helpers instead of wrapping one function.

@@ -16,7 +16,7 @@ from PIL import Image
 
 import featurecache
 from featurecache import store
-from featurecache.errors import FeatureCacheError
+from featurecache.errors import DataError, FeatureCacheError
 
 FAST_ARGS = ["--weights", "none", "--resize", 48, "--crop", 40, "--workers", 0]
 
@@ -271,9 +271,10 @@ def test_weights_file_needs_preprocessing(cli_runner, image_folder, tmp_path, st
     assert_error(out, 2, "a weights file needs its preprocessing stated: pass --resize and --crop")
 
 
-def test_all_images_unreadable_still_writes_an_honest_cache(tmp_path):
-    res = featurecache.extract(str(_all_corrupt(tmp_path)), cache_dir=str(tmp_path / "c"), **FAST)
-    assert res.splits["train"] == {"n": 0, "skipped": 1}
+def test_a_split_without_one_readable_image_is_refused_and_no_cache_written(tmp_path):
+    with pytest.raises(DataError, match=r"no image of split 'train' .* could be read: 1 file skipped \(first: "):
+        featurecache.extract(str(_all_corrupt(tmp_path)), cache_dir=str(tmp_path / "c"), **FAST)
+    assert list((tmp_path / "c").glob("*.h5")) == []
 
 
 def test_weights_file_roundtrip_and_mismatch(image_folder, tmp_path):

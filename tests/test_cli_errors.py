@@ -1,8 +1,9 @@
 """Every command answers bad input with one line on stderr and the documented exit code.
 
-2: an unusable option, argument or input file; 3: a missing, locked or inconsistent cache
-or run; 1 only for an unexpected error. Each leaf command of ``fc`` has cases here, and a
-new command without one fails :func:`test_every_command_has_a_case`.
+2: an unusable option, argument or input file; 3: a missing, locked, damaged or inconsistent
+cache or run; 4: a write the machine refused (tests/test_faults.py); 1 only for an unexpected
+error. Each leaf command of ``fc`` has cases here, and a new command without one fails
+:func:`test_every_command_has_a_case`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ CASES = [
     ("cache list", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("cache info", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
     ("cache rm", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("cache verify", "no-such-cache", 3, r"no cache matches 'no-such-cache'"),
+    ("cache verify", "{tmp}/good.toml", 3, r"good.toml is not a readable HDF5 cache"),
     ("weights import", "{tmp}/missing.pth --backbone mobilenet_v2", 2, r"weights file not found"),
     ("weights import", "{tmp}/missing.pth --backbone mobilenet_v9", 2, r"mobilenet_v9"),
     ("fit-head", "{cache} --head nosuchhead", 2, r"nosuchhead"),
@@ -64,6 +67,11 @@ CASES = [
     ("report", "{run} {run}", 2, r"pass --compare"),
     ("runs", "--cache-dir {images}/train/cats/cats_0.jpg", 2, r"is a file"),
     ("fit-head", "{cache} --seeds 0", 2, r"'--seeds'"),
+    ("extract", "webdataset:{images}", 2, r"no \.tar shards in"),
+    ("extract", "{images} --label-column species", 2, r"--label-column is for .*parquet:.* data, not folder data"),
+    ("export", "{cache} {tmp}/f.xlsx --format xlsx", 2, r"Invalid value for '--format': 'xlsx' is not one of"),
+    ("export", "{cache} {tmp}/f.parquet --views", 2, r"has no augmented views \(extract with --augment-views K\)"),
+    ("export", "no-such-cache {tmp}/f.parquet", 3, r"no cache matches 'no-such-cache'"),
 ]
 
 

@@ -41,7 +41,8 @@ def test_list_runs_shows_backbone_best_head_and_interval(two_runs, cli_runner):
         assert row["tied"] == sum(e["tied"] for e in run.leaderboard) - 1 and row["heads"] == 3
     out = run_cli(cli_runner, "runs", "--cache-dir", folder)
     assert out.exit_code == 0
-    line = next(line for line in out.output.splitlines() if line.startswith(Path(runs[1].run_dir).name))
+    name = Path(runs[1].run_dir).name
+    line = next(line for line in out.output.splitlines() if line.startswith(f"{name.rpartition('-')[2]}  {name}"))
     assert f"val {with_interval(runs[1].leaderboard[0]['metrics']['val'])}" in line and "beta" in line
     as_json = run_cli(cli_runner, "runs", "--cache-dir", folder, "--json")
     assert json.loads(as_json.output) == json.loads(json.dumps(rows))

@@ -8,6 +8,7 @@ non-interactive bash up to ``fc --version``.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -61,3 +62,41 @@ def test_every_docs_page_is_linked_from_the_readme():
     text = README.read_text(encoding="utf-8")
     pages = sorted((REPO / "docs").glob("*.md"))
     assert pages and [p.name for p in pages if f"(docs/{p.name})" not in text] == []
+
+
+def _example_lines() -> list[str]:
+    """The commands of the README's "one example of each" block, in order."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("One example of each", 1)[1]
+    block = re.search(r"^```sh\n(.*?)^```", section, re.S | re.M)
+    assert block, "the README has no block of examples"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_examples_name_every_command():
+    from featurecache.cli import cli
+
+    named = {" ".join(line.split()[1:3]) for line in _example_lines()} | {line.split()[1] for line in _example_lines()}
+    leaves = {name for name, command in cli.commands.items() if not hasattr(command, "commands")}
+    groups = {f"{name} {sub}" for name, command in cli.commands.items() for sub in getattr(command, "commands", {})}
+    assert leaves | groups <= named, sorted((leaves | groups) - named)
+
+
+@pytest.mark.slow
+def test_the_examples_run_in_order_as_pasted(tmp_path, hymenoptera, real_weights):
+    """Line by line from the top, in bash, on the tutorial's data: every line succeeds, and the run
+    that fit-head prints is the one the later lines name."""
+    if not Path("~/.cache/torch/hub/checkpoints/mobilenet_v2-b0353104.pth").expanduser().is_file():
+        pytest.skip("the weights file the block imports is not where make setup puts it")
+    if REPO.parent / "shared" / "data" / "hymenoptera_data" != hymenoptera:
+        pytest.skip("the block names the tutorial's data by its place beside the clone")
+    env = {**os.environ, "FC_CACHE_DIR": str(tmp_path / "cache"),
+           "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    outputs = {}
+    for line in _example_lines():
+        out = subprocess.run(["bash", "-c", f"enable -n fc\nset -euo pipefail\n{line}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=3600)  # fine-tuning on a loaded machine
+        assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
+        outputs[line.split()[1]] = outputs.get(line.split()[1], "") + out.stdout
+    run_id = re.search(r"\(run id ([0-9a-f]{12});", outputs["fit-head"]).group(1)
+    assert re.search(rf"^{run_id}\s+mobilenet_v2-hymenoptera_data-", outputs["runs"], re.M), outputs["runs"]

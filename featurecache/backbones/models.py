@@ -335,6 +335,13 @@ RANDOM_INIT_SEED = 0
 SOURCES: dict[str, BackboneSource] = {"": TorchvisionSource(), TIMM_PREFIX: TimmSource()}
 
 
+def canonical_name(name: str) -> str:
+    """A backbone name in the form caches record: ``timm:NAME``, the ``SCHEME:NAME`` grammar that
+    data sources use too (``torchvision:NAME``, ``webdataset:DIR``), is ``timm/NAME``."""
+    prefix, sep, rest = str(name).partition(":")
+    return f"{prefix}/{rest}" if sep and f"{prefix}/" in SOURCES else str(name)
+
+
 def _source_for(name: str) -> BackboneSource:
     return SOURCES[max((p for p in SOURCES if name.startswith(p)), key=len)]
 

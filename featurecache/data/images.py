@@ -56,7 +56,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, max_pixels: int | None = None):
     """Open, fully decode and convert one image to RGB, or raise :class:`ImageSkipped` with the reason."""
-    if dataset.loader is None:
+    if dataset.loader is None and dataset.opener is None:
         try:
             if os.path.getsize(os.path.join(dataset.root, record.path)) == 0:
                 raise ImageSkipped("empty file")
@@ -66,7 +66,7 @@ def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, ma
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", message="Palette images with Transparency")
-            img = dataset.open(record)
+            img = _open(dataset, record)
             if max_pixels and img.width * img.height > max_pixels:
                 raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
             if draft_size and img.format == "JPEG":
@@ -79,6 +79,21 @@ def load_rgb(dataset: Dataset, record: Record, draft_size: int | None = None, ma
         raise ImageSkipped("not an image (cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageSkipped(f"unreadable image: {exc or type(exc).__name__}") from None
+
+
+def _open(dataset: Dataset, record: Record) -> Image.Image:
+    """The record as a PIL image, not decoded yet; a record read by ``dataset.opener`` (a tar
+    member, a table row) is checked as a file is: missing or empty."""
+    if dataset.opener is None:
+        return dataset.open(record)
+    try:
+        data = dataset.opener(record.path)
+    except FileNotFoundError as exc:
+        given = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else ""
+        raise ImageSkipped(given or "file not found") from None
+    if not data:
+        raise ImageSkipped("empty file")
+    return Image.open(io.BytesIO(data))
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -219,8 +234,7 @@ class JpegFiles(ImageTensors):
         if self.dataset.loader is not None or self.pre.draft or self.is_view(index):
             return None
         try:
-            with open(os.path.join(self.dataset.root, self.dataset.records[index].path), "rb") as fh:
-                data = fh.read()
+            data = self.dataset.read_bytes(self.dataset.records[index])
             if not data.startswith(JPEG_MAGIC):
                 return None
             with warnings.catch_warnings():

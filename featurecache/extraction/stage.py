@@ -18,10 +18,12 @@ views' rows in :data:`featurecache.store.VIEWS`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from ..backbones import taps
 from ..data.images import DECODERS, Views, image_loader, normalize_batch, resolve_decode
 from ..data.preprocess import Preprocess
 from ..data.sources import Dataset, open_dataset
-from ..errors import CacheLockedError, DataError, UsageError, plural
+from ..errors import CacheLockedError, DataError, FeatureCacheWarning, UsageError, plural
 from ..files import versions
 from ..progress import Progress
 from ..stages import takes
@@ -177,6 +179,9 @@ class ExtractOptions:
     lock_timeout: float | None = None
     checkpoint_every: int = 256
     progress: bool = True
+    label_key: str | None = None  # webdataset: cls (the default) or json:FIELD
+    image_column: str | None = None  # parquet:, hf: found by its type when not given
+    label_column: str | None = None
 
 
 @takes(ExtractOptions)
@@ -193,9 +198,13 @@ def extract(options: ExtractOptions) -> ExtractResult:
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
     forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
+    ``label_key`` (``webdataset:``), ``image_column`` and ``label_column`` (``parquet:``, ``hf:``) say
+    where a sample's label and image are, when they are not found by themselves.
+
     The options are the fields of :class:`ExtractOptions`.
     """
     started = time.perf_counter()
+    options = dataclasses.replace(options, backbone=backbones.canonical_name(options.backbone))  # timm:NAME
     group = distributed.Group.from_environment(options.shard)
     layers, tta = _check_tricks(options)
     run = _settings(options, group, tta)
@@ -267,7 +276,8 @@ def _strict_error(path: str, reason: str) -> DataError:
 
 def _open_data(options: ExtractOptions) -> Dataset:
     dataset = open_dataset(options.data, split=options.split, root=options.root, seed=options.seed,
-                           limit=options.limit)
+                           limit=options.limit, label_key=options.label_key, image_column=options.image_column,
+                           label_column=options.label_column)
     if options.strict and dataset.skipped:
         _, path, reason = dataset.skipped[0]
         raise _strict_error(path, reason)
@@ -329,6 +339,8 @@ def _tricks_config(layers: list[str], tta: str | None, views: Views | None) -> d
 def _label(backbone: str, dataset: Dataset) -> str:
     """The readable part of the cache file's name: backbone and data."""
     data = dataset.source.split(":")[-1] if dataset.loader else Path(dataset.root).name
+    if dataset.opener is not None:  # webdataset:DIR, parquet:DIR, hf:DIR or hf:NAME
+        data = f"{dataset.source.split(':')[0]}-{Path(dataset.source.split(':', 1)[1]).name}"
     return f"{backbone.replace('/', '-')}-{data}"
 
 
@@ -347,6 +359,19 @@ def _summary(path, key: str, reused: bool, started: float, rate: float = 0.0) ->
                          layers=dict(meta["layers"]), views=meta["views"]["n"])
 
 
+def _usable(entry: store.Entry, say: bool = True) -> bool:
+    """Whether the entry's cache is complete and every number passes its checksum; a damaged
+    one is extracted again (``say``: with a warning)."""
+    if not store.is_complete(entry.path):
+        return False
+    if store.is_sound(entry.path):
+        return True
+    if say:
+        warnings.warn(FeatureCacheWarning(f"{entry.path} is damaged (its numbers fail their checksums); "
+                                          "extracting it again"), stacklevel=2)
+    return False
+
+
 def _reused(job: _Job) -> ExtractResult:
     store.clear_leftovers(job.entry)
     return _summary(job.entry.path, job.key, True, job.started)
@@ -358,9 +383,9 @@ def _reused(job: _Job) -> ExtractResult:
 def _alone(job: _Job) -> ExtractResult:
     """A single process: lock the entry, compute the rows without features, write the cache."""
     entry = job.entry
-    if not store.is_complete(entry.path):
+    if not _usable(entry):
         with store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry)):
-            if not store.is_complete(entry.path):  # else another process finished it while this one waited
+            if not _usable(entry, say=False):  # else another process finished it while this one waited
                 writer = store.ShardWriter(entry, job.n, job.manifest)
                 pending = np.flatnonzero(~writer.done())
                 return _write(job, writer, [_work(job, writer, pending, job.n - len(pending))])
@@ -383,9 +408,9 @@ def _ranks(job: _Job) -> ExtractResult:
 def _open_entry(job: _Job, held: contextlib.ExitStack) -> np.ndarray | None:
     """The rows left, the entry locked until ``held`` closes; None when the cache is complete."""
     entry = job.entry
-    if not store.is_complete(entry.path):
+    if not _usable(entry):
         held.enter_context(store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry)))
-        if not store.is_complete(entry.path):
+        if not _usable(entry, say=False):
             return np.flatnonzero(~store.ShardWriter(entry, job.n, job.manifest).done())
     return None
 
@@ -393,7 +418,7 @@ def _open_entry(job: _Job, held: contextlib.ExitStack) -> np.ndarray | None:
 def _slice(job: _Job) -> ExtractResult:
     """One ``--shard I/N`` slice, computed beside the others (they share the entry's lock)."""
     entry = job.entry
-    if store.is_complete(entry.path):
+    if _usable(entry):
         return _reused(job)
     rows = job.group.rows(job.n)
     with store.locked(entry, wait=job.lock_timeout, on_wait=_waiting(entry), shared=True):
@@ -428,11 +453,21 @@ def _write(job: _Job, writer: store.ShardWriter, counts: list[tuple[int, float]]
     """Assemble every shard into the cache file (the entry is locked), then remove the shards."""
     features, ok, reasons, tags = writer.collect(job.width, job.run.dtype)
     splits = _assemble(job, features, ok, reasons)
+    _check_usable(job, splits)
     store.write_cache(job.entry.path, job.dataset.classes, _provenance(job, tags), splits, key=job.key)
     writer.remove()
     result = _summary(job.entry.path, job.key, False, job.started, _rate(counts))
     result.skipped = [(s, p, r) for s, part in splits.items() for p, r in part["skipped"]]
     return result
+
+
+def _check_usable(job: _Job, splits: dict) -> None:
+    """A DataError when a split has no image that could be read: such a cache cannot be used."""
+    for name, part in splits.items():
+        if name != store.VIEWS and not len(part["labels"]):
+            first = f" (first: {part['skipped'][0][0]}: {part['skipped'][0][1]})" if part["skipped"] else ""
+            raise DataError(f"no image of split {name!r} of {job.dataset.root} could be read: "
+                            f"{plural(len(part['skipped']), 'file')} skipped{first}")
 
 
 def _provenance(job: _Job, tags: dict[str, set[str]]) -> dict:
@@ -591,12 +626,12 @@ class _ShardBuffer:
         self.flush()  # also on an error, Ctrl-C or SIGTERM: the finished batches are kept for the rerun
 
     def flush(self) -> None:
-        if self.parts:
-            indices, features, ok = (np.concatenate([p[i] for p in self.parts]) for i in range(3))
-            self.writer.write(indices, features, ok, [r for p in self.parts for r in p[3]],
-                              tags={"graph": self.features.mode, "cores": self.features.cores})
-        self.parts = []
+        parts, self.parts = self.parts, []  # taken first: a write that fails is not tried again on exit
         self.since = time.monotonic()
+        if parts:
+            indices, features, ok = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            self.writer.write(indices, features, ok, [r for p in parts for r in p[3]],
+                              tags={"graph": self.features.mode, "cores": self.features.cores})
 
 
 def _columns(features: np.ndarray, parts: list[tuple[str, int]]) -> dict:

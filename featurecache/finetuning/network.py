@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +218,25 @@ def export(network: Network, preprocess: Preprocess, classes: list[str], path: P
     files = {EXPORT_INFO: json.dumps(extra, indent=2)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        return atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=files))
+        buffer = io.BytesIO()  # in memory first: a full disk is an OSError of Python's, not of torch's writer
+        torch.jit.save(traced, buffer, _extra_files=files)
+        return atomic_write(path, buffer.getbuffer())
+
+
+def _check_export(path: Path) -> None:
+    """A RunError if ``path`` lies in a fine-tuning folder whose ``result.json`` records another sha256 for it."""
+    try:
+        recorded = json.loads((path.parent / RESULT_FILE).read_text()).get("export")
+    except (OSError, ValueError, AttributeError):
+        return  # a model.pt on its own: nothing records its hash
+    if recorded and recorded.get("file") == path.name and (problem := file_problem(path.parent, recorded)):
+        raise RunError(f"{problem}; {RETRAIN}")
 
 
 def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """An exported model and its JSON info (classes, preprocess, ...)."""
+    """An exported model and its JSON info (classes, preprocess, ...); in a fine-tuning folder, once its
+    bytes have the sha256 ``result.json`` records."""
+    _check_export(Path(path))
     files = {EXPORT_INFO: ""}
     try:
         with warnings.catch_warnings():
@@ -240,11 +254,11 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
 
 def save_weights(network: nn.Module, path: Path) -> dict:
     """Write the network's state dict as safetensors; return ``{"file", "sha256"}`` to record."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     # clones: safetensors refuses tensors that share memory, and wants them contiguous
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in network.state_dict().items()}
-    atomic_write(path, partial(save_file, tensors, metadata={"format": WEIGHTS_FORMAT}))
+    atomic_write(path, save(tensors, metadata={"format": WEIGHTS_FORMAT}))
     return {"file": path.name, "sha256": sha256_file(path)}
 
 
@@ -260,19 +274,45 @@ def _read_json(path: Path) -> dict:
         raise RunError(f"{path} cannot be read: {exc}".splitlines()[0]) from None
 
 
+# The advice of a damaged fine-tuning folder: the same fc finetune trains it again.
+RETRAIN = ("run the fc finetune that made it again (same run and options, see its config.json): it trains a damaged "
+           "folder again")
+
+
+def file_problem(folder: Path, recorded: dict | None) -> str | None:
+    """What is wrong with the file ``recorded`` (``{"file", "sha256"}`` of ``result.json``) of a fine-tuning folder."""
+    path = folder / recorded["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    if sha256_file(path) != recorded["sha256"]:
+        return f"{path} does not match the sha256 recorded in {folder / RESULT_FILE}: it was changed after fine-tuning"
+    return None
+
+
+def finetune_problem(folder: Path) -> str | None:
+    """What is wrong with a finished fine-tuning folder's files, or None: ``result.json`` reads and
+    ``model.safetensors`` and ``model.pt`` have the sha256 it records (folders of an older featurecache
+    record no ``model.pt`` hash: it is not checked)."""
+    try:
+        result = json.loads((folder / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{folder / RESULT_FILE} cannot be read"
+    for key in ("weights", "export"):
+        if result.get(key) and (problem := file_problem(folder, result[key])) is not None:
+            return problem
+    return None
+
+
 def _checked_weights(folder: Path, result: dict) -> Path:
     """The folder's safetensors file, if its bytes have the sha256 that ``result.json`` records."""
     recorded = result.get("weights")
     if not recorded:
         raise RunError(f"{folder} has no {WEIGHTS_FILE} (fine-tuned by an older featurecache); "
-                       f"give {folder / MODEL_FILE} instead, or re-run fc finetune")
-    path = folder / recorded["file"]
-    if not path.is_file():
-        raise RunError(f"{path} is missing; re-run fc finetune")
-    if sha256_file(path) != recorded["sha256"]:
-        raise RunError(f"{path} does not match the sha256 recorded in {folder / RESULT_FILE}: "
-                       "it was changed after fine-tuning; re-run fc finetune")
-    return path
+                       f"give {folder / MODEL_FILE} instead, or {RETRAIN}")
+    problem = file_problem(folder, recorded)
+    if problem is not None:
+        raise RunError(f"{problem}; {RETRAIN}")
+    return folder / recorded["file"]
 
 
 def _load_tensors(network: nn.Module, path: Path, head: str) -> None:

@@ -16,8 +16,10 @@ Output, content-addressed under the run directory::
         history.json       per epoch: train_loss, val_loss, val_accuracy, seconds, lr
         model.safetensors  the best epoch's network as plain tensors; its sha256 is in result.json
         model.pt           TorchScript, uint8 N x 3 x crop x crop -> class probabilities, with the class
-                           names and preprocessing as JSON in its extra file ``featurecache.json``
-        result.json        written last: the fine-tuning is complete
+                           names and preprocessing as JSON in its extra file ``featurecache.json``;
+                           its sha256 is in result.json
+        result.json        written last: the fine-tuning is complete; a finished folder whose
+                           model files no longer have their recorded sha256 is trained again
 
 ``last.pt`` and ``best.pt`` are private to the run and are read with
 ``torch.load(weights_only=True)``, which never unpickles arbitrary objects.
@@ -26,13 +28,13 @@ Output, content-addressed under the run directory::
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +45,9 @@ from torch import nn
 from .. import runtime, store
 from ..data.images import AUGMENTS, ImageTensors, augment_seed, image_loader, normalize_batch
 from ..data.preprocess import Preprocess
-from ..data.sources import Dataset, Record, open_dataset
+from ..data.sources import Dataset, Record, reopen
 from ..errors import FinetuneError, UsageError, suggest
-from ..files import atomic_write, write_json
+from ..files import atomic_write, require_space, sha256_file, write_json
 from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
@@ -61,6 +63,7 @@ from .network import (
     WEIGHTS_FILE,
     Network,
     export,
+    finetune_problem,
     head_module,
     load_backbone,
     load_run_head,
@@ -78,14 +81,12 @@ def cache_images(cache_meta: dict, split: str) -> tuple[Dataset, np.ndarray]:
     """The images of one split of a cache, in cache order (skipped ones excluded), with labels."""
     data = cache_meta["config"]["data"]
     _, labels, paths = store.load_features(cache_meta["path"], split)
-    if data.get("kind") == "torchvision":
-        base = open_dataset(data["source"], root=data["root"])
-    else:
-        if not Path(data["root"]).is_dir():
-            raise FinetuneError(f"the images of {cache_meta['path']} are no longer at {data['root']}")
-        base = Dataset(data["root"], cache_meta["classes"], [], data.get("source", "folder"))
+    if data.get("kind") != "torchvision" and not Path(data["root"]).is_dir():
+        raise FinetuneError(f"the images of {cache_meta['path']} are no longer at {data['root']}")
+    base = reopen(data)
     records = [Record(p, int(label), split) for p, label in zip(paths, labels)]
-    return dataclasses.replace(base, records=records, skipped=[]), np.asarray(labels, dtype=np.int64)
+    return (dataclasses.replace(base, classes=list(cache_meta["classes"]), records=records, skipped=[]),
+            np.asarray(labels, dtype=np.int64))
 
 
 class TrainImages(ImageTensors):
@@ -247,6 +248,7 @@ class FinetuneResult:
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # {"head": {split: metrics}, "finetuned": {split: metrics}}
     weights: dict = field(default_factory=dict)  # {"file": "model.safetensors", "sha256": ...}
+    export: dict = field(default_factory=dict)  # {"file": "model.pt", "sha256": ...}
     temperature: float = 1.0  # applied to the logits when the head was fitted with calibrate="temperature"
 
     def to_dict(self) -> dict:
@@ -379,6 +381,10 @@ def _reused(job: _Job) -> FinetuneResult | None:
     path = job.out / RESULT_FILE
     if not path.is_file():
         return None
+    problem = finetune_problem(job.out)
+    if problem is not None:
+        _log(f"warning: the fine-tuning in {job.out} is damaged ({problem}); training it again")
+        return None
     done = json.loads(path.read_text())
     if not done.get("weights"):
         return None  # fine-tuned before model.safetensors was written: train again
@@ -434,12 +440,12 @@ class _Trainer:
         saved = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                  "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "state": asdict(state), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
-        atomic_write(self.out / LAST_FILE, partial(torch.save, saved))
+        _save(self.out / LAST_FILE, saved)
 
     def record_best(self, state: _State, metrics: dict) -> None:
         state.best_accuracy, state.best_loss = metrics["accuracy"], metrics["log_loss"]
         state.best_metrics, state.best_epoch, state.stale = metrics, state.epoch, 0
-        atomic_write(self.out / BEST_FILE, partial(torch.save, {"model": self.net.state_dict(), "epoch": state.epoch}))
+        _save(self.out / BEST_FILE, {"model": self.net.state_dict(), "epoch": state.epoch})
 
     def load_best(self) -> None:
         saved = torch.load(self.out / BEST_FILE, map_location=self.dev, weights_only=True)
@@ -557,6 +563,15 @@ class _Trainer:
         return improved
 
 
+def _save(path: Path, obj: dict) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically: serialized in memory first, so that a full disk is
+    refused before writing, or is a StorageError of the write itself (torch's own writer aborts on it)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    require_space(path.parent, buffer.getbuffer().nbytes, f"the checkpoint {path.name}")
+    atomic_write(path, buffer.getbuffer())
+
+
 def _begin(trainer: _Trainer, resume: bool) -> tuple[_State, dict | None]:
     """The loop state to go on from, and where a resume started (None when it starts at step 0)."""
     if resume and (trainer.out / LAST_FILE).is_file():
@@ -595,6 +610,8 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
     """Save the best epoch as safetensors and TorchScript, then ``result.json``, which marks it complete."""
     trainer.load_best()
     metrics = _final_metrics(job, trainer, state)
+    size = sum(t.numel() * t.element_size() for t in trainer.net.state_dict().values())
+    require_space(job.out, 2 * size, "the fine-tuned model (model.safetensors and model.pt)")
     weights = save_weights(trainer.net, job.out / WEIGHTS_FILE)
     meta = job.loaded.meta
     info = {"backbone": trainer.backbone.identity, "layer": trainer.backbone.layer, "head": job.head_meta["head"],
@@ -602,11 +619,12 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
             "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()}}
     temperature = trainer.temperature()
     model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info, temperature)
+    exported = {"file": model_path.name, "sha256": sha256_file(model_path)}
     result = FinetuneResult(
         model=str(model_path), head=job.head_meta["head"], head_accuracy=job.head_accuracy,
         start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=job.split,
         output_dir=str(job.out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
-        metrics=metrics, weights=weights, temperature=temperature,
+        metrics=metrics, weights=weights, export=exported, temperature=temperature,
     )
     saved = asdict(result)
     saved.pop("reused")

@@ -65,6 +65,12 @@ def dump_head(pipeline: Pipeline, cfg: HeadConfig) -> tuple[dict[str, bytes], di
     return files, record
 
 
+def _refit(folder: Path) -> str:
+    """The advice for a head folder whose files are the ones the run wrote but cannot be loaded: its run
+    must go (the same fc fit-head would reuse it as it is)."""
+    return f"remove its run (rm -r {folder.parent.parent}) and run fc fit-head again"
+
+
 def _load_pipeline(path: Path) -> Pipeline:
     outside = _outside(skops.io.get_untrusted_types(file=path))
     if outside:
@@ -72,7 +78,7 @@ def _load_pipeline(path: Path) -> Pipeline:
                        "since loading other types can run code")
     pipeline = skops.io.load(path, trusted=trusted_types())
     if not isinstance(pipeline, Pipeline) or list(pipeline.named_steps) != ["pre", "head"]:
-        raise RunError(f"{path} does not hold a head pipeline (pre, head); re-run fc fit-head")
+        raise RunError(f"{path} does not hold a head pipeline (pre, head); {_refit(path.parent)}")
     return pipeline
 
 
@@ -89,7 +95,7 @@ def _rebuild_torch(folder: Path, head_meta: dict):
     estimator = head_type(cfg.name).build(cfg.params, class_weight=cfg.class_weight)
     if type_name(type(estimator)) != record["class"]:
         raise RunError(f"{folder}: head {cfg.name} builds {type_name(type(estimator))}, "
-                       f"but the saved one is {record['class']}; re-run fc fit-head")
+                       f"but the saved one is {record['class']}; {_refit(folder)}")
     estimator.set_params(**_as_tuples(record["params"]))
     try:
         state = load_file(folder / WEIGHTS_FILE)
@@ -97,7 +103,7 @@ def _rebuild_torch(folder: Path, head_meta: dict):
     except (OSError, RuntimeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise RunError(f"{folder / WEIGHTS_FILE} does not hold this head's weights ({reason}); "
-                       "re-run fc fit-head") from None
+                       f"{_refit(folder)}") from None
 
 
 def _load_sklearn(folder: Path, head_meta: dict) -> Pipeline:

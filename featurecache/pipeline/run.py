@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import store
-from ..data.sources import TORCHVISION_PREFIX
+from ..data.sources import is_source_name
 from ..errors import PipelineError, suggest
 from ..stages import BY_COMMAND
 from .fetchers import FETCHERS, fetch_zip
@@ -308,9 +308,10 @@ def _check_data(path: Path, data, fetch, cache_dir, overridden) -> str:
         elif fetch not in FETCHERS:
             raise PipelineError(f"{_where(path, 'fetch', overridden)}: unknown source {fetch!r}"
                                 + (suggest(fetch, FETCHERS) or f" (expected a URL or one of {', '.join(FETCHERS)})"))
-    if not data.startswith(TORCHVISION_PREFIX) and not Path(data).expanduser().exists() and fetch is None:
+    if not is_source_name(data) and not Path(data).expanduser().exists() and fetch is None:
         raise PipelineError(f"{_where(path, 'data', overridden)}: {data} does not exist; expected a folder of "
-                            f"images, a CSV manifest or torchvision:NAME (or add fetch = URL to download it)")
+                            f"images, a CSV manifest or SCHEME:... (torchvision:, webdataset:, hf:, parquet:; or add "
+                            "fetch = URL to download it)")
     return data
 
 
@@ -318,7 +319,7 @@ def _check_data(path: Path, data, fetch, cache_dir, overridden) -> str:
 
 def _fetch(data: str, fetch: str, echo) -> None:
     dest = Path(data).expanduser()
-    if data.startswith(TORCHVISION_PREFIX) or dest.exists():
+    if is_source_name(data) or dest.exists():
         return
     echo(f"fetch     {fetch} -> {dest}")
     if "://" in fetch:

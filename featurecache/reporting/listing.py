@@ -9,9 +9,11 @@ same rows.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .. import files, store
+from ..errors import FeatureCacheWarning
 from ..sweep.leaderboard import tied_count
 from ..sweep.runs import RUN_FILE, RUNS
 
@@ -50,5 +52,12 @@ def list_runs(cache_dir: str | None = None) -> list[dict]:
     root = store.default_cache_dir(cache_dir) / RUNS
     found = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
         if root.is_dir() else []
-    rows = [run_row(path, *read_run(path)) for path in found]
+    rows = []
+    for path in found:
+        try:
+            rows.append(run_row(path, *read_run(path)))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            warnings.warn(FeatureCacheWarning(f"run {path.name} cannot be read ({type(exc).__name__}: {reason}); "
+                                              "left out"), stacklevel=2)
     return sorted(rows, key=lambda r: (str(r["data"]), str(r["backbone"]), r["run"]))

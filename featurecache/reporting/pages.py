@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__, store
 from ..data.images import ImageSkipped, load_rgb
-from ..data.sources import TORCHVISION_PREFIX, Dataset, Record, open_dataset
+from ..data.sources import Dataset, Record, reopen
 from ..errors import UsageError, plural
 from ..files import sha256_file, versions, write_json
 from ..finetuning.network import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
@@ -63,12 +63,8 @@ def _report_key(run_dir: Path, head: str, samples: int) -> str:
 
 
 def _image_dataset(config: dict) -> Dataset:
-    """Where the cached paths can be read again: the data root, or the torchvision dataset."""
-    data = config.get("data", {})
-    source, root = data.get("source", ""), data.get("root", "")
-    if source.startswith(TORCHVISION_PREFIX):
-        return open_dataset(source, root=root)
-    return Dataset(root, [], [], source)
+    """Where the cached paths can be read again: the data root, a torchvision dataset, shards or tables."""
+    return reopen(config.get("data", {}))
 
 
 # --------------------------------------------------------------------------- figures

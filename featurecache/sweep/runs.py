@@ -11,7 +11,9 @@ so a complete run is a lookup. While a sweep runs, every finished fit is written
 (atomically) under ``<run id>.partial/``: a sweep killed at any moment and run again
 reuses those fits and redoes only the others. No file holds a pickle:
 scikit-learn heads are skops files loaded with an allow-list of types, torch heads
-safetensors, and ``run.json`` records the sha256 of every head file, checked on loading.
+safetensors, and ``run.json`` records the sha256 of every head file, checked on loading
+and before a run is reused (:func:`run_problem`): the same ``fc fit-head`` fits a damaged
+run again, keeping the folders later stages added to it (``finetune/``, ``report/``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ HEAD_FILE = "head.json"
 RUN_FORMAT = "featurecache-run/2"  # heads in skops and safetensors files, their sha256 in run.json
 PICKLE_FORMAT = "featurecache-run/1"  # heads pickled in model.joblib; a run.json without "format"
 PICKLE_FILE = "model.joblib"
+# The advice of a damaged run: the same sweep fits it again (and keeps its finetune/ and report/ folders).
+REFIT = "run the fc fit-head that made it again (same cache and options, see its run.json): it fits a damaged run again"
 
 
 @dataclass
@@ -97,8 +101,14 @@ def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict, record
     return {p.relative_to(run_dir).as_posix(): files.sha256_file(p) for p in sorted(folder.iterdir())}
 
 
+RUN_FILES = (RUN_FILE, "leaderboard.json", "leaderboard.csv", "best", "heads")  # what write_run writes
+
+
 def write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> None:
-    """Build the run directory under a temporary name, ``run.json`` last, and rename it into place."""
+    """Build the run directory under a temporary name, ``run.json`` last, and rename it into place.
+
+    A damaged run at ``run_dir`` (:func:`run_problem`) is replaced; the folders later stages
+    added to it move into the new one."""
     if run_dir.exists() and not (run_dir / RUN_FILE).exists():
         shutil.rmtree(run_dir)  # not a complete run: left by an older, interrupted featurecache
     try:
@@ -110,9 +120,49 @@ def write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> N
             (tmp / "leaderboard.csv").write_text(_csv_text(csv_rows(entries)))
             (tmp / "best").write_text(slug(meta["best"]) + "\n")
             files.write_json(tmp / RUN_FILE, {**meta, "sha256": sha256})
+            _replace_damaged(run_dir, tmp)
     except FileExistsError:
         pass  # a concurrent identical run finished first: keep its result
     shutil.rmtree(partial_dir(run_dir), ignore_errors=True)
+
+
+def _replace_damaged(run_dir: Path, new: Path) -> None:
+    """Move what later stages added to a damaged ``run_dir`` into ``new``, and remove the rest of it."""
+    if not run_dir.is_dir() or run_problem(run_dir) is None:
+        return  # none, or a sound run that a concurrent identical sweep wrote first: kept
+    for path in run_dir.iterdir():
+        if path.name not in RUN_FILES and not files.is_temp_name(path):
+            os.rename(path, new / path.name)
+    shutil.rmtree(run_dir)
+
+
+def _readable_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_problem(run_dir: str | os.PathLike) -> str | None:
+    """What is wrong with a complete run's files, or None: ``run.json``, the leaderboard and ``best``
+    must read, and every file ``run.json`` records must have the sha256 it records."""
+    run_dir = Path(run_dir)
+    meta = _readable_json(run_dir / RUN_FILE)
+    if not isinstance(meta, dict):
+        return f"{RUN_FILE} cannot be read"
+    if not isinstance(_readable_json(run_dir / "leaderboard.json"), list):
+        return "leaderboard.json cannot be read"
+    if not (run_dir / "best").is_file():
+        return "the file best is missing"
+    recorded = meta.get("sha256", {})
+    for name, digest in sorted(recorded.items()):
+        path = run_dir / name
+        if not path.is_file() or files.sha256_file(path) != digest:
+            return f"{name} is missing or differs from the file the run wrote (sha256 mismatch)"
+    heads = run_dir / "heads"
+    strays = sorted(p.relative_to(run_dir).as_posix() for p in heads.glob("*/*") if not p.name.startswith("."))
+    strays = [name for name in strays if name not in recorded] if recorded else []
+    return f"{strays[0]} is not one of the files {RUN_FILE} records" if strays else None
 
 
 # --------------------------------------------------------------------------- finished fits of a running sweep
@@ -172,7 +222,8 @@ def resolve_run(ref: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     if (path / RUN_FILE).is_file():
         return path
     if path.is_dir():
-        raise RunError(f"{path} is not a complete run directory (no {RUN_FILE}); re-run fc fit-head")
+        raise RunError(f"{path} is not a complete run directory (no {RUN_FILE}); run fc fit-head on its cache "
+                       "to make one")
     root = store.default_cache_dir(cache_dir) / RUNS
     runs = sorted(p for p in root.glob("*") if (p / RUN_FILE).is_file() and not files.is_temp_name(p)) \
         if root.is_dir() else []
@@ -200,12 +251,18 @@ def _check_cache(run_dir: Path, meta: dict) -> None:
 def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Run:
     """A finished run (path, id or prefix), checked against the cache it was trained on."""
     run_dir = resolve_run(run, cache_dir)
-    loaded = Run(run_dir, json.loads((run_dir / RUN_FILE).read_text()), [])
+    meta = _readable_json(run_dir / RUN_FILE)
+    if not isinstance(meta, dict):
+        raise RunError(f"{run_dir / RUN_FILE} cannot be read; {REFIT}")
+    loaded = Run(run_dir, meta, [])
     if loaded.format not in (RUN_FORMAT, PICKLE_FORMAT):
         raise RunError(f"run {run_dir.name} has the format {loaded.format}, which this featurecache cannot read; "
                        "upgrade featurecache or re-run fc fit-head")
     _check_cache(run_dir, loaded.meta)
-    loaded.leaderboard = json.loads((run_dir / "leaderboard.json").read_text())
+    leaderboard = _readable_json(run_dir / "leaderboard.json")
+    if not isinstance(leaderboard, list):
+        raise RunError(f"{run_dir / 'leaderboard.json'} cannot be read; {REFIT}")
+    loaded.leaderboard = leaderboard
     return loaded
 
 
@@ -241,7 +298,7 @@ def _check_files(loaded: Run, folder: Path) -> None:
     prefix = folder.relative_to(loaded.path).as_posix() + "/"
     names = {key[len(prefix):] for key in recorded if key.startswith(prefix)}
     if not names:
-        raise RunError(f"{RUN_FILE} of run {loaded.path.name} records no files for {prefix}; re-run fc fit-head")
+        raise RunError(f"{RUN_FILE} of run {loaded.path.name} records no files for {prefix}; {REFIT}")
     for path in sorted(folder.iterdir()):
         if not path.name.startswith(".") and path.name not in names:
             raise RunError(f"{path} is not one of the files {RUN_FILE} records; refused")
@@ -249,7 +306,7 @@ def _check_files(loaded: Run, folder: Path) -> None:
         path = folder / name
         if not path.is_file() or files.sha256_file(path) != recorded[prefix + name]:
             raise RunError(f"{path} is missing or differs from the file the run wrote (sha256 mismatch); "
-                           "refused: re-run fc fit-head")
+                           f"refused: {REFIT}")
 
 
 def _load_pickle(loaded: Run, folder: Path, trust: bool):

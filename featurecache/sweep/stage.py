@@ -26,13 +26,14 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import files, store
-from ..errors import HeadError, UsageError
+from ..errors import FeatureCacheWarning, HeadError, UsageError
 from ..heads import HEADS, HeadConfig, head_type
 from ..heads.chunked import can_learn_from_chunks
 from ..heads.grids import build_grid
@@ -44,7 +45,7 @@ from . import halving as scaling
 from .engine import Task
 from .leaderboard import make_entry, rank
 from .postpass import post_options, post_pass
-from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, save_fit, write_run
+from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, run_problem, save_fit, write_run
 
 PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
 
@@ -228,8 +229,13 @@ def _plan(options: SweepOptions, post: dict) -> _Plan:
 
 
 def _reused(plan: _Plan, started: float) -> SweepResult | None:
-    """The saved result of the same inputs, or None."""
+    """The saved result of the same inputs, or None; None too for a damaged one, which is fitted again."""
     if not (plan.run_dir / RUN_FILE).is_file():
+        return None
+    problem = run_problem(plan.run_dir)
+    if problem is not None:
+        warnings.warn(FeatureCacheWarning(f"run {plan.run_dir.name} is damaged ({problem}); fitting it again"),
+                      stacklevel=2)
         return None
     run = load_run(plan.run_dir)
     return SweepResult(str(plan.run_dir), run.best, run.leaderboard, run.meta["selection_split"],
