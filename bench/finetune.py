@@ -14,6 +14,16 @@ and the val accuracy after it.
 
     python bench/finetune.py [--data ../shared/data/hymenoptera_data] [--epochs 3] [--batch-size 8]
 
+``--modes`` compares, in one run on one cache and one stage-two run, full fine-tuning
+(``--unfreeze all``), ``--unfreeze last:2`` from images and ``--unfreeze last:2
+--from-activations``: seconds per epoch, selection accuracy after each epoch, the one-time cost
+of storing the activations, and the paired-bootstrap interval of the accuracy difference of the
+exported (best-epoch) networks on the run's final split::
+
+    python bench/finetune.py --modes [--epochs 3] [--augment-views 2]
+    python bench/finetune.py --modes --data torchvision:FashionMNIST --root /usr/share/datasets/fashion-mnist \
+        --limit 5000
+
 Absolute times are noisy on shared machines: the load average is printed with them. Val
 accuracy chose the best epoch on both sides; neither number is a held-out estimate.
 """
@@ -30,6 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -101,17 +112,123 @@ def tutorial_side(data: Path, epochs: int, seed: int = 0) -> list[dict]:
     return history
 
 
+MODES = {  # the pair the goal is about first, so that it is measured side by side
+    "last:2 images": ["--unfreeze", "last:2"],
+    "last:2 activations": ["--unfreeze", "last:2", "--from-activations"],
+    "full": ["--unfreeze", "all"],
+}
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def final_correct(folder: Path) -> tuple[str, np.ndarray]:
+    """The final split of the run a fine-tuning folder belongs to, and whether its model.pt is right on each image."""
+    from featurecache import store
+    from featurecache.data.images import ImageTensors, image_loader
+    from featurecache.finetuning.network import load_exported
+    from featurecache.finetuning.trainer import cache_images
+
+    run = json.loads((folder.parent.parent / "run.json").read_text())
+    split = run.get("final_split", run["selection_split"])
+    model, info = load_exported(folder / "model.pt")
+    data, labels = cache_images(store.info(run["cache"]), split)
+    from featurecache.data.preprocess import Preprocess
+
+    images = ImageTensors(data, np.arange(len(labels)), Preprocess(**info["preprocess"]), None)
+    predicted = np.zeros(len(labels), dtype=np.int64)
+    with torch.inference_mode():
+        for index, batch, _ in image_loader(images, 64, 0, torch.device("cpu")):
+            predicted[index.numpy()] = model(batch).argmax(1).numpy()
+    return split, predicted == labels
+
+
+def modes_side(args) -> None:
+    """Full fine-tuning, last:2 from images and last:2 from stored activations, side by side."""
+    from featurecache.metrics import paired_difference
+
+    source = ["--root", args.root] if args.root else []
+    limit = ["--limit", str(args.limit)] if args.limit else []
+    batch = ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as cache_dir:
+        start = time.perf_counter()
+        extracted = fc("extract", str(args.data), *source, *limit, "--backbone", "mobilenet_v2", "--weights",
+                       "IMAGENET1K_V1", "--augment-views", str(args.augment_views), "--cache-dir", cache_dir)
+        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--cache-dir", cache_dir)
+        print(f"extract (with {args.augment_views} views per train image) + fit-head logreg "
+              f"{time.perf_counter() - start:.1f} s (once); load {_load()}", flush=True)
+        rows = {}
+        for mode, extra in MODES.items():
+            load_before = _load()
+            start = time.perf_counter()
+            tuned = fc("finetune", run["run_dir"], "--epochs", str(args.epochs), "--patience", "0", *extra, *batch,
+                       "--cache-dir", cache_dir)
+            folder = Path(tuned["model"]).parent
+            history = json.loads((folder / "history.json").read_text())
+            stored = folder / "activations.json"
+            rows[mode] = {"wall": time.perf_counter() - start, "history": history, "folder": folder,
+                          "load": f"{load_before} -> {_load()}",
+                          "stored": json.loads(stored.read_text()) if stored.is_file() else None}
+            trained = [h["seconds"] for h in history if h["epoch"] > 0]
+            print(f"{mode}: {rows[mode]['wall']:.1f} s wall, {sum(trained) / len(trained):.2f} s per epoch, "
+                  f"selection accuracy by epoch {[round(h['val_accuracy'], 4) for h in history]}; "
+                  f"load {rows[mode]['load']}", flush=True)
+        for row in rows.values():
+            row["split"], row["correct"] = final_correct(row["folder"])
+    _modes_table(args, rows, paired_difference)
+
+
+def _modes_table(args, rows: dict, paired_difference) -> None:
+    print()
+    print(f"{'mode':<20} {'s/epoch':>8} {'wall s':>7}  {'selection accuracy by epoch':<32} {'final acc':>9}  load")
+    for mode, row in rows.items():
+        trained = [h for h in row["history"] if h["epoch"] > 0]
+        row["per_epoch"] = sum(h["seconds"] for h in trained) / len(trained)
+        accs = " ".join(f"{h['val_accuracy']:.4f}" for h in row["history"])
+        print(f"{mode:<20} {row['per_epoch']:>8.2f} {row['wall']:>7.1f}  {accs:<32} {row['correct'].mean():>9.4f}  "
+              f"{row['load']}")
+    live, acts = rows["last:2 images"], rows["last:2 activations"]
+    stored = acts["stored"]
+    print()
+    print(f"activations {stored['name']}: {stored['bytes_per_image']:,} bytes per image, {stored['bytes'] / 2**20:.1f} "
+          f"MiB for {sum(stored['parts'].values()):,} rows {stored['parts']}; stored once in "
+          f"{stored['store_seconds']:.1f} s")
+    print(f"seconds per epoch, last:2 images / last:2 activations: {live['per_epoch'] / acts['per_epoch']:.2f}x "
+          f"(full / last:2 activations: {rows['full']['per_epoch'] / acts['per_epoch']:.2f}x)")
+    print(f"wall time of fc finetune, last:2 images / last:2 activations (storing included): "
+          f"{live['wall'] / acts['wall']:.2f}x")
+    epochs_to_pay = stored["store_seconds"] / max(1e-9, live["per_epoch"] - acts["per_epoch"])
+    print(f"the one-time store pays for itself after {epochs_to_pay:.1f} epochs")
+    for other in [m for m in ("last:2 images", "full") if m in rows]:
+        paired = paired_difference(acts["correct"], rows[other]["correct"])
+        low, high = paired["ci"]
+        print(f"{acts['split']} accuracy, last:2 activations - {other}: {paired['difference']:+.4f} "
+              f"[{low:+.4f}, {high:+.4f}] ({'within' if low <= 0 <= high else 'outside'} the paired interval)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="fc finetune --batch-size (default: its own default, 32; 8 is faster on small CPUs)")
+    parser.add_argument("--modes", action="store_true",
+                        help="compare full, last:2 from images and last:2 from stored activations instead")
+    parser.add_argument("--root", default=None, help="--modes: fc extract --root (torchvision:NAME data)")
+    parser.add_argument("--limit", type=int, default=None, help="--modes: fc extract --limit")
+    parser.add_argument("--augment-views", type=int, default=2, help="--modes: fc extract --augment-views")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*worker.*")  # the tutorial's 4 workers on a smaller machine
+    if args.modes:
+        print(f"data {args.data}, {args.epochs} epochs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+              f"load average {_load()}", flush=True)
+        modes_side(args)
+        return
 
     print(f"data {args.data}, {args.epochs} epochs, fc finetune batch size {args.batch_size or 'default'}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    args.data = Path(args.data)
     ours = featurecache_side(args.data, args.epochs, args.batch_size)
     print(f"featurecache: extract + fit-head logreg {ours['prepare_seconds']:.1f} s (once); "
           f"fc finetune wall time {ours['wall_seconds']:.1f} s; load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -362,6 +362,8 @@ def cache_info(cache_ref, cache_dir, as_json):
         augment = cfg.get("augment_views", {})
         click.echo(f"views     {meta['views']['n']} rows: {meta['views']['per_image']} per train image "
                    f"({augment.get('policy', '?')} augmentation, seed {augment.get('seed', '?')})")
+    if meta["activations"]:
+        click.echo(f"activations {', '.join(meta['activations'])} (fc finetune --from-activations)")
     click.echo(f"preproc   {json.dumps(cfg['preprocess'])}")
     click.echo(f"data      {cfg['data'].get('root')} ({cfg['data'].get('kind')})")
     click.echo(f"classes   {', '.join(meta['classes'])}")
@@ -458,6 +460,11 @@ def weights_import(file, backbone, weights):
               help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--from-activations", is_flag=True,
+              help="With --unfreeze last:N: store the input of the first trained block once in the cache (float16) "
+                   "and train from it, without decoding images or running the frozen blocks.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="The most the stored activations may take in memory, e.g. 2G (default: half the available).")
 @_trust
 @_cache_dir
 @_json

@@ -14,6 +14,9 @@ Layout of one cache file (one per backbone configuration and dataset)::
     /train_views/...      K augmented views of each train image (``--augment-views K``):
                           features, labels, paths, layers/<L> as above, plus ``source``
                           (int64, the row of /train it is a view of) and ``view`` (0..K-1)
+    /activations/<name>/<part>   float16, N x C x H x W: the input of one backbone block for the
+                          rows of a split or of the views (``fc finetune --from-activations``);
+                          ``<name>`` is ``BLOCK-CxHxW-float16``, the group's attrs say ``complete``
 
 Which features a reader gets is a *feature set*: ``penultimate`` (``/<split>/features``,
 the features ``--layer`` chose), one stored layer's name, or ``concat``: all of them side by
@@ -65,6 +68,9 @@ from .names import FEATURE_SETS
 
 FORMAT = "featurecache/1"
 VIEWS = "train_views"  # the group of augmented training views: not a split
+ACTIVATIONS = "activations"  # the group of stored block inputs: not a split
+ACTIVATION_DTYPE = np.float16  # how they are stored
+NOT_SPLITS = (VIEWS, ACTIVATIONS)
 CACHE_ENV = "FC_CACHE_DIR"
 SUFFIX = ".h5"
 CHECKSUM = True  # Fletcher-32 on every numeric dataset written (bench/checksums.py turns it off to compare)
@@ -494,7 +500,7 @@ def info(path: str | os.PathLike) -> dict:
     with _reading(path) as f:
         splits = {}
         for name, g in f.items():
-            if name == VIEWS:
+            if name in NOT_SPLITS:
                 continue
             splits[name] = {
                 "n": int(g["features"].shape[0]),
@@ -502,7 +508,7 @@ def info(path: str | os.PathLike) -> dict:
                 "dim": int(g["features"].shape[1]),
                 "dtype": str(g["features"].dtype),
             }
-        first = next(iter(f.values()), None)
+        first = next((g for name, g in f.items() if name not in NOT_SPLITS), None)
         layers = {name: int(first["layers"][name].shape[1]) for name in _layer_names(f)} if first else {}
         views = f[VIEWS] if VIEWS in f else None
         per_image = int(views["view"][...].max()) + 1 if views is not None and views["view"].shape[0] else 0
@@ -514,6 +520,7 @@ def info(path: str | os.PathLike) -> dict:
             "splits": splits,
             "layers": layers,
             "views": {"n": int(views["features"].shape[0]) if views is not None else 0, "per_image": per_image},
+            "activations": sorted(f[ACTIVATIONS]) if ACTIVATIONS in f else [],
             "bytes": Path(path).stat().st_size,
         }
 
@@ -669,7 +676,7 @@ def remove(path: str | os.PathLike) -> list[str]:
 def _split_group(f, path, split: str):
     if split not in f:
         raise CacheError(f"{Path(path).name} has no {'views' if split == VIEWS else 'split ' + repr(split)}; "
-                         f"it has {', '.join(k for k in f.keys() if k != VIEWS)}"
+                         f"it has {', '.join(k for k in f.keys() if k not in NOT_SPLITS)}"
                          + (" (extract with --augment-views K)" if split == VIEWS else ""))
     return f[split]
 
@@ -757,3 +764,87 @@ def iter_blocks(path: str | os.PathLike, split: str, sets: list[str] | tuple[str
                 values = [d[start:stop] for d in parts]
                 columns[name] = values[0] if len(values) == 1 else np.hstack(values)
             yield start, columns
+
+
+# --------------------------------------------------------------------------- stored activations
+
+
+def activation_bytes(shape: tuple[int, ...], rows: int) -> int:
+    """Bytes of ``rows`` stored activations of ``shape`` (C x H x W)."""
+    return int(rows) * int(np.prod(shape)) * np.dtype(ACTIVATION_DTYPE).itemsize
+
+
+def has_activations(path: str | os.PathLike, name: str) -> bool:
+    """Whether the cache holds the activations ``name`` (complete or not)."""
+    with _open(path) as f:
+        return ACTIVATIONS in f and name in f[ACTIVATIONS]
+
+
+def write_activations(path: str | os.PathLike, name: str, parts: dict[str, tuple[int, ...]], attrs: dict,
+                      fill) -> None:
+    """Add the activations ``name`` to a complete cache, never half-written: the file is copied under
+    a temporary name, ``fill(write)`` writes every part with ``write(part, start_row, array)``,
+    the group is marked complete and the copy renamed into place, all under the entry's lock.
+
+    ``parts`` maps a part (a split, or :data:`VIEWS`) to its shape, rows first. ``attrs`` (which
+    ``fill`` may add to) is stored as the group's JSON ``meta`` (:func:`activation_meta`). A group
+    of the same name (damaged) is replaced.
+    """
+    path = Path(path)
+    _open(path).close()
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a") as f:
+            parent = f.require_group(ACTIVATIONS)
+            if name in parent:
+                del parent[name]
+            group = parent.create_group(name)
+            group.attrs["complete"] = False
+            for part, shape in parts.items():
+                group.create_dataset(part, shape=shape, dtype=ACTIVATION_DTYPE,
+                                     chunks=(max(1, min(64, shape[0])), *shape[1:]) if shape[0] else None)
+
+            def put(part: str, start: int, values: np.ndarray) -> None:
+                group[part][start:start + len(values)] = values.astype(ACTIVATION_DTYPE, copy=False)
+
+            fill(put)
+            group.attrs["meta"] = json.dumps(attrs, sort_keys=True)
+            group.attrs["complete"] = True
+
+    with locked(Entry(path)):
+        atomic_write(path, write, fsync=True)
+
+
+def activation_meta(path: str | os.PathLike, name: str) -> dict:
+    """The ``meta`` of the stored activations ``name`` ({} when there are none or it is unreadable)."""
+    with _open(path) as f:
+        group = f[ACTIVATIONS].get(name) if ACTIVATIONS in f else None
+        try:
+            return json.loads(group.attrs["meta"]) if group is not None else {}
+        except (KeyError, ValueError):
+            return {}
+
+
+def read_activations(path: str | os.PathLike, name: str, part: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The stored activations ``name`` of one part, or a one-line CacheError when they are missing,
+    incomplete, of another shape or unreadable."""
+    with _open(path) as f:
+        where = f"{Path(path).name}: stored activations {name}"
+        group = f[ACTIVATIONS].get(name) if ACTIVATIONS in f else None
+        if group is None or not bool(group.attrs.get("complete", False)):
+            raise CacheError(f"{where} are missing or incomplete")
+        if part not in group:
+            raise CacheError(f"{where} have no dataset {part!r}")
+        data = group[part]
+        want = np.dtype(ACTIVATION_DTYPE)
+        if tuple(data.shape) != tuple(shape) or data.dtype != want:
+            raise CacheError(f"{where}: dataset {part!r} is {data.dtype} {tuple(data.shape)}, "
+                             f"not {want} {tuple(shape)}")
+        try:
+            values = data[...]
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{where}: dataset {part!r} cannot be read ({exc})".splitlines()[0]) from None
+    if not np.isfinite(values).all():
+        raise CacheError(f"{where}: dataset {part!r} holds values that are not finite")
+    return values

@@ -31,7 +31,6 @@ import dataclasses
 import io
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +52,8 @@ from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
 from ..sweep.calibration import fit_temperature
+from . import activations
+from .blocks import named_blocks
 from .network import (
     CONFIG_FILE,
     FINETUNE_DIR,
@@ -136,22 +137,11 @@ UNFREEZE: dict[str, Callable[[list, int | None], list]] = {
 }
 
 BN_MODES = ("frozen", "train")
-_INDEX = re.compile(r"(.*_)?\d+")
 
 
 def parameter_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Parameters grouped into blocks in forward order.
-
-    A block is what a parameter's name holds up to its first numbered module:
-    ``features.17`` (MobileNetV2), ``layer4.1`` (ResNet), ``encoder_layer_11`` (ViT);
-    a name without one is a block of its own module (``conv1``, ``bn1``).
-    """
-    blocks: dict[str, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        parts = name.split(".")[:-1]
-        cut = next((i + 1 for i, part in enumerate(parts) if _INDEX.fullmatch(part)), len(parts))
-        blocks.setdefault(".".join(parts[:cut]), []).append(param)
-    return list(blocks.values())
+    """The parameters of :func:`named_blocks`, block by block."""
+    return list(named_blocks(model).values())
 
 
 def trainable_blocks(model: nn.Module, unfreeze: str) -> list[list[nn.Parameter]]:
@@ -318,12 +308,15 @@ class _Job:
     workers: int
     checkpoint_every: int
     progress: bool
+    from_activations: bool = False  # train the last blocks from stored activations (finetuning.activations)
+    max_memory: str | None = None  # the most the stored activations may take in memory
 
     @property
     def config(self) -> dict:
         meta = self.loaded.meta
+        used = {"from_activations": True} if self.from_activations else {}  # absent: the address it always had
         return {"run_id": meta["run_id"], "cache_key": meta["cache_key"], "head": self.head_meta["head"],
-                **asdict(self.settings)}
+                **asdict(self.settings), **used}
 
     @property
     def out(self) -> Path:
@@ -380,7 +373,7 @@ def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.devic
             "re-extract with --split train=0.8,val=0.2"
         )
     return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, options.checkpoint_every,
-                options.progress)
+                options.progress, options.from_activations, options.max_memory)
 
 
 def _reused(job: _Job) -> FinetuneResult | None:
@@ -495,13 +488,25 @@ class _Trainer:
         ok = torch.tensor([not r for r in reasons])
         if not ok.any():
             return
-        x = normalize_batch(batch[ok].to(self.dev, non_blocking=True), self.pre)
+        x = self.inputs(batch[ok])
         y = torch.from_numpy(self.train_labels[index[ok].numpy()]).to(self.dev)
         with runtime.autocast(self.dev, self.s.precision):
-            loss = F.cross_entropy(self.net(x).float(), y)
+            loss = F.cross_entropy(self.forward(x).float(), y)
         self.scaler.scale(loss / group).backward()
         state.loss_sum += float(loss.detach()) * int(ok.sum())
         state.seen += int(ok.sum())
+
+    def inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` takes, from a batch of the train loader: normalized images."""
+        return normalize_batch(batch.to(self.dev, non_blocking=True), self.pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train_loader(self, epoch: int, order: list[int]):
+        """Batches ``(indices, uint8 images, reasons)`` of the train images of ``epoch`` in ``order``."""
+        self.train_images.epoch = epoch
+        return image_loader(self.train_images, self.s.batch_size, self.job.workers, self.dev, order, self.drop_last)
 
     def optimizer_step(self, state: _State, done: int) -> None:
         """One update after ``done`` batches of the epoch; a mid-epoch checkpoint every ``checkpoint_every``."""
@@ -522,9 +527,7 @@ class _Trainer:
         s, epoch = self.s, state.epoch
         self.started = time.perf_counter()
         order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
-        self.train_images.epoch = epoch
-        loader = image_loader(self.train_images, s.batch_size, self.job.workers, self.dev,
-                              order[state.batch * s.batch_size:].tolist(), self.drop_last)
+        loader = self.train_loader(epoch, order[state.batch * s.batch_size:].tolist())
         train_mode(self.net, s.bn)
         total = min(len(order), self.n_batches * s.batch_size)  # images of the epoch
         with Progress(total, f"epoch {epoch + 1}/{s.epochs}", unit="images", enabled=self.job.progress,
@@ -632,8 +635,9 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
 
 def _run(job: _Job, resume: bool) -> FinetuneResult:
     """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
-    trainer = _Trainer(job, load_backbone(job.loaded.meta["config"], job.loaded.meta.get("features", "penultimate")),
-                       head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
+    kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
+    trainer = kind(job, load_backbone(job.loaded.meta["config"], job.loaded.meta.get("features", "penultimate")),
+                   head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
     state, resumed_from = _begin(trainer, resume)
     if job.progress:
@@ -676,6 +680,8 @@ class FinetuneOptions:
     trust: bool = False
     cache_dir: str | None = None
     progress: bool = True
+    from_activations: bool = False
+    max_memory: str | None = None
 
 
 @takes(FinetuneOptions)
@@ -691,6 +697,10 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     before stopping (0: never). ``checkpoint_every``: optimizer steps between mid-epoch
     checkpoints. ``resume``: continue from the last checkpoint of the same configuration.
     ``trust``: also load a run saved in the old pickle format, which can run code when loaded.
+    ``from_activations`` (``unfreeze=last:N``): store the input of the first trained block once in the
+    cache and train from it, without decoding images or running the frozen blocks
+    (:mod:`featurecache.finetuning.activations`); ``max_memory`` (e.g. ``"2G"``; default half the
+    available memory) bounds what those activations may take.
     """
     device = runtime.resolve_device(options.device)
     settings = _settings(options, device)
