@@ -199,14 +199,7 @@ class CsvSource(_Files):
             _check_row(f"manifest {path}, line {line}", label, rec_split)
             label = labels.setdefault(label, label)  # one string per class, however many rows
             rows.append(self._entry(line, rel.strip(), label, rec_split))
-        classes = sorted(labels)
-        index = {c: i for i, c in enumerate(classes)}
-        records, skipped = [], []
-        for rel, label, rec_split, reason in rows:
-            if reason:
-                skipped.append((rec_split, rel, reason))
-            else:
-                records.append(Record(rel, index[label], rec_split))
+        classes, records, skipped = _records_from_scan(rows)
         del rows
         if not records:
             raise DataError(f"manifest {path} lists no images")
@@ -217,15 +210,15 @@ class CsvSource(_Files):
         return Dataset(str(root), classes, records, "csv", skipped, description=description)
 
     def _entry(self, line: int, rel: str, label: str, rec_split: str | None) -> tuple:
-        """``(path, label, split, reason to skip or None)`` of one row."""
+        """``(split, path, label, reason to skip or None)`` of one row, as :func:`_records_from_scan` takes it."""
         if not rel:
             raise DataError(f"manifest {self.path}, line {line}: empty path")
         rel = str(Path(rel)) if os.path.isabs(rel) else os.path.relpath(self.root / rel, self.root)
         rec_split = (rec_split or "train").strip() if rec_split is not None else "train"
         suffix = Path(rel).suffix
         if suffix.lower() not in IMAGE_EXTENSIONS:
-            return rel, label, rec_split, f"not an image file extension ({suffix or 'none'})"
-        return rel, label, rec_split, None
+            return rec_split, rel, label, f"not an image file extension ({suffix or 'none'})"
+        return rec_split, rel, label, None
 
 
 def _check_row(where: str, label: str, split: str | None) -> None:
