@@ -646,8 +646,12 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
 @click.option("--seeds", type=_count, default=1, show_default=True,
               help="Refit the heads whose fit depends on a seed with K seeds and show the mean and spread.")
-@click.option("--calibrate", type=click.Choice(["temperature"]), default=None,
-              help="Fit one temperature per head on the selection split; predict and export apply it.")
+@click.option("--calibrate", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
+              help="Fit one temperature per head on the selection split; predict and export apply it "
+                   "(none: the heads' own probabilities).")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="Add the ensemble of the heads (greedy selection on the selection split, scored by "
+                   "cross-fitting); it ranks first only when no single head is tied with it.")
 @click.option("--features", default="penultimate", show_default=True, metavar="SET",
               help="What heads learn from: penultimate, a layer stored with fc extract --layers, or concat "
                    "(all of them side by side).")
@@ -680,8 +684,8 @@ def fit_head(as_json, **options):
     Heads are selected on val, or by cross-validation on train when there is no val split
     (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
     Every accuracy has a 95% bootstrap interval; heads not significantly worse than the most
-    accurate one are tied, and the lowest log-loss among them (after the temperature, with
-    --calibrate) ranks first. Progress goes to stderr: a bar on a terminal, else a line
+    accurate one are tied, and the lowest log-loss among them (after the temperature) ranks
+    first; the ensemble of the heads ranks first only when none is tied with it. Progress goes to stderr: a bar on a terminal, else a line
     every 30 s. `fc heads` lists the heads.
     """
     from .sweep.stage import fit_head as run_fit_head
@@ -696,6 +700,8 @@ def fit_head(as_json, **options):
     for failure in result.failed:
         click.echo(f"not fitted: {failure['head']}: {failure['error']}", err=True)
     for entry in result.leaderboard:
+        if entry.get("members"):
+            click.echo("ensemble: " + ", ".join(f"{m['weight']:.2f} {m['head']}" for m in entry["members"]))
         if entry.get("reason") and entry["status"] != "pruned":
             click.echo(f"{entry['status']}: {entry['head']}: {entry['reason']}", err=True)
     click.echo(f"best: {result.best}")

@@ -53,8 +53,9 @@ def test_calibrated_probabilities_are_left_alone():
 def test_fit_head_calibrates_every_head_on_val_and_records_it(tmp_path):
     cache = digits_cache(tmp_path / "fc-cache")
     res = featurecache.fit_head(cache, head=("logreg:C=0.01;pre=standardize", "knn:n_neighbors=3"), jobs=1,
-                                calibrate="temperature")
+                                calibrate="temperature", ensemble=False)
     X_val, y_val = store.load_features(cache, "val")[:2]
+    assert [e["head"] for e in res.leaderboard] != ["ensemble"]
     for entry in res.leaderboard:
         cal = entry["calibration"]
         pipeline, head_meta = load_head(res.run_dir, entry["head"])
@@ -69,7 +70,11 @@ def test_fit_head_calibrates_every_head_on_val_and_records_it(tmp_path):
     assert {"test ece", "test ece calibrated", "T"} <= set(columns)
     row = next(r for r in rows if r["head"] == logreg["head"])
     assert row["test ece calibrated"] == f"{logreg['calibration']['metrics']['test']['ece']:.4f}"
-    plain = featurecache.fit_head(cache, head=("logreg:C=0.01;pre=standardize", "knn:n_neighbors=3"), jobs=1)
+    default = featurecache.fit_head(cache, head=("logreg:C=0.01;pre=standardize", "knn:n_neighbors=3"), jobs=1,
+                                    ensemble=False)
+    assert default.reused and default.run_dir == res.run_dir  # calibration is the default
+    plain = featurecache.fit_head(cache, head=("logreg:C=0.01;pre=standardize", "knn:n_neighbors=3"), jobs=1,
+                                  calibrate="none", ensemble=False)
     assert plain.run_dir != res.run_dir and "calibration" not in plain.leaderboard[0]
 
 

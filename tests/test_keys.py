@@ -4,7 +4,8 @@ A cache's key, a run's directory and a fine-tune's folder are hashes of what mad
 user's existing caches and runs are found again only while those hashes stay the same. The
 values below were computed before the stages took options objects, on data whose bytes and
 modification times are fixed; a change that moves one of them silently orphans every cache
-or run of that kind.
+or run of that kind. Runs made with the defaults of earlier versions (no calibration, no
+ensemble) keep their address when those options are given as they were.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PINNED = {
     "run_calibrated_seeds": "mobilenet_v2-images-d430a67aa941f944-59bb4bac63b9",
     "run_concat_views": "mobilenet_v2-images-c27cc26b3aaac104-5979938bc935",
     "finetune": "6ae6edc9f567",
+    "run_default": "mobilenet_v2-images-d430a67aa941f944-a1980620fdc5",  # calibrated, with the ensemble
 }
 HEADS = ["logreg:C=0.1;pre=standardize", "knn:n_neighbors=3"]
 
@@ -53,16 +55,17 @@ def addresses(tmp_path_factory) -> dict:
     root = _fixed(tmp_path / "images")
     plain = fc.extract(str(root), **FAST)
     tricks = fc.extract(str(root), **FAST, layers="features.13", tta="flip", augment_views=2)
-    run = fc.fit_head(plain.cache, head=HEADS, progress=False)
+    run = fc.fit_head(plain.cache, head=HEADS, calibrate="none", ensemble=False, progress=False)
     out = {
         "plain": plain.key,
         "tricks": tricks.key,
         "csv": fc.extract(str(_manifest(tmp_path, root)), **FAST).key,
         "run": Path(run.run_dir).name,
         "run_calibrated_seeds": Path(fc.fit_head(plain.cache, head=HEADS[:1], calibrate="temperature", seeds=2,
-                                                 progress=False).run_dir).name,
-        "run_concat_views": Path(fc.fit_head(tricks.cache, head=HEADS[:1], features="concat",
-                                             progress=False).run_dir).name,
+                                                 ensemble=False, progress=False).run_dir).name,
+        "run_concat_views": Path(fc.fit_head(tricks.cache, head=HEADS[:1], features="concat", calibrate="none",
+                                             ensemble=False, progress=False).run_dir).name,
+        "run_default": Path(fc.fit_head(plain.cache, head=HEADS, progress=False).run_dir).name,
         "finetune": Path(fc.finetune(run.run_dir, epochs=1, batch_size=4, workers=0,
                                      progress=False).output_dir).name,
     }

@@ -32,6 +32,12 @@ ENTRY_KEYS = {"head", "params", "selection_split", "selection_accuracy", "metric
               "rows", "tied", "gap"}
 
 
+def entry_keys(entry: dict) -> set:
+    """The keys of a leaderboard entry of a default (calibrated) sweep: a head's, or the ensemble's."""
+    extra = {"members", "transferable", "ensemble"} if entry["head"] == "ensemble" else set()
+    return ENTRY_KEYS | {"calibration"} | extra
+
+
 def digits_cache(folder: Path, sizes=(("train", 300), ("val", 150), ("test", 150)), name="digits", seed=0,
                  labels=None, tag="digits") -> str:
     """A complete cache of scikit-learn's 8x8 digits (64 features), one row per image."""
@@ -65,9 +71,9 @@ def _without_times(leaderboard):
 def test_val_selection_leaderboard_and_run_layout(cache):
     res = featurecache.fit_head(cache, head=GRID, jobs=1)
     board = res.leaderboard
-    assert len(board) == 2 + 1 + 1 + 4 + 1
+    assert len(board) == 2 + 1 + 1 + 4 + 1 + 1  # the heads of the grid and their ensemble
     assert set(res.to_dict()) == {"run_dir", "best", "leaderboard", "failed"}
-    assert all(set(e) == ENTRY_KEYS for e in board)
+    assert all(set(e) == entry_keys(e) for e in board)
     assert all(e["selection_split"] == "val" and list(e["metrics"]) == ["val", "test", "train"] for e in board)
     assert board == sorted(board, key=selection_key)  # the tied heads first, by log-loss; then by accuracy
     assert res.best == board[0]["head"] and board[0]["selection_accuracy"] > 0.9
@@ -91,12 +97,14 @@ def test_val_selection_leaderboard_and_run_layout(cache):
         folder = run / "heads" / runs.slug(entry["head"])
         head_meta = json.loads((folder / "head.json").read_text())
         assert head_meta["head"] == entry["head"] and head_meta["metrics"] == entry["metrics"]
-        names = {"head.json", "pipeline.skops"} | ({"module.safetensors"} if head_meta["kind"] == "torch" else set())
+        names = {"head.json"} if head_meta["kind"] == "ensemble" else {"head.json", "pipeline.skops"}
+        names |= {"module.safetensors"} if head_meta["kind"] == "torch" else set()
         assert {p.name for p in folder.iterdir()} == names  # no pickle
         for name in names:
             digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
             assert meta["sha256"][f"heads/{folder.name}/{name}"] == digest
-    assert len(meta["sha256"]) == sum(2 + (e["head"].startswith(("linear:", "mlp:"))) for e in board)
+    assert len(meta["sha256"]) == sum(1 if e["head"] == "ensemble" else 2 + e["head"].startswith(("linear:", "mlp:"))
+                                      for e in board)
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert runs.slug("logreg:C=0.1;pre=standardize") == "logreg-C=0.1-pre=standardize"
 
@@ -144,8 +152,9 @@ def test_a_head_that_cannot_fit_these_data_is_reported_and_the_sweep_goes_on(tmp
     res = featurecache.fit_head(cache, head=grid, jobs=1)
     assert {f["head"] for f in res.failed} == {"logreg:C=1;pre=pca:64", "knn:n_neighbors=50"}
     assert all("ValueError" in f["error"] for f in res.failed)
-    assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid"}
-    assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == ["knn-n_neighbors=3", "nearest-centroid"]
+    assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid", "ensemble"}
+    assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == \
+        ["ensemble", "knn-n_neighbors=3", "nearest-centroid"]
     assert runs.load_run(res.run_dir).meta["failed"] == res.failed
     out = run_cli(cli_runner, "fit-head", cache, *(arg for g in grid for arg in ("--head", g)), "--jobs", 1)
     assert out.exit_code == 0
@@ -227,7 +236,7 @@ def test_balanced_class_weight(tmp_path):
     assert plain.run_dir != balanced.run_dir
     weighted = "logreg:C=1;class_weight=balanced;pre=standardize"
     heads = {e["head"]: e for e in balanced.leaderboard}
-    assert set(heads) == {weighted, "knn"}  # knn cannot weight classes
+    assert set(heads) == {weighted, "knn", "ensemble"}  # knn cannot weight classes
     assert heads[weighted]["params"]["class_weight"] == "balanced"
     pipeline, _ = runs.load_head(balanced.run_dir, weighted)
     assert pipeline.named_steps["head"].class_weight == "balanced"
@@ -250,7 +259,7 @@ def test_sweep_file_grid(tmp_path, cache):
                      "nearest-centroid"]
     res = featurecache.fit_head(cache, sweep_file=str(sweep_file), head=("knn",), jobs=1)
     assert {e["head"] for e in res.leaderboard} == {
-        "knn", "logreg:C=0.1;pre=standardize", "logreg:C=1;pre=standardize", "nearest-centroid",
+        "ensemble", "knn", "logreg:C=0.1;pre=standardize", "logreg:C=1;pre=standardize", "nearest-centroid",
         "mlp:batch_norm=true;dropout=0.0;epochs=3;hidden=16", "mlp:batch_norm=true;dropout=0.0;epochs=3;hidden=16x8"}
 
 
@@ -314,7 +323,7 @@ def test_cli_json_is_the_result_object(cache, cli_runner):
     assert set(obj) == {"run_dir", "best", "leaderboard", "failed"} and obj["best"] == obj["leaderboard"][0]["head"]
     assert obj["failed"] == []
     assert [e["head"] for e in obj["leaderboard"]] == [e["head"] for e in runs.load_run(obj["run_dir"]).leaderboard]
-    assert all(set(e) == ENTRY_KEYS for e in obj["leaderboard"])
+    assert all(set(e) == entry_keys(e) for e in obj["leaderboard"])
 
 
 def test_cli_table_heads_and_show(cache, cli_runner):
@@ -437,7 +446,7 @@ def test_a_head_registered_in_one_call_is_swept_saved_listed_and_transferable(ca
                    "description": "Linear discriminant analysis."}
     res = featurecache.fit_head(cache, head=("lda:solver=svd,lsqr;pre=standardize", "knn"), jobs=1)
     assert {e["head"] for e in res.leaderboard} == {"lda:pre=standardize;solver=svd",
-                                                   "lda:pre=standardize;solver=lsqr", "knn"}
+                                                   "lda:pre=standardize;solver=lsqr", "knn", "ensemble"}
     assert runs.best_transferable(res.leaderboard).startswith("lda:")
     pipeline, head_meta = runs.load_head(res.run_dir, "best-transferable")
     assert head_meta["name"] == "lda" and head_meta["transferable"]
@@ -481,7 +490,8 @@ def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch
     monkeypatch.setitem(engine.FITTERS, "warm-path", spy)
     res = featurecache.fit_head(cache, head=("extra-trees:n_estimators=20,10", "knn"), jobs=1)
     assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
-    assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}
+    assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn",
+                                                   "ensemble"}
     assert runs.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
 
 

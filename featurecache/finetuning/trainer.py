@@ -332,7 +332,10 @@ class _Job:
 
     @property
     def head_accuracy(self) -> float:
-        return float(self.head_meta["metrics"][self.split]["accuracy"])
+        """The head's accuracy on the selection split as the network at step 0 reproduces it (an ensemble's
+        score there is cross-fitted: its saved weights' own accuracy is recorded beside it)."""
+        applied = (self.head_meta.get("ensemble") or {}).get("saved_weights_accuracy", {})
+        return float(applied.get(self.split, self.head_meta["metrics"][self.split]["accuracy"]))
 
 
 def _log(message: str) -> None:

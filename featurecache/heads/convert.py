@@ -23,6 +23,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from torch import nn
 
 from ..errors import HeadError
+from .mixture import WeightedMixture
 from .registry import HEADS, head_type, head_type_of
 from .torch_heads import linear_module
 
@@ -174,13 +175,37 @@ def _converter(estimator, head: str | None):
     return htype.to_module
 
 
+class MixtureNet(nn.Module):
+    """A :class:`~featurecache.heads.mixture.WeightedMixture` as one module: its logits are
+    ``log(sum_i w_i * softmax(z_i / T_i))``, whose softmax is the mixture's probabilities."""
+
+    def __init__(self, members: list[nn.Module], weights, temperatures):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("log_weights", torch.log(torch.tensor(weights, dtype=torch.float32)))
+        self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [F.log_softmax(member(x) / self.temperatures[i], dim=1) + self.log_weights[i]
+                 for i, member in enumerate(self.members)]
+        return torch.logsumexp(torch.stack(parts), dim=0)
+
+
+def _mixture_module(mixture: WeightedMixture) -> MixtureNet:
+    members = [to_torch(member, name) for member, name in zip(mixture.members, mixture.names)]
+    return MixtureNet(members, mixture.weights, mixture.temperatures).eval().requires_grad_(True)
+
+
 def to_torch(pipeline, head: str | None = None) -> nn.Module:
     """A trainable ``nn.Module`` (CPU, eval mode) mapping raw features to the logits of a fitted head pipeline.
 
     ``head`` is the name of the pipeline's head type (``logreg``); without it, the
     registered transferable head whose estimators are of the same type is used.
     Raises HeadError for heads that have no exact torch form (trees, neighbours, kernels).
+    A :class:`~featurecache.heads.mixture.WeightedMixture` becomes a :class:`MixtureNet` when every member converts.
     """
+    if isinstance(pipeline, WeightedMixture):
+        return _mixture_module(pipeline)
     pre, estimator = pipeline.named_steps["pre"], pipeline.named_steps["head"]
     module = _converter(estimator, head)(estimator).cpu().eval().requires_grad_(True)
     if pre is None or pre == "passthrough":

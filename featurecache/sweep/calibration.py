@@ -17,18 +17,22 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError, suggest
+from ..heads.mixture import tempered
 from ..metrics import EPS, calibration_metrics
 
 METHODS = ("temperature",)
+NONE = "none"  # what turns calibration off (the default is temperature scaling)
 BOUNDS = (1e-2, 1e2)  # the temperatures searched
 
 
 def check_method(calibrate: str | None) -> str | None:
-    """``calibrate`` if it names a method (or is None), else a UsageError."""
-    if calibrate is None or calibrate in METHODS:
+    """The method ``calibrate`` names (None for ``"none"`` or None: no calibration), else a UsageError."""
+    if calibrate is None or calibrate == NONE:
+        return None
+    if calibrate in METHODS:
         return calibrate
-    raise UsageError(f"unknown calibration {calibrate!r}{suggest(str(calibrate), METHODS)}; "
-                     f"use {', '.join(METHODS)}, or leave it out")
+    raise UsageError(f"unknown calibration {calibrate!r}{suggest(str(calibrate), (*METHODS, NONE))}; "
+                     f"use {', '.join(METHODS)} or {NONE}")
 
 
 def _log_probabilities(proba) -> np.ndarray:
@@ -37,12 +41,7 @@ def _log_probabilities(proba) -> np.ndarray:
 
 def apply_temperature(proba, temperature: float) -> np.ndarray:
     """``softmax(log p / T)`` row by row; ``T = 1`` returns the probabilities as they are."""
-    proba = np.asarray(proba, dtype=np.float64)
-    if temperature == 1.0:
-        return proba
-    from scipy.special import softmax
-
-    return softmax(_log_probabilities(proba) / temperature, axis=1)
+    return tempered(proba, float(temperature))
 
 
 def fit_temperature(proba, y) -> float:

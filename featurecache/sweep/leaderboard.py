@@ -6,7 +6,8 @@ split. :func:`rank` finds the most accurate head on the selection split and mark
 every head that is not significantly worse than it as ``tied`` (a paired bootstrap of
 per-image correctness, :func:`featurecache.metrics.paired_difference`). The tied heads
 come first, the lower log-loss first, then the head type's registered simplicity; the
-others follow by accuracy. The printed table, the CSV and the report read the same entries.
+others follow by accuracy. The ensemble of the heads (:mod:`featurecache.sweep.ensemble`)
+ranks first only when no single head is tied with it: when tied, a single head wins. The printed table, the CSV and the report read the same entries.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ import numpy as np
 from ..heads import HeadConfig, head_type
 from ..metrics import SUMMARY_KEYS, paired_difference
 
+ENSEMBLE = "ensemble"  # the leaderboard entry of the ensemble of a run's heads
+
+
+def is_ensemble(entry: dict) -> bool:
+    return entry.get("head") == ENSEMBLE
+
+
+def simplicity(entry: dict) -> float:
+    """The head type's registered simplicity (lower: simpler); an ensemble is less simple than any head."""
+    return float("inf") if is_ensemble(entry) else head_type(entry["head"].partition(":")[0]).simplicity
+
 
 def rank_key(entry: dict):
     """Accuracy on the selection split, then log-loss, then the head type's registered simplicity.
@@ -24,16 +36,16 @@ def rank_key(entry: dict):
     was calibrated (``--calibrate``), which forgives the overconfidence a temperature removes."""
     split = entry["selection_split"]
     log_loss = calibrated(entry, split).get("log_loss", entry["metrics"][split]["log_loss"])
-    simplicity = head_type(entry["head"].partition(":")[0]).simplicity
-    return (-entry["selection_accuracy"], log_loss, simplicity, entry["head"])
+    return (-entry["selection_accuracy"], log_loss, simplicity(entry), entry["head"])
 
 
 def selection_key(entry: dict):
-    """Heads tied with the most accurate one first, by log-loss then simplicity; then the others by :func:`rank_key`."""
+    """Heads tied with the most accurate one first, by log-loss then simplicity, a tied ensemble after
+    the tied single heads; then the others by :func:`rank_key`."""
     if not entry.get("tied"):
         return (1, *rank_key(entry))
-    accuracy, log_loss, simplicity, spec = rank_key(entry)
-    return (0, log_loss, simplicity, accuracy, spec)
+    accuracy, log_loss, simple, spec = rank_key(entry)
+    return (0, is_ensemble(entry), log_loss, simple, accuracy, spec)
 
 
 def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, status: str = "fitted",
@@ -127,8 +139,10 @@ def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
         return f"; no other head is tied with the most accurate one, {top}, on {chosen}"
     heads = "1 other head is" if tied == 1 else f"{tied} other heads are"
     after = " after temperature scaling" if leaderboard[0].get("calibration") else ""
+    ensemble = " (an ensemble only when no single head is tied with it)" \
+        if any(is_ensemble(e) for e in leaderboard) else ""
     return (f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): "
-            f"the lowest log-loss{after} among them ranks first")
+            f"the lowest log-loss{after} among them ranks first{ensemble}")
 
 
 def selection_note(selection_split: str, final_split: str, cv: int | None = None,

@@ -34,7 +34,8 @@ import numpy as np
 from .. import files, store
 from ..errors import RunError, suggest
 from ..heads import HEADS, HeadConfig, head_type, load_head_files, transferable_heads
-from .leaderboard import csv_rows
+from ..heads.mixture import WeightedMixture
+from .leaderboard import ENSEMBLE, csv_rows, is_ensemble
 
 RUNS = "runs"
 RUN_FILE = "run.json"
@@ -101,6 +102,17 @@ def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict, record
     return {p.relative_to(run_dir).as_posix(): files.sha256_file(p) for p in sorted(folder.iterdir())}
 
 
+def _write_ensemble(run_dir: Path, entry: dict) -> dict:
+    """The ensemble's folder: its ``head.json`` alone (members and weights; the members are the run's heads)."""
+    folder = run_dir / "heads" / ENSEMBLE
+    folder.mkdir(parents=True)
+    head_meta = {"head": ENSEMBLE, "name": ENSEMBLE, "kind": ENSEMBLE, "pre": None, "class_weight": None,
+                 **{k: entry[k] for k in ("params", "members", "transferable", "ensemble", "metrics", "selection_split",
+                                          "fit_seconds", "status", "reason", "rows", "calibration") if k in entry}}
+    files.write_json(folder / HEAD_FILE, head_meta)
+    return {(folder / HEAD_FILE).relative_to(run_dir).as_posix(): files.sha256_file(folder / HEAD_FILE)}
+
+
 RUN_FILES = (RUN_FILE, "leaderboard.json", "leaderboard.csv", "best", "heads")  # what write_run writes
 
 
@@ -115,7 +127,8 @@ def write_run(run_dir: Path, meta: dict, entries: list[dict], dumped: dict) -> N
         with files.atomic_dir(run_dir) as tmp:
             sha256 = {}
             for entry in entries:
-                sha256.update(_write_head(tmp, entry, *dumped[entry["head"]]))
+                sha256.update(_write_ensemble(tmp, entry) if is_ensemble(entry)
+                              else _write_head(tmp, entry, *dumped[entry["head"]]))
             files.write_json(tmp / "leaderboard.json", entries)
             (tmp / "leaderboard.csv").write_text(_csv_text(csv_rows(entries)))
             (tmp / "best").write_text(slug(meta["best"]) + "\n")
@@ -267,10 +280,10 @@ def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
 
 
 def best_transferable(leaderboard: list[dict]) -> str | None:
-    """The best-ranked head of a leaderboard that converts exactly to a torch module."""
+    """The best-ranked head of a leaderboard that converts exactly to a torch module (an ensemble of such heads too)."""
     for entry in leaderboard:
         htype = HEADS.get(entry["head"].partition(":")[0])
-        if htype is not None and htype.transferable:
+        if entry.get("transferable") if is_ensemble(entry) else (htype is not None and htype.transferable):
             return entry["head"]
     return None
 
@@ -335,6 +348,21 @@ def load_head(run: str | os.PathLike, head: str = "best", cache_dir: str | os.Pa
         return _load_pickle(loaded, folder, trust), json.loads((folder / HEAD_FILE).read_text())
     _check_files(loaded, folder)
     head_meta = json.loads((folder / HEAD_FILE).read_text())
+    if head_meta.get("kind") == ENSEMBLE:
+        return _load_mixture(loaded, head_meta), head_meta
     return load_head_files(folder, head_meta), head_meta
+
+
+def _load_mixture(loaded: Run, head_meta: dict) -> WeightedMixture:
+    """The ensemble of ``head.json`` from the run's own head folders, each checked as :func:`load_head` checks it."""
+    members, names = [], []
+    for member in head_meta["members"]:
+        folder = _head_folder(loaded, member["head"])
+        _check_files(loaded, folder)
+        meta = json.loads((folder / HEAD_FILE).read_text())
+        members.append(load_head_files(folder, meta))
+        names.append(meta["name"])
+    return WeightedMixture(members, [m["weight"] for m in head_meta["members"]],
+                           [m["temperature"] for m in head_meta["members"]], names)
 
 

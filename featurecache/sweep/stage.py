@@ -675,7 +675,7 @@ class SweepOptions:
     """Every option of :func:`fit_head`, as given: the one object the stage hands down.
 
     What is fitted (``head``, ``sweep_file``, ``class_weight``, ``features``, ``views``, ``exclude``), how heads are
-    chosen (``seed``, ``cv``, ``seeds``, ``calibrate``), how much it may cost (``budget``, ``halving``,
+    chosen (``seed``, ``cv``, ``seeds``, ``calibrate``, ``ensemble``), how much it may cost (``budget``, ``halving``,
     ``max_memory``), where the fits run (``jobs``, ``device``, ``backend``, ``scheduler``) and where the
     cache is (``cache``, ``cache_dir``).
     """
@@ -695,7 +695,8 @@ class SweepOptions:
     scheduler: str | None = None
     cache_dir: str | None = None
     seeds: int = 1
-    calibrate: str | None = None
+    calibrate: str | None = "temperature"
+    ensemble: bool = True
     features: str = "penultimate"
     views: bool | None = None
     exclude: str | None = None
@@ -712,8 +713,10 @@ def fit_head(options: SweepOptions) -> SweepResult:
     after another. Selection is on ``val`` when the cache has it, else ``cv``-fold stratified
     cross-validation on ``train`` (above 4,000 training rows: a stratified ``holdout`` of train).
     ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
-    heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` fits
-    one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`).
+    heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` (the default;
+    ``"none"`` or None: off) fits one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`); ``ensemble`` adds
+    the ensemble of the heads, scored honestly and selected only when no single head ties it
+    (:mod:`featurecache.sweep.ensemble`).
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored. ``exclude``: a file of paths (``fc audit --list``)
@@ -729,7 +732,7 @@ def fit_head(options: SweepOptions) -> SweepResult:
     (or $FC_DASK_SCHEDULER). The same inputs give the same leaderboard and the saved run.
     """
     started = time.perf_counter()
-    post = post_options(options.seeds, options.calibrate)  # checked before any fit; part of the run's address
+    post = post_options(options.seeds, options.calibrate, options.ensemble)  # checked first; part of the address
     plan = _plan(options, post)
     reused = _reused(plan, started)
     if reused is not None:
@@ -738,7 +741,7 @@ def fit_head(options: SweepOptions) -> SweepResult:
     outcome, labels = _run_sweep(plan, data, options, started)
     entries = _rank(plan, labels, outcome, outcome.files)
     entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
-                        options.device, options.progress)
+                        options.device, options.progress, plan.classes)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
