@@ -15,6 +15,7 @@ from test_sweep import digits_cache
 import featurecache
 from featurecache.errors import UsageError
 from featurecache.pipeline import run as pipeline
+from featurecache.reporting.compare import family_of
 from featurecache.reporting.listing import list_runs
 from featurecache.sweep.leaderboard import with_interval
 
@@ -55,12 +56,12 @@ def test_compare_writes_one_table_of_backbone_by_head_family(two_runs):
     assert path.name == "comparison.html" and path.parent.parent == folder / "comparisons"
     md = (path.parent / "comparison.md").read_text()
     table = md.split("## Backbone × head family")[1].split("## ")[0]
-    assert "| backbone | weights | run | extract s | fit s | linear | neighbors | best head |" in table
+    assert "| backbone | weights | run | extract s | fit s | linear | neighbors | ensemble | best head |" in table
     for run, name in zip(runs, ("alpha", "beta")):
         first = {}
         for entry in run.leaderboard:
-            first.setdefault("linear" if entry["head"].startswith("logreg") else "neighbors", entry)
-        cells = [with_interval(first[f]["metrics"]["test"]) for f in ("linear", "neighbors")]
+            first.setdefault(family_of(entry["head"]), entry)
+        cells = [with_interval(first[f]["metrics"]["test"]) for f in ("linear", "neighbors", "ensemble")]
         assert re.search(rf"\| {name} \| none \| {Path(run.run_dir).name} \|  \| [\d.]+ \| "
                          rf"{re.escape(' | '.join(cells))} \| {re.escape(run.best)} \|", table), table
     assert "test accuracy with its 95% bootstrap interval" in md and "held out from selection" in md

@@ -73,8 +73,6 @@ def test_on_random_labels_the_ensembles_score_stays_near_chance(random_label_cac
     # 400 val rows, 10 classes: chance is 0.10, and 0.16 is four standard errors above it
     assert entry["selection_accuracy"] < 0.16
     assert entry["metrics"]["test"]["accuracy"] < 0.16
-    # the weights scored on the rows that chose them would look better than the honest score
-    assert entry["ensemble"]["saved_weights_accuracy"]["val"] > entry["selection_accuracy"]
     assert run.best != "ensemble"
 
 

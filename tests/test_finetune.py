@@ -271,7 +271,7 @@ def test_safetensors_weights_round_trip_and_a_changed_file_is_refused(tmp_path, 
     assert info == {k: scripted_info[k] for k in ("classes", "preprocess")}
     parts = model.assemble(run_dir, result.head)
     parts.network.load_state_dict(best)
-    in_memory = model.Exported(parts.network, parts.backbone.preprocess).eval()
+    in_memory = model.Exported(parts.network, parts.backbone.preprocess, scripted_info["temperature"]).eval()
     batch = split_batch(cache, "test", Preprocess(**info["preprocess"]))
     with torch.inference_mode():
         a, b, c = (m(batch).numpy() for m in (from_weights, scripted, in_memory))

@@ -67,7 +67,9 @@ def test_run_end_to_end_then_every_stage_is_looked_up(tmp_path):
     assert list(stages) == ["extract", "fit-head", "report"]
     assert stages["extract"]["reused"] is False
     assert Path(stages["extract"]["cache"]).parent == tmp_path / "cache"
-    assert {e["head"] for e in stages["fit-head"]["leaderboard"]} == {"logreg:C=1", "knn:n_neighbors=3"}
+    board = stages["fit-head"]["leaderboard"]
+    # the grid, the ensemble, and the transferable form of a selected head that cannot become a layer
+    assert {e["head"] for e in board if "transfer_of" not in e} == {"logreg:C=1", "knn:n_neighbors=3", "ensemble"}
     report = Path(stages["report"])
     assert report.is_file() and report.parent == Path(stages["fit-head"]["run_dir"]) / "report"
     before = _files(tmp_path / "cache")

@@ -78,19 +78,22 @@ def test_halving_keeps_every_head_with_its_status_and_rows(tmp_path, many_rows):
     board = res.leaderboard
     meta = runs.load_run(res.run_dir).meta
     assert meta["rungs"] == [{"rows": 133, "heads": 8}, {"rows": 400, "heads": 3}, {"rows": 1200, "heads": 2}]
-    assert len(board) == 8 and not res.failed  # none silently dropped
+    assert len(board) == 8 + 1 and not res.failed  # none silently dropped; the ensemble of the fitted heads
     by_status = {s: [e for e in board if e["status"] == s] for s in ("fitted", "pruned")}
-    assert len(by_status["fitted"]) == 2 and len(by_status["pruned"]) == 6
+    assert len(by_status["fitted"]) == 2 + 1 and len(by_status["pruned"]) == 6
+    (ensemble,) = [e for e in board if e["head"] == "ensemble"]
+    assert set(ensemble["params"]["members"]) <= {e["head"] for e in by_status["fitted"]}  # never a pruned head
     assert all(e["rows"] == 1200 and e["reason"] == "" for e in by_status["fitted"])
     assert sorted(e["rows"] for e in by_status["pruned"]) == [133] * 5 + [400]
     assert all(e["reason"].startswith("pruned after rung ") for e in by_status["pruned"])
-    assert [e["status"] for e in board] == ["fitted"] * 2 + ["pruned"] * 6  # pruned heads rank last
+    assert [e["status"] for e in board] == ["fitted"] * 3 + ["pruned"] * 6  # pruned heads rank last
     assert res.best == board[0]["head"] and board[0]["selection_accuracy"] > 0.9
     for entry in board:  # every head is saved and reproduces its numbers
         pipeline, head_meta = runs.load_head(res.run_dir, entry["head"])
         assert head_meta["status"] == entry["status"] and head_meta["rows"] == entry["rows"]
         X, y, _ = store.load_features(cache, "val")
-        assert float((pipeline.predict(X) == y).mean()) == entry["selection_accuracy"]
+        scored = (entry.get("ensemble") or {}).get("saved_weights_accuracy", {}).get("val", entry["selection_accuracy"])
+        assert float((pipeline.predict(X) == y).mean()) == scored  # an ensemble's own score is cross-fitted
 
 
 def test_a_holdout_selects_when_there_is_no_val_split(tmp_path, many_rows):

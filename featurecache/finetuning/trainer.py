@@ -52,6 +52,7 @@ from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
 from ..sweep.calibration import fit_temperature
+from ..sweep.runs import start_note
 from . import activations
 from .blocks import named_blocks
 from .network import (
@@ -644,6 +645,9 @@ def _run(job: _Job, resume: bool) -> FinetuneResult:
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
     state, resumed_from = _begin(trainer, resume)
     if job.progress:
+        note = start_note(job.loaded.leaderboard, job.head_meta["head"])
+        if note is not None:
+            _log(note)
         _log(f"{job.head_meta['head']}: head {job.head_accuracy:.4f}, step 0 {state.start_accuracy:.4f} on {job.split}")
     stopped_early = _train(trainer, state)
     result = _finish(job, trainer, state, stopped_early)

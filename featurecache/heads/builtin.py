@@ -17,7 +17,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
 
 from .chunked import centroid_chunks, sgd_chunks, torch_chunks
-from .convert import decision_softmax_module, kernel_map_module, logreg_module, torch_module
+from .convert import centroid_module, decision_softmax_module, kernel_map_module, logreg_module, torch_module
 from .registry import HeadConfig, head_type, register_head, type_name
 from .sklearn_heads import DecisionSoftmaxClassifier, KernelMapClassifier, SoftmaxNearestCentroid
 from .torch_heads import TorchLinearClassifier, TorchMLPClassifier
@@ -51,6 +51,17 @@ def _kernel_map(cfg, shrink):
     params = {"C": 10 * float(cfg.params.get("C", 1.0)), "n_components": 2000,
               **{k: v for k, v in cfg.params.items() if k == "gamma"}}
     return HeadConfig("rbf-map", params, cfg.pre, cfg.class_weight)
+
+
+def _kernel_map_layer(cfg):
+    """The RBF SVM's transferable form: its kernel map at full size (see :func:`_kernel_map`)."""
+    return _kernel_map(cfg, 1.0)
+
+
+def _prototypes(cfg):
+    """k nearest neighbours' transferable form: the nearest class prototype (mean), after the same preprocessing
+    (``l2``: the cosine similarity to the class means)."""
+    return HeadConfig("nearest-centroid", {}, cfg.pre, None)
 
 
 def _smaller_forest(cfg, shrink):
@@ -97,6 +108,7 @@ def _ridge(*, alpha=1.0, class_weight=None):
 
 
 @register_head("svm", family="kernel", simplicity=3, learning_curve=0.3, cost=2, growth=2.0, stand_in=_kernel_map,
+               transfer=_kernel_map_layer,
                trusted=["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"])
 def _svm(*, C=1.0, gamma="scale", class_weight=None, random_state=None):
     """RBF SVM; probabilities: Platt scaling on 5 folds, then one SVC on all rows."""
@@ -130,13 +142,14 @@ _NEIGHBOR_TYPES = ["sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball
                      ("Euclidean", "Manhattan", "Chebyshev", "Minkowski"))]
 
 
-@register_head("knn", family="neighbors", simplicity=2, learning_curve=0.2, trusted=_NEIGHBOR_TYPES)
+@register_head("knn", family="neighbors", simplicity=2, learning_curve=0.2, trusted=_NEIGHBOR_TYPES,
+               transfer=_prototypes)
 def _knn(*, n_neighbors=5, weights="uniform", metric="euclidean"):
     """k nearest neighbours; probabilities: the (weighted) vote shares."""
     return KNeighborsClassifier(n_neighbors=n_neighbors, weights=weights, metric=metric)
 
 
-@register_head("nearest-centroid", family="neighbors", simplicity=0, learning_curve=0.0,
+@register_head("nearest-centroid", family="neighbors", simplicity=0, learning_curve=0.0, to_module=centroid_module,
                trusted=[type_name(SoftmaxNearestCentroid)], chunked=centroid_chunks)
 def _nearest_centroid(*, shrink_threshold=None):
     """Nearest (shrunken) centroid; probabilities: softmax of minus squared distances."""

@@ -62,6 +62,15 @@ def decision_softmax_module(head) -> nn.Linear:
     return coef_module(head.estimator_)
 
 
+def centroid_module(head) -> nn.Linear:
+    """A :class:`~featurecache.heads.sklearn_heads.SoftmaxNearestCentroid` as ``nn.Linear``: minus the squared
+    distance to centroid c is ``2 x.c - |c|^2 - |x|^2``, and the last term, the same for every class, leaves the
+    softmax unchanged."""
+    centroids = np.asarray(head.centroids_, dtype=np.float64)
+    weight, bias = 2.0 * centroids, -(centroids * centroids).sum(axis=1)
+    return linear_module(torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
+
+
 def torch_module(head) -> nn.Module:
     """A torch head's own trained module (a copy)."""
     return copy.deepcopy(head.module_)

@@ -74,6 +74,11 @@ class HeadType:
     a config of the same inductive bias that costs about ``shrink`` (< 1) times as
     much, or None; and ``chunked(pipeline, chunks)`` fits the head from row chunks
     (:mod:`featurecache.heads.chunked`) when the features do not fit in memory.
+
+    For stage three: ``transfer(cfg)`` returns the config of a transferable head of the same
+    inductive bias (an RBF SVM: an RBF kernel map; k nearest neighbours: the class prototypes),
+    which the sweep fits beside a selected head that cannot become a layer, so that fine-tuning
+    can start from it.
     """
 
     name: str
@@ -92,6 +97,7 @@ class HeadType:
     learning_curve: float = 0.15
     stand_in: Callable | None = None
     chunked: Callable | None = None
+    transfer: Callable | None = None
 
     @property
     def transferable(self) -> bool:
@@ -143,7 +149,8 @@ def _check_registration(name: str, kind: str, defaults: dict, warm_path: str | N
 def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None, *, family: str,
                   kind: str = "sklearn", simplicity: int = UNRANKED, cost: int = 1, warm_path: str | None = None,
                   to_module: Callable | None = None, trusted=(), growth: float = 1.0, learning_curve: float = 0.15,
-                  stand_in: Callable | None = None, chunked: Callable | None = None):
+                  stand_in: Callable | None = None, chunked: Callable | None = None,
+                  transfer: Callable | None = None):
     """Register a head under ``name``: everything about it in one call. Returns its :class:`HeadType`.
 
     ``factory`` takes the head's parameters as keyword arguments with defaults (those a
@@ -155,7 +162,7 @@ def register_head(name: str, factory: Callable[..., BaseEstimator] | None = None
     """
     facts = dict(family=family, kind=kind, simplicity=simplicity, cost=cost, warm_path=warm_path,
                  to_module=to_module, trusted=tuple(trusted), growth=growth, learning_curve=learning_curve,
-                 stand_in=stand_in, chunked=chunked)
+                 stand_in=stand_in, chunked=chunked, transfer=transfer)
     if factory is None:
         def decorate(function):
             register_head(name, function, **facts)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__, files, store
 from ..errors import HeadError, UsageError
-from ..sweep.leaderboard import with_interval
+from ..sweep.leaderboard import ENSEMBLE, with_interval
 from ..sweep.runs import RUN_FILE, resolve_run
 from .document import Chart, interval_chart, up_to_date, write_document
 from .listing import read_run, run_row, weights_name
@@ -31,9 +31,12 @@ OTHER = "other"  # the family of a head this process does not know
 
 
 def family_of(spec: str) -> str:
-    """The registry's family of a head spec (``other`` for a head this process does not know)."""
+    """The registry's family of a head spec (``ensemble`` for the ensemble, ``other`` for a head this process
+    does not know)."""
     from ..heads import head_type
 
+    if spec == ENSEMBLE:
+        return ENSEMBLE
     try:
         return head_type(spec.partition(":")[0]).family
     except HeadError:

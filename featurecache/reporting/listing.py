@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import files, store
 from ..errors import FeatureCacheWarning
-from ..sweep.leaderboard import tied_count
+from ..sweep.leaderboard import is_ensemble, tied_count
 from ..sweep.runs import RUN_FILE, RUNS
 
 
@@ -42,7 +42,7 @@ def run_row(run_dir: Path, meta: dict, leaderboard: list[dict]) -> dict:
         "selection_accuracy_ci": best["metrics"][selection].get("accuracy_ci"),
         "final_split": final, "final_accuracy": best["metrics"][final]["accuracy"],
         "final_accuracy_ci": best["metrics"][final].get("accuracy_ci"),
-        "tied": tied_count(leaderboard), "heads": len(leaderboard),
+        "tied": tied_count(leaderboard), "heads": sum(not is_ensemble(e) for e in leaderboard),
         "extract_seconds": config.get("seconds"), "fit_seconds": meta.get("seconds"), "created": meta.get("created"),
     }
 

@@ -275,8 +275,18 @@ def _summary_lines(run, head_meta: dict, finetunes: list[dict], cache_info: dict
         + f" of {len(run.leaderboard)} heads; 95% bootstrap interval)",
         _sentence(selection_note(meta["selection_split"], final_split, meta.get("cv"), run.leaderboard)),
         *_calibration_line(head_meta, final_split),
+        *_ensemble_line(head_meta),
     ]
     return lines + [_finetune_line(ft, final_split) for ft in finetunes] + _audit_lines(meta)
+
+
+def _ensemble_line(head_meta: dict) -> list[str]:
+    """The members and weights of an ensemble, and how its selection score was computed."""
+    if not head_meta.get("members"):
+        return []
+    members = ", ".join(f"{m['weight']:.2f} {m['head']}" for m in head_meta["members"])
+    return [f"Ensemble of {len(head_meta['members'])} heads: {members}; its selection score comes from "
+            f"{head_meta['ensemble']['scored']}"]
 
 
 def _audit_lines(meta: dict) -> list[str]:

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from ..heads import HEADS
+from ..heads import head_type
 from ..heads.mixture import mix
 from ..metrics import EPS, classification_metrics
 from .calibration import calibrate_entries
@@ -103,9 +103,10 @@ def _entry(members: list[dict], weights: np.ndarray, probas: dict, labels: dict,
     used = [(m, w) for m, w in zip(members, weights) if w > 0]
     return {"head": ENSEMBLE, "params": {"members": {m["head"]: round(float(w), 4) for m, w in used}},
             "members": [{"head": m["head"], "weight": float(w), "temperature": _temperature(m)} for m, w in used],
-            "transferable": all(HEADS[m["head"].partition(":")[0]].transferable for m, _ in used),
+            "transferable": all(head_type(m["head"].partition(":")[0]).transferable for m, _ in used),
             "selection_split": split, "selection_accuracy": metrics[split]["accuracy"], "metrics": metrics,
-            "fit_seconds": round(seconds, 4), "status": "fitted", "reason": "", "rows": None,
+            "fit_seconds": round(seconds, 4), "status": "fitted", "reason": "",
+            "rows": max((m["rows"] for m, _ in used if m.get("rows")), default=None),  # what its members learnt from
             "ensemble": {"method": METHOD, "scored": SCORED}}
 
 

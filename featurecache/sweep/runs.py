@@ -279,13 +279,42 @@ def load_run(run: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
     return loaded
 
 
+def _can_become_layer(entry: dict) -> bool:
+    if is_ensemble(entry):
+        return bool(entry.get("transferable"))
+    htype = HEADS.get(entry["head"].partition(":")[0])
+    return htype is not None and htype.transferable
+
+
 def best_transferable(leaderboard: list[dict]) -> str | None:
-    """The best-ranked head of a leaderboard that converts exactly to a torch module (an ensemble of such heads too)."""
+    """The entry stage three starts from: the selected (first) entry when it can become a layer (an ensemble
+    of such heads too); else its transferable form when the sweep fitted one and it is tied with the selected
+    entry on the selection split; else the best-ranked entry that can become a layer (None: none can)."""
+    if leaderboard and _can_become_layer(leaderboard[0]):
+        return leaderboard[0]["head"]
     for entry in leaderboard:
-        htype = HEADS.get(entry["head"].partition(":")[0])
-        if entry.get("transferable") if is_ensemble(entry) else (htype is not None and htype.transferable):
+        form = entry.get("transfer_of")
+        if form and form["head"] == leaderboard[0]["head"] and form["tied"]:
             return entry["head"]
-    return None
+    return next((entry["head"] for entry in leaderboard if _can_become_layer(entry)), None)
+
+
+def start_note(leaderboard: list[dict], head: str) -> str | None:
+    """Why stage three starts from ``head`` rather than the selected entry, and how far it is from it on the
+    selection split (None when it starts from the selected entry)."""
+    selected = leaderboard[0]
+    if head == selected["head"]:
+        return None
+    entry = next(e for e in leaderboard if e["head"] == head)
+    split = selected["selection_split"]
+    form = entry.get("transfer_of") or {}
+    if form.get("head") == selected["head"]:
+        how = f"its transferable form {head}, tied with it on {split}"
+    else:
+        how = f"the best entry that can, {head}"
+    difference = selected["selection_accuracy"] - entry["selection_accuracy"]
+    return (f"the selected entry {selected['head']} cannot become a layer of the network: fine-tuning starts from "
+            f"{how} ({difference * 100:+.2f} points below it on {split})")
 
 
 def _head_folder(loaded: Run, head: str) -> Path:

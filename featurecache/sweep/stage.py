@@ -21,6 +21,7 @@ heads along their registered warm path start from their neighbour's solution.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -37,7 +38,7 @@ from ..errors import FeatureCacheWarning, HeadError, UsageError
 from ..heads import HEADS, HeadConfig, head_type
 from ..heads.chunked import can_learn_from_chunks
 from ..heads.grids import build_grid
-from ..metrics import classification_metrics
+from ..metrics import classification_metrics, paired_difference
 from ..progress import LOG_EVERY, Progress
 from ..stages import takes
 from . import engine
@@ -631,6 +632,42 @@ def _rank(plan: _Plan, labels: dict, outcome: _Outcome, specs) -> list[dict]:
     return rank(entries, outcome.probas, labels)
 
 
+def _transfer_config(entries: list[dict], outcome: _Outcome) -> HeadConfig | None:
+    """The transferable form of the selected head (its registry ``transfer``) when that head cannot become a
+    layer and the sweep has not fitted the form; else None."""
+    cfg = outcome.files[entries[0]["head"]][0]
+    htype = head_type(cfg.name)
+    form = htype.transfer(cfg) if htype.transfer is not None and not htype.transferable else None
+    return None if form is None or form.spec in outcome.files else form
+
+
+def _with_transfer(plan: _Plan, data: engine.SweepData, options: SweepOptions, outcome: _Outcome, labels: dict,
+                   entries: list[dict]) -> list[dict]:
+    """``entries`` with the transferable form of a selected head that cannot become a layer, fitted on the same
+    rows and ranked with the others, so that stage three can start from it (:func:`featurecache.sweep.runs.
+    best_transferable`); its entry's ``transfer_of`` names the head and its paired difference to it."""
+    form = _transfer_config(entries, outcome)
+    if form is None:
+        return entries
+    selected = entries[0]["head"]
+    try:
+        extra, _ = _run_sweep(dataclasses.replace(plan, configs=[form]), data, options, time.perf_counter())
+    except HeadError as exc:
+        outcome.failed[form.spec] = str(exc)
+        return entries
+    for name in ("seconds", "probas", "files", "status"):
+        getattr(outcome, name).update(getattr(extra, name))
+    outcome.failed.update(extra.failed)
+    entries = _rank(plan, labels, outcome, outcome.files)
+    split = plan.selection
+    right = {spec: outcome.probas[spec][split].argmax(axis=1) == labels[split] for spec in (selected, form.spec)}
+    gap = paired_difference(right[selected], right[form.spec])
+    entry = next(e for e in entries if e["head"] == form.spec)
+    entry["transfer_of"] = {"head": selected, **gap, "tied": bool(gap["ci"][0] <= 0)}
+    entry["reason"] = f"the transferable form of {selected}, which cannot become a layer: fitted for fc finetune"
+    return entries
+
+
 def _post_data(plan: _Plan, data: engine.SweepData, labels: dict) -> dict:
     """``name -> (features, labels)`` for :func:`featurecache.sweep.postpass.post_pass`: every split's rows
     up to 4,000 training rows, where ``seeds`` may refit heads; above, the labels of every evaluation
@@ -739,7 +776,7 @@ def fit_head(options: SweepOptions) -> SweepResult:
         return reused
     data = _read_data(plan)
     outcome, labels = _run_sweep(plan, data, options, started)
-    entries = _rank(plan, labels, outcome, outcome.files)
+    entries = _with_transfer(plan, data, options, outcome, labels, _rank(plan, labels, outcome, outcome.files))
     entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
                         options.device, options.progress, plan.classes)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
