@@ -28,7 +28,7 @@ test accuracy and its difference to ``most-accurate`` over the pooled test image
 95% paired bootstrap interval (a rule is better only where the interval is above 0).
 
     python bench/selection.py [--data hymenoptera,fashion-mnist] [--sizes 1000,4000] [--split-seeds 0,1,2]
-    python bench/selection.py --data fashion-mnist --defaults
+    python bench/selection.py --data fashion-mnist --defaults --sizes '' [--work-dir DIR]
 """
 
 from __future__ import annotations
@@ -148,8 +148,9 @@ def fashion(tmp: Path, args) -> list[dict]:
     print(f"Fashion-MNIST --limit {args.limit}: extract {time.perf_counter() - started:.1f} s", flush=True)
     if args.defaults:
         defaults(source, cache_dir)
+    sizes = [int(size) for size in args.sizes.split(",") if size]
     return [_sweep(f"Fashion-MNIST {size} rows, seed {seed}", subset_cache(source, tmp, size, seed), cache_dir)
-            for size in map(int, args.sizes.split(",")) for seed in map(int, args.split_seeds.split(","))]
+            for size in sizes for seed in map(int, args.split_seeds.split(","))]
 
 
 def defaults(cache: str, cache_dir: str) -> None:
@@ -194,10 +195,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,4000", help="Fashion-MNIST: train + val rows of each data set.")
     parser.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST: train images extracted.")
     parser.add_argument("--defaults", action="store_true", help="Fashion-MNIST: also the default sweep on --limit rows.")
+    parser.add_argument("--work-dir", default=None,
+                        help="Keep the caches and runs here (default: a temporary folder, removed at the end).")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fc-selection-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fc-selection-") as scratch:
+        tmp = Path(args.work_dir or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         groups = {"hymenoptera": hymenoptera, "fashion-mnist": fashion}
-        results = {name: groups[name](Path(tmp), args) for name in args.data.split(",")}
+        results = {name: groups[name](tmp, args) for name in args.data.split(",")}
         for name, rows in results.items():
             if rows:
                 pooled(name, rows)

@@ -693,7 +693,9 @@ def fit_head(as_json, **options):
     result = call_stage(run_fit_head, as_json, options, progress=True)
     if result is None:
         return
-    state = "reused" if result.reused else f"{len(result.leaderboard)} heads in {result.seconds:.1f} s"
+    singles = sum(e["head"] != "ensemble" for e in result.leaderboard)
+    fitted = f"{singles} heads" + (" and their ensemble" if singles < len(result.leaderboard) else "")
+    state = "reused" if result.reused else f"{fitted} in {result.seconds:.1f} s"
     click.echo(f"{result.run_dir}  (run id {_run_id(result.run_dir)}; {state})")
     cv = options["cv"] if result.selection_split == "cv" else None
     _echo_leaderboard(result.leaderboard, result.selection_split, result.final_split, cv)
