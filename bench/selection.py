@@ -168,7 +168,8 @@ def defaults(cache: str, cache_dir: str) -> None:
         return f"{e['head']} {e['metrics']['test']['accuracy']:.4f} {e['metrics']['test']['accuracy_ci']}"
 
     print(f"defaults: sweep {seconds:.1f} s on {result.selection_split}; selected {best['head']}: test "
-          f"{acc['accuracy']:.4f} {acc['accuracy_ci']}, ECE {ece:.4f}, {tied_count(result.leaderboard)} tied", flush=True)
+          f"{acc['accuracy']:.4f} {acc['accuracy_ci']}, ECE {ece:.4f}, {tied_count(result.leaderboard)} tied",
+          flush=True)
     print(f"  without the ensemble: {cell(single)}")
     if ensemble is not None:
         members = ", ".join(f"{m['weight']:.2f} {m['head']}" for m in ensemble["members"])
@@ -194,7 +195,8 @@ def main() -> None:
     parser.add_argument("--split-seeds", default="0,1,2")
     parser.add_argument("--sizes", default="1000,4000", help="Fashion-MNIST: train + val rows of each data set.")
     parser.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST: train images extracted.")
-    parser.add_argument("--defaults", action="store_true", help="Fashion-MNIST: also the default sweep on --limit rows.")
+    parser.add_argument("--defaults", action="store_true",
+                        help="Fashion-MNIST: also the default sweep on --limit rows.")
     parser.add_argument("--work-dir", default=None,
                         help="Keep the caches and runs here (default: a temporary folder, removed at the end).")
     args = parser.parse_args()

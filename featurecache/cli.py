@@ -685,8 +685,8 @@ def fit_head(as_json, **options):
     (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
     Every accuracy has a 95% bootstrap interval; heads not significantly worse than the most
     accurate one are tied, and the lowest log-loss among them (after the temperature) ranks
-    first; the ensemble of the heads ranks first only when none is tied with it. Progress goes to stderr: a bar on a terminal, else a line
-    every 30 s. `fc heads` lists the heads.
+    first; the ensemble of the heads ranks first only when none is tied with it. Progress goes
+    to stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
     """
     from .sweep.stage import fit_head as run_fit_head
 

@@ -172,8 +172,9 @@ def test_a_stage_takes_exactly_the_fields_of_its_options(name):
 
 def test_no_file_holds_the_markers_of_an_unresolved_merge():
     repo = PACKAGE.parent
-    tracked = [p for folder in ("featurecache", "docs", "tests", "bench", "pipelines") for p in (repo / folder).rglob("*")
-               if p.suffix in {".py", ".md", ".toml", ".txt"}]
+    folders = ("featurecache", "docs", "tests", "bench", "pipelines")
+    suffixes = {".py", ".md", ".toml", ".txt"}
+    tracked = [p for folder in folders for p in (repo / folder).rglob("*") if p.suffix in suffixes]
     tracked += [repo / name for name in ("README.md", "Makefile", "pyproject.toml")]
     bad = [f"{p.relative_to(repo)}:{i}" for p in tracked for i, line in enumerate(p.read_text().splitlines(), 1)
            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]

@@ -110,7 +110,8 @@ def test_fit_head_marks_ties_and_keeps_the_run_deterministic(cache, cli_runner):
     assert board[:len(tied)] == tied and tied[0]["head"] == res.best
     singles = [e for e in tied if e["head"] != "ensemble"]  # a tied ensemble comes after the tied single heads
     assert tied[:len(singles)] == singles
-    assert [calibrated(e, "val")["log_loss"] for e in singles] == sorted(calibrated(e, "val")["log_loss"] for e in singles)
+    losses = [calibrated(e, "val")["log_loss"] for e in singles]
+    assert losses == sorted(losses)
     assert all(e["gap"]["ci"][0] > 0 for e in board[len(tied):])
     for entry in board:
         for split in ("val", "test", "train"):

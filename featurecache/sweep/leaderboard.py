@@ -7,7 +7,8 @@ every head that is not significantly worse than it as ``tied`` (a paired bootstr
 per-image correctness, :func:`featurecache.metrics.paired_difference`). The tied heads
 come first, the lower log-loss first, then the head type's registered simplicity; the
 others follow by accuracy. The ensemble of the heads (:mod:`featurecache.sweep.ensemble`)
-ranks first only when no single head is tied with it: when tied, a single head wins. The printed table, the CSV and the report read the same entries.
+ranks first only when no single head is tied with it: when tied, a single head wins.
+The printed table, the CSV and the report read the same entries.
 """
 
 from __future__ import annotations

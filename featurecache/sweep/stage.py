@@ -751,7 +751,8 @@ def fit_head(options: SweepOptions) -> SweepResult:
     cross-validation on ``train`` (above 4,000 training rows: a stratified ``holdout`` of train).
     ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
     heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` (the default;
-    ``"none"`` or None: off) fits one temperature per head on the selection split (:mod:`featurecache.sweep.postpass`); ``ensemble`` adds
+    ``"none"`` or None: off) fits one temperature per head on the selection split
+    (:mod:`featurecache.sweep.postpass`); ``ensemble`` adds
     the ensemble of the heads, scored honestly and selected only when no single head ties it
     (:mod:`featurecache.sweep.ensemble`).
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
