@@ -161,3 +161,15 @@ def test_a_transferable_ensemble_predicts_fine_tunes_and_exports(tmp_path_factor
     labels, proba = folder_probabilities(tuned["predictions"], classes)
     assert proba.shape == (12, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
     assert result.metrics["finetuned"]["test"]["accuracy"] == float((proba.argmax(1) == labels).mean())
+
+
+def test_the_audit_of_a_run_refits_a_single_head_even_when_the_ensemble_ranks_first(tmp_path, monkeypatch):
+    from featurecache.sweep import leaderboard
+
+    cache = digits_cache(tmp_path / "fc-cache")
+    # the ensemble ranks first whatever the scores: as if no single head were tied with it
+    monkeypatch.setattr(leaderboard, "selection_key", lambda e: (e["head"] != "ensemble", e["head"]))
+    run = featurecache.fit_head(cache, head=("logreg:C=0.01,1;pre=standardize",), jobs=1)
+    assert run.best == "ensemble" and load_head(run.run_dir, "ensemble")[1]["transferable"]
+    result = featurecache.audit(cache, run=run.run_dir)
+    assert result.report["head"] in {"logreg:C=0.01;pre=standardize", "logreg:C=1;pre=standardize"}

@@ -136,16 +136,18 @@ def _read(cache: Path, meta: dict, features: str) -> _Data:
 
 
 def _head_of_run(run: str | None, meta: dict, cache_dir) -> tuple[str | None, str, str | None]:
-    """``(spec, features, run id)``: the run's best transferable head and its features, or the defaults."""
+    """``(spec, features, run id)``: the run's best transferable single head (an ensemble is not refitted fold by
+    fold) and its features, or the defaults."""
     if run is None:
         return None, "penultimate", None
+    from ..sweep.leaderboard import is_ensemble
     from ..sweep.runs import best_transferable, load_run
 
     loaded = load_run(run, cache_dir)
     if loaded.meta["cache_key"] != meta["key"]:
         raise RunError(f"run {loaded.path.name} was fitted on another cache ({Path(loaded.meta['cache']).name}), "
                        f"not on {Path(meta['path']).name}")
-    spec = best_transferable(loaded.leaderboard)
+    spec = best_transferable([e for e in loaded.leaderboard if not is_ensemble(e)])  # a head to refit out of fold
     if spec is None:
         raise RunError(f"run {loaded.path.name} has no transferable head to score the labels with")
     return spec, loaded.meta.get("features", "penultimate"), loaded.path.name
