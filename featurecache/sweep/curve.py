@@ -16,8 +16,10 @@ per class, then on all of them, and scores every fit on the run's own selection 
   all the images are fewer than 1.5 times theirs, so that the last step is a real one. A size's subsamples are
   stratified and seeded: seed ``s`` shuffles each class once, and every size takes the first
   ``k`` of each class, so the subsamples of one seed are nested and the sizes compare on the
-  same images. ``all`` is one subsample, fitted once with the run's seed: for a single head it
-  reproduces the run's own fit, and so its selection score.
+  same images. ``all`` is one subsample, and the run has fitted it already: with val or holdout
+  selection its saved entry is predicted again on the selection rows (no refit; the point is the
+  run's own selection score), with cv it is refitted on each fold's training rows with the run's
+  seed, as the sweep did (so is an entry the sweep fitted on a sample only, or saved as a pickle).
 - **The seeds and the budget.** Each size below ``all`` is fitted on ``seeds`` subsamples
   (seed ``s`` also seeds the head: ``random_state`` is the run's seed plus ``s``). With a
   ``budget`` (seconds), the seconds of the sizes still to come are estimated before each size
@@ -53,21 +55,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import joblib
 import numpy as np
 
 from .. import __version__, store
 from ..errors import UsageError
 from ..files import sha256_file, write_json
-from ..heads import HeadConfig, head_type, make_estimator
+from ..heads import HeadConfig, head_type, make_estimator, thread_limit
 from ..heads.mixture import mix
 from ..metrics import class_probabilities, mean_interval
 from ..progress import Progress
+from ..runtime import usable_cores
 from ..stages import takes
 from . import halving as scaling
 from .engine import FIT_ERRORS
 from .exclusion import read_exclusion
 from .leaderboard import ENSEMBLE
-from .runs import RUN_FILE, Run, head_meta, load_run
+from .runs import RUN_FILE, RUN_FORMAT, Run, head_meta, load_head, load_run
 
 CURVE_FILE = "curve.json"
 DEFAULT_SEEDS = 3
@@ -139,6 +143,7 @@ class _Setup:
     members: list  # {"head", "config", "weight", "temperature"}
     n_classes: int
     seed: int
+    saved: object = None  # the run's own fitted entry, which is the point of all the images (None: refitted)
 
     def rows(self, images: np.ndarray) -> np.ndarray:
         """Training rows of ``images``: the images and their views."""
@@ -197,7 +202,15 @@ def _setup(run: Run, entry: dict) -> _Setup:
         (store.read_rows(cache, split, features=features), store.load_labels(cache, split))
     folds = _folds(run, y[:n_train], split, len(y_scored))
     return _Setup(split, folds, X, y, X_scored, y_scored, n_train, views, _members(run, entry),
-                  len(run.meta["classes"]), int(run.meta["seed"]))
+                  len(run.meta["classes"]), int(run.meta["seed"]), _saved(run, entry))
+
+
+def _saved(run: Run, entry: dict):
+    """The run's fitted entry when it learnt from every image a curve's largest size has: selected on val or
+    its holdout (not by cv folds), fitted on all its rows (not a sample), saved without a pickle."""
+    if run.meta["selection_split"] == "cv" or run.format != RUN_FORMAT or entry.get("status", "fitted") != "fitted":
+        return None
+    return load_head(run.path, entry["head"])[0]
 
 
 # --------------------------------------------------------------------------- sizes and subsamples
@@ -236,57 +249,81 @@ def _image_count(setup: _Setup, k: int | None) -> int:
 # --------------------------------------------------------------------------- fits
 
 
-class _NotFitted(Exception):
-    pass
-
-
 def _reason(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _mixture(setup: _Setup, rows: np.ndarray, scored: np.ndarray, seed: int, device) -> tuple[np.ndarray, dict]:
-    """The probabilities on ``scored`` of the entry refitted on ``rows``, and the members left out (with why)."""
-    X, y, X_scored = setup.X[rows], setup.y[rows], setup.X_scored[scored]
-    probas, weights, temperatures, left_out = [], [], [], {}
-    for member in setup.members:
-        try:
-            model = make_estimator(member["config"], random_state=setup.seed + seed, device=device).fit(X, y)
-            probas.append(class_probabilities(model, X_scored, setup.n_classes))
-        except FIT_ERRORS as exc:
-            left_out[member["head"]] = _reason(exc)
-            continue
-        weights.append(member["weight"])
-        temperatures.append(member["temperature"])
-    if not probas:
-        raise _NotFitted("; ".join(f"{head}: {why}" for head, why in left_out.items()))
-    total = sum(weights)
-    return mix(probas, [w / total for w in weights], temperatures), left_out
+def _fit(setup: _Setup, task: tuple, device):
+    """One fit: member ``m`` on the ``k``-per-class subsample of fold ``f`` drawn with ``seed``; its
+    probabilities on the fold's scored rows, or why it could not be fitted."""
+    k, seed, f, m = task
+    fold, member = setup.folds[f], setup.members[m]
+    rows = setup.rows(subsample(fold.pool, setup.y, k, (setup.seed, f, seed)))
+    try:
+        model = make_estimator(member["config"], random_state=setup.seed + seed, device=device)
+        model.fit(setup.X[rows], setup.y[rows])
+        return class_probabilities(model, setup.X_scored[fold.scored], setup.n_classes)
+    except FIT_ERRORS as exc:
+        return _reason(exc)
 
 
-def _fit_seed(setup: _Setup, k: int | None, seed: int, device) -> tuple[np.ndarray, dict]:
-    """Whether each scored image (over every fold) is right after a fit of size ``k`` with seed ``seed``."""
-    hits, left_out = [], {}
-    for index, fold in enumerate(setup.folds):
-        images = subsample(fold.pool, setup.y, k, (setup.seed, index, seed))
-        proba, left = _mixture(setup, setup.rows(images), fold.scored, seed, device)
-        hits.append(proba.argmax(axis=1) == setup.y_scored[fold.scored])
-        left_out.update(left)
-    return np.concatenate(hits), left_out
+def _fit_all(setup: _Setup, tasks: list, device) -> dict:
+    """``task -> probabilities or reason`` of every fit of a size, in worker threads of one BLAS, OpenMP and
+    torch thread each (on a busy machine a fit spread over several threads waits on the slowest of them).
+    Torch heads fit one after another in one lane, as in a sweep: they draw from torch's process-wide
+    generator, so that two at once would make them depend on timing; the others each in a lane of their own."""
+    torch_lane = [t for t in tasks if head_type(setup.members[t[3]]["config"].name).kind == "torch"]
+    lanes = ([torch_lane] if torch_lane else []) + [[t] for t in tasks if t not in torch_lane]
+
+    def run_lane(lane):
+        with thread_limit(1):
+            return [(task, _fit(setup, task, device)) for task in lane]
+
+    with thread_limit(1):
+        done = joblib.Parallel(n_jobs=max(1, min(usable_cores(), len(lanes))), prefer="threads")(
+            joblib.delayed(run_lane)(lane) for lane in lanes)
+    return dict(pair for lane in done for pair in lane)
+
+
+def _mixed(setup: _Setup, probas: list, left_out: dict) -> np.ndarray | None:
+    """The mixture of the members that could be fitted (``probas``: one per member, or the reason it could
+    not), their weights renormalized; None when none could. Records the others in ``left_out``."""
+    kept = [(p, member) for p, member in zip(probas, setup.members) if not isinstance(p, str)]
+    left_out.update({member["head"]: p for p, member in zip(probas, setup.members) if isinstance(p, str)})
+    if not kept:
+        return None
+    total = sum(member["weight"] for _, member in kept)
+    return mix([p for p, _ in kept], [m["weight"] / total for _, m in kept], [m["temperature"] for _, m in kept])
+
+
+def _hits(setup: _Setup, k: int | None, seeds: int, device) -> tuple[list, dict, list]:
+    """Per seed that could be fitted: whether each scored image (over every fold) is right; the members
+    left out of a mixture; why the other seeds could not be fitted."""
+    if k is None and setup.saved is not None:  # the run's own fit on all of them: predicted, not refitted
+        fold = setup.folds[0]
+        proba = class_probabilities(setup.saved, setup.X_scored[fold.scored], setup.n_classes)
+        return [proba.argmax(axis=1) == setup.y_scored[fold.scored]], {}, []
+    tasks = [(k, s, f, m) for s in range(seeds) for f in range(len(setup.folds)) for m in range(len(setup.members))]
+    fitted = _fit_all(setup, tasks, device)
+    hits, left_out, errors = [], {}, []
+    for s in range(seeds):
+        per_fold = []
+        for f, fold in enumerate(setup.folds):
+            proba = _mixed(setup, [fitted[(k, s, f, m)] for m in range(len(setup.members))], left_out)
+            if proba is None:
+                errors.append("; ".join(f"{head}: {why}" for head, why in left_out.items()))
+                break
+            per_fold.append(proba.argmax(axis=1) == setup.y_scored[fold.scored])
+        else:
+            hits.append(np.concatenate(per_fold))
+    return hits, left_out, errors
 
 
 def _point(setup: _Setup, k: int | None, seeds: int, device) -> tuple[dict, np.ndarray | None]:
     """One size: its point (without seconds) and the share of its seeds that got each scored image right."""
     point = {"per_class": k, "images": _image_count(setup, k), "seeds": seeds}
-    hits, left_out, errors = [], {}, []
-    for seed in range(seeds):
-        try:
-            right, left = _fit_seed(setup, k, seed, device)
-        except _NotFitted as exc:
-            errors.append(str(exc))
-            continue
-        hits.append(right)
-        left_out.update(left)
-    if left_out:
+    hits, left_out, errors = _hits(setup, k, seeds, device)
+    if left_out and hits:
         point["left_out"] = left_out
     if not hits:
         point.update(accuracy=None, ci=None, accuracies=[], error=errors[0])
@@ -301,16 +338,35 @@ def _point(setup: _Setup, k: int | None, seeds: int, device) -> tuple[dict, np.n
 # --------------------------------------------------------------------------- the budget
 
 
-def seeds_now(images: list[int], seeds: int, left: float | None, timed: tuple | None, growth: float) -> int:
-    """Seeds for the first of the sizes still to come (``images``: training images of each, the last one
-    all of them, fitted once). ``timed``: ``(images, seconds)`` of one fit of the latest size; ``left``
-    seconds of the budget (None: no bound). While the estimate of every fit to come exceeds ``left``,
-    the largest sizes lose seeds first, down to one."""
+@dataclass
+class Clock:
+    """Seconds of one seed of a size (``images`` training images), from the last two sizes timed:
+    ``a + b * images ** growth``, the fixed cost ``a`` (starting a fit, predicting) and the cost per row ``b``
+    both at least 0. Fitted to the last two, so that the first sizes' start-up does not count as rows."""
+
+    growth: float = 1.0
+    timed: list = field(default_factory=list)  # (images, seconds of one seed)
+
+    def estimate(self, images: int) -> float | None:
+        """Seconds of one seed of a size of ``images``; None until two sizes are timed."""
+        if len(self.timed) < 2:
+            return None
+        (n1, t1), (n2, t2) = self.timed[-2:]
+        spread = n2 ** self.growth - n1 ** self.growth
+        per_row = max(0.0, (t2 - t1) / spread) if spread > 0 else 0.0
+        return max(0.0, t2 - per_row * n2 ** self.growth) + per_row * images ** self.growth
+
+
+def seeds_now(images: list, seeds: int, left: float | None, clock: Clock, last_free: bool = False) -> int:
+    """Seeds for the first of the sizes still to come (``images``: training images of each; the last is all
+    of them, fitted once, and costs nothing with ``last_free``: the run's own fit). While the ``clock``'s
+    estimate of every fit to come exceeds ``left`` seconds, the largest sizes lose seeds first, down to one."""
     counts = [seeds] * (len(images) - 1) + [1]
-    if left is None or timed is None:
+    cost = [clock.estimate(n) for n in images]
+    if left is None or cost[0] is None:
         return counts[0]
-    timed_images, seconds = timed
-    cost = [seconds * (max(1, n) / max(1, timed_images)) ** growth for n in images]
+    if last_free:
+        cost[-1] = 0.0
     j = len(counts) - 2
     while j >= 0 and float(np.dot(cost, counts)) > left:
         if counts[j] > 1:
@@ -324,16 +380,17 @@ def _measure(setup: _Setup, options: CurveOptions, budget: float | None, bar: Pr
     """Every size's point and per-image shares, the seeds of each planned within the budget."""
     ks = sizes(np.bincount(setup.y[setup.folds[0].pool]))
     images = [_image_count(setup, k) for k in ks]
-    growth = max(head_type(m["config"].name).growth for m in setup.members)
-    started, timed, points, shares = time.perf_counter(), None, [], []
+    clock = Clock(max(head_type(m["config"].name).growth for m in setup.members))
+    started, points, shares = time.perf_counter(), [], []
     for i, k in enumerate(ks):
         left = None if budget is None else budget - (time.perf_counter() - started)
-        seeds = seeds_now(images[i:], options.seeds, left, timed, growth)
+        seeds = seeds_now(images[i:], options.seeds, left, clock, setup.saved is not None)
         bar.set_current(f"{'all' if k is None else k} per class, {seeds} seed{'s' if seeds > 1 else ''}")
         begun = time.perf_counter()
         point, share = _point(setup, k, seeds, options.device)
         point["seconds"] = round(time.perf_counter() - begun, 3)
-        timed = (images[i], point["seconds"] / seeds)
+        if k is not None:
+            clock.timed.append((images[i], point["seconds"] / seeds))
         points.append(point)
         shares.append(share)
         bar.update()
