@@ -714,7 +714,7 @@ def fit_head(as_json, **options):
 @click.option("--seeds", type=_count, default=3, show_default=True,
               help="Stratified subsamples of each size below all the images (fewer at the largest sizes when "
                    "--budget requires it).")
-@click.option("--budget", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--budget", type=click.FloatRange(min=0), default=55.0, show_default=True, metavar="SECONDS",
               help="Seconds the curve should take: the largest sizes lose seeds first, down to one (0: no bound).")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
 @_cache_dir

@@ -175,20 +175,21 @@ def test_no_score_comes_from_a_row_the_fit_learnt_from(tmp_path, selection):
 
 
 def test_the_budget_takes_seeds_from_the_largest_sizes_first():
-    clock = curves.Clock(1.0, [(10, 1.0), (20, 1.5)])  # 0.5 s to start, 0.05 s a row
-    assert clock.estimate(100) == pytest.approx(5.5)
+    clock = curves.Clock(1.0, [(10, 0.5)])  # 0.05 s an image: 2, 4, 8 and 15 s a seed below
+    assert clock.estimate(100) == pytest.approx(5.0) and curves.Clock(1.0).estimate(100) is None
     images = [40, 80, 160, 300]
     assert curves.seeds_now(images, 3, None, clock) == 3  # no bound
-    assert curves.seeds_now(images, 3, 1e6, clock) == 3
-    assert curves.seeds_now(images, 3, 3 * (2.5 + 4.5) + 8.5 + 15.5, clock) == 3  # the 160 lost two seeds
-    assert curves.seeds_now(images, 3, 2.5 + 4.5 + 8.5 + 15.5, clock) == 1  # everything at one seed
-    assert curves.seeds_now(images, 3, 2.5 * 3 + 4.5 + 8.5, clock, last_free=True) == 3
-    assert curves.seeds_now(images, 3, 0.0, curves.Clock(1.0, [(10, 1.0)])) == 3  # not timed twice yet
-    assert curves.seeds_now([300], 3, 1e6, clock) == 1  # all of them is fitted once
+    assert curves.seeds_now(images, 3, 24, clock) == 3  # 3 seeds of 2 s: no more than a quarter of 24 s
+    # the sizes after it lose seeds first: 3 x 2 + 2 x 4 + 1 x 8 (+ all of them, the run's own fit: 0) = 22
+    assert curves.seeds_now(images, 3, 23, clock, last_free=True) == 3
+    assert curves.seeds_now(images, 3, 17, clock, last_free=True) == 2  # 2 x 2 + 4 + 8
+    assert curves.seeds_now(images, 3, 23, clock) == 1  # all of them refitted: 15 s more
+    assert curves.seeds_now(images, 3, 0.0, curves.Clock(1.0)) == 3  # nothing timed yet
+    assert curves.seeds_now([300], 3, 1e6, clock) == 1  # all of them is one subsample
 
 
-def test_a_small_budget_leaves_one_seed_to_the_sizes_after_the_first_two(val_run):
-    c = featurecache.curve(val_run, seeds=2, budget=1e-6)
+def test_a_small_budget_leaves_one_seed_to_every_size_after_the_first_two(val_run):
+    c = featurecache.curve(val_run, seeds=2, budget=1e-6)  # the first size is not timed: mostly start-up
     assert [p["seeds"] for p in c.points] == [2, 2, 1, 1, 1, 1] and c.budget == 1e-6
 
 
