@@ -258,3 +258,22 @@ def test_the_report_draws_the_curve_once_there_is_one(tmp_path):
     assert section.lstrip("\n- ").startswith(c.sentence[0].upper() + c.sentence[1:])
     html = page.read_text()
     assert html.count("data:image/png;base64,") == md.count("](") and "How many labels are enough" in html
+
+
+def test_a_member_that_cannot_be_fitted_on_a_size_is_left_out_of_its_mixture(tmp_path):
+    """15 neighbours among 10 images: at 1 image per class the ensemble is its logistic regression alone."""
+    cache = digits_cache(tmp_path / "fc-cache")
+    grid = ["logreg:C=0.1;pre=standardize", "knn:n_neighbors=15;weights=distance;pre=l2"]
+    run_dir = Path(featurecache.fit_head(cache, head=grid, jobs=1).run_dir)
+    members = json.loads((run_dir / "heads" / "ensemble" / "head.json").read_text())["members"]
+    assert len(members) == 2  # the run's ensemble mixes both
+    c = featurecache.curve(run_dir, head="ensemble", seeds=1, budget=0)
+    one, two = c.points[:2]
+    assert list(one["left_out"]) == ["knn:n_neighbors=15;pre=l2;weights=distance"] and "left_out" not in two
+    X, y, _ = store.load_features(cache, "train")
+    Xv, yv, _ = store.load_features(cache, "val")
+    rows = curves.subsample(np.arange(len(y)), y, 1, (0, 0, 0))
+    alone = make_estimator(HeadConfig.parse(grid[0]), random_state=0).fit(X[rows], y[rows])
+    assert one["accuracy"] == pytest.approx(float((alone.predict(Xv) == yv).mean()))
+    out = run_cli(CliRunner(), "curve", run_dir, "--head", "ensemble", "--seeds", "1", "--budget", "0")
+    assert re.search(r"^1 +10 +1 +0\.\d{4} .* without knn:n_neighbors=15;pre=l2;weights=distance$", out.output, re.M)
