@@ -67,7 +67,7 @@ import joblib
 import numpy as np
 
 from .. import __version__, store
-from ..errors import UsageError
+from ..errors import RunError, UsageError
 from ..files import sha256_file, write_json
 from ..heads import HeadConfig, head_type, make_estimator, thread_limit
 from ..heads.mixture import mix
@@ -168,8 +168,8 @@ def _excluded(run: Run) -> tuple[np.ndarray, dict]:
         return np.zeros(0, dtype=np.int64), {}
     path = Path(record["file"])
     if not path.is_file() or sha256_file(path) != record["sha256"]:
-        raise UsageError(f"run {run.path.name} left out the images {path} listed, and that file is gone or has "
-                         "changed: the curve cannot leave out the same images")
+        raise RunError(f"run {run.path.name} left out the images {path} listed, and that file is gone or has "
+                       "changed: the curve cannot leave out the same images; run fc fit-head --exclude again")
     exclusion = read_exclusion(path, Path(run.meta["cache"]), store.info(run.meta["cache"])["splits"])
     return exclusion.train, exclusion.scores
 
@@ -433,7 +433,7 @@ def slope_sentence(found: dict | None) -> str:
     low, high = found["ci"]
     gain = "" if low > 0 else "; the interval includes no gain"
     return (f"doubling the labels would add about {found['points']:.1f} points (95% interval {low:.1f} to "
-            f"{high:.1f}{gain}), from the last doubling measured ({found['from']:,} to {found['to']:,} images)")
+            f"{high:.1f}{gain}), from the last two sizes ({found['from']:,} and {found['to']:,} images)")
 
 
 # --------------------------------------------------------------------------- saved curves
