@@ -166,8 +166,9 @@ def _learning_curve_figure(curve: dict) -> bytes:
     ci = np.array([p["ci"] for p in points]).reshape(-1, 2)
     ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o-", capsize=3, label="mean of the subsamples (95%)")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(x, [f"{p['images']:,}\n({'all' if p['per_class'] is None else p['per_class']})" for p in points],
-                  fontsize=7)
+    ax.set_xticks(x, [f"{p['images']:,} ({'all' if p['per_class'] is None else p['per_class']})" for p in points],
+                  fontsize=7, rotation=45, ha="right")
+    ax.minorticks_off()
     ax.set(xlabel="labelled training images (per class)", ylabel=f"{curve['selection_split']} accuracy")
     ax.set_title(_sentence(curve["sentence"]), fontsize=9, wrap=True)
     ax.grid(alpha=0.3)
