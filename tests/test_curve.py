@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import run_cli
+from test_feature_sets import layered_cache, views_cache
 from test_sweep import digits_cache
 
 import featurecache
@@ -169,6 +170,34 @@ def test_no_score_comes_from_a_row_the_fit_learnt_from(tmp_path, selection):
     assert c.scored == (840 if selection == "holdout" else n)  # the holdout is 20% of train; cv scores all of it
     assert all(p["accuracy"] < 0.2 for p in c.points), [p["accuracy"] for p in c.points]
     assert c.points[-1]["accuracy"] == pytest.approx(_entry(Path(run.run_dir), "knn:n_neighbors=1")["selection_accuracy"])
+
+
+def test_augmented_views_join_their_images_and_are_never_scored(tmp_path):
+    """Each training image has 3 views that are copies of it: a view of a scored image among the rows a fit
+    learnt from would give its label away to 1 nearest neighbour."""
+    cache = views_cache(tmp_path / "fc-cache", n=200)
+    run = featurecache.fit_head(cache, head=["knn:n_neighbors=1"], jobs=1, cv=3)
+    assert json.loads((Path(run.run_dir) / "run.json").read_text())["views"] == 600
+    c = featurecache.curve(run.run_dir, seeds=2, budget=0)
+    assert c.selection_split == "cv" and c.scored == 200 and c.points[-1]["images"] == 133  # images, not views
+    assert all(p["accuracy"] < 0.7 for p in c.points), [p["accuracy"] for p in c.points]  # 2 classes
+    assert c.points[-1]["accuracy"] == pytest.approx(_entry(Path(run.run_dir), "knn:n_neighbors=1")["selection_accuracy"])
+
+
+def test_the_run_s_feature_set_and_left_out_images_are_those_of_the_curve(tmp_path):
+    cache = layered_cache(tmp_path / "fc-cache")  # two classes told apart by the layer deep alone
+    listing = tmp_path / "leave-out.txt"
+    listing.write_text("# planted\n" + "\n".join([f"train/{i}.png" for i in range(20)]
+                                                   + [f"val/{i}.png" for i in range(10)]) + "\n")
+    run = featurecache.fit_head(cache, head=["logreg:C=1;pre=standardize"], jobs=1, features="deep",
+                                exclude=str(listing))
+    c = featurecache.curve(run.run_dir, seeds=1, budget=0)
+    assert c.scored == 110 and c.points[-1]["images"] == 100  # 120 val and train images less those left out
+    assert c.points[-1]["accuracy"] > 0.9
+    assert c.points[-1]["accuracy"] == pytest.approx(_entry(Path(run.run_dir), c.head)["selection_accuracy"])
+    listing.write_text("train/0.png\n")
+    with pytest.raises(RunError, match="gone or has changed"):
+        featurecache.curve(run.run_dir, seeds=2, budget=0)
 
 
 # --------------------------------------------------------------------------- the budget
