@@ -18,7 +18,7 @@ from featurecache import store
 from featurecache.errors import RunError, UsageError
 from featurecache.heads import HeadConfig, make_estimator
 from featurecache.heads.mixture import mix
-from featurecache.metrics import class_probabilities, mean_interval, proportion_interval
+from featurecache.metrics import class_probabilities, mean_interval, paired_difference, proportion_interval
 from featurecache.sweep import curve as curves
 
 HEADS = ("logreg:C=0.1;pre=standardize", "nearest-centroid", "knn:n_neighbors=3")
@@ -110,6 +110,17 @@ def test_the_slope_is_that_of_the_last_two_sizes_in_points_per_doubling(val_curv
     assert low <= expected <= high
     assert val_curve.sentence.startswith(f"doubling the labels would add about {expected:.1f} points (95% interval")
     assert curves.slope_sentence(None).startswith("fewer than two sizes")
+
+
+def test_the_slope_of_one_seed_each_has_the_interval_of_a_paired_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(400) < 0.7, rng.random(400) < 0.8
+    points = [{"images": 100, "accuracy": a.mean()}, {"images": 400, "accuracy": b.mean()}]
+    found = curves.slope(points, [a.astype(float), b.astype(float)])
+    gap = paired_difference(b, a)
+    assert found["points"] == pytest.approx(50 * gap["difference"])  # two doublings
+    assert found["ci"] == pytest.approx([50 * gap["ci"][0], 50 * gap["ci"][1]])
+    assert curves.slope(points[:1], [a]) is None and curves.slope(points, [None, b]) is None
 
 
 def test_a_size_is_the_head_refitted_on_its_subsample(val_run):

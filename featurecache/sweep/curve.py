@@ -40,8 +40,9 @@ per class, then on all of them, and scores every fit on the run's own selection 
   seed, exactly :func:`featurecache.metrics.proportion_interval`); ``accuracies`` lists each
   seed's. The slope is that of the last two sizes, in points per doubling of the labels:
   ``(accuracy_b - accuracy_a) / log2(images_b / images_a)``, its interval from a bootstrap of
-  the per-image difference over the same images (the paired comparison of
-  :func:`featurecache.metrics.paired_difference`).
+  the per-image difference over the same images: with one seed each,
+  :func:`featurecache.metrics.paired_difference` (as the leaderboard's gaps), else
+  :func:`featurecache.metrics.mean_interval` of the difference of the shares.
 - **An ensemble.** For the ``ensemble`` entry each member is refitted on the same rows and
   their probabilities mixed with the saved weights, each after its saved temperature
   (:func:`featurecache.heads.mixture.mix`). A member that cannot be fitted on a size (an RBF
@@ -71,7 +72,7 @@ from ..errors import RunError, UsageError
 from ..files import sha256_file, write_json
 from ..heads import HeadConfig, head_type, make_estimator, thread_limit
 from ..heads.mixture import mix
-from ..metrics import class_probabilities, mean_interval
+from ..metrics import class_probabilities, mean_interval, paired_difference
 from ..progress import Progress
 from ..runtime import usable_cores
 from ..stages import takes
@@ -420,7 +421,10 @@ def slope(points: list[dict], shares: list) -> dict | None:
     doublings = math.log2(b["images"] / a["images"]) if b["images"] > a["images"] else 0.0
     if doublings <= 0:
         return None
-    low, high = mean_interval(share_b - share_a)
+    if np.isin(share_a, (0, 1)).all() and np.isin(share_b, (0, 1)).all():  # one seed each: right or wrong
+        low, high = paired_difference(share_b == 1, share_a == 1)["ci"]
+    else:
+        low, high = mean_interval(share_b - share_a)
     scale = 100.0 / doublings
     return {"points": (b["accuracy"] - a["accuracy"]) * scale, "ci": [low * scale, high * scale],
             "from": a["images"], "to": b["images"]}
