@@ -436,8 +436,13 @@ def slope_sentence(found: dict | None) -> str:
         return "fewer than two sizes could be scored: the curve has no slope"
     low, high = found["ci"]
     gain = "" if low > 0 else "; the interval includes no gain"
-    return (f"doubling the labels would add about {found['points']:.1f} points (95% interval {low:.1f} to "
-            f"{high:.1f}{gain}), from the last two sizes ({found['from']:,} and {found['to']:,} images)")
+    return (f"doubling the labels would add about {_tenths(found['points'])} points (95% interval {_tenths(low)} "
+            f"to {_tenths(high)}{gain}), from the last two sizes ({found['from']:,} and {found['to']:,} images)")
+
+
+def _tenths(value: float) -> str:
+    """``1.2``; ``0.0`` for a small negative number too (never ``-0.0``)."""
+    return f"{round(value, 1) + 0.0:.1f}"
 
 
 # --------------------------------------------------------------------------- saved curves
