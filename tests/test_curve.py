@@ -319,3 +319,12 @@ def test_a_member_that_cannot_be_fitted_on_a_size_is_left_out_of_its_mixture(tmp
     assert one["accuracy"] == pytest.approx(float((alone.predict(Xv) == yv).mean()))
     out = run_cli(CliRunner(), "curve", run_dir, "--head", "ensemble", "--seeds", "1", "--budget", "0")
     assert re.search(r"^1 +10 +1 +0\.\d{4} .* without knn:n_neighbors=15;pre=l2;weights=distance$", out.output, re.M)
+
+
+def test_a_changed_head_file_is_refused(tmp_path):
+    cache = digits_cache(tmp_path / "fc-cache")
+    run_dir = Path(featurecache.fit_head(cache, head=["nearest-centroid"], jobs=1).run_dir)
+    head = run_dir / "heads" / "nearest-centroid" / "head.json"
+    head.write_text(head.read_text().replace('"nearest-centroid"', '"knn"', 1))
+    with pytest.raises(RunError, match="sha256"):
+        featurecache.curve(run_dir)

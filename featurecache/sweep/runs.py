@@ -307,8 +307,11 @@ def _head_folder(loaded: Run, head: str) -> Path:
 
 def head_meta(loaded: Run, head: str = "best") -> dict:
     """The ``head.json`` of one head of a loaded run (``best``, ``best-transferable``, a spec or a slug),
-    without loading its fitted files: what a refit of its spec needs."""
+    checked against ``run.json`` as :func:`load_head` checks it, without loading its fitted files: what
+    a refit of its spec needs."""
     folder = _head_folder(loaded, head)
+    if loaded.format == RUN_FORMAT:
+        _check_files(loaded, folder)
     meta = _readable_json(folder / HEAD_FILE)
     if not isinstance(meta, dict):
         raise RunError(f"{folder / HEAD_FILE} cannot be read; {REFIT}")
