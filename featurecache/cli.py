@@ -709,6 +709,51 @@ def fit_head(as_json, **options):
     click.echo(f"best: {result.best}")
 
 
+@cli.command("curve")
+@click.argument("run")
+@click.option("--head", default="best", show_default=True,
+              help="The entry to refit: best (the run's selected entry, the ensemble too), a spec or a slug.")
+@click.option("--seeds", type=_count, default=3, show_default=True,
+              help="Stratified subsamples of each size below all the images (fewer at the largest sizes when "
+                   "--budget requires it).")
+@click.option("--budget", type=click.FloatRange(min=0), default=55.0, show_default=True, metavar="SECONDS",
+              help="Seconds the curve should take: the largest sizes lose seeds first, down to one (0: no bound).")
+@click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@_cache_dir
+@_json
+def curve_command(as_json, **options):
+    """How many labels are enough: refit RUN's selected head on 1, 2, 4, ... images per class, then all.
+
+    RUN is a run directory, run id or unique prefix. Every size is scored on the run's selection rows
+    (val, its holdout or its cv folds), never learnt from: the mean accuracy over the seeds with a 95%
+    interval, and the slope of the last two sizes in words (what doubling the labels would add). Saved as RUN/curve.json, which the same
+    command reads again and fc report draws.
+    """
+    from .sweep.curve import curve
+
+    result = call_stage(curve, as_json, options, progress=True)
+    if result is None:
+        return
+    state = "reused" if result.reused else f"{result.seconds:.1f} s"
+    click.echo(f"{result.run_dir}  ({result.head}; selection on {result.selection_split}: "
+               f"{result.scored:,} images; {state})")
+    if result.members:
+        click.echo("ensemble: " + ", ".join(f"{m['weight']:.2f} {m['head']}" for m in result.members))
+    rows = [{"per class": "all" if p["per_class"] is None else p["per_class"], "images": f"{p['images']:,}",
+             "seeds": p["seeds"], "accuracy": "" if p["accuracy"] is None else f"{p['accuracy']:.4f}",
+             "95% interval": "" if p["ci"] is None else f"[{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]",
+             "seconds": f"{p['seconds']:.1f}", "note": _curve_note(p)} for p in result.points]
+    click.echo(table(rows, ["per class", "images", "seeds", "accuracy", "95% interval", "seconds", "note"]))
+    click.echo(result.sentence)
+
+
+def _curve_note(point: dict) -> str:
+    """What a point of ``fc curve`` lacks: its error, the ensemble members left out of its mixture."""
+    notes = [point["error"]] if point.get("error") else []
+    notes += [f"without {head}" for head in point.get("left_out", {})]
+    return "; ".join(notes)
+
+
 def _run_id(run_dir: str) -> str:
     """The id of a run, the last part of its folder's name: commands that take RUN take it, or a unique prefix."""
     return os.path.basename(run_dir).rpartition("-")[2]

@@ -56,6 +56,18 @@ def proportion_interval(hits: np.ndarray) -> list[float]:
     return interval(resampled[:, 1] / len(hits))
 
 
+def mean_interval(values) -> list[float]:
+    """Interval of the mean of per-image ``values`` that take a few distinct values: the share of
+    several fits that got an image right (0, 1/3, 2/3, 1), or the difference of two such shares.
+    A bootstrap over images, drawn as counts per distinct value; for 0/1 values it is
+    :func:`proportion_interval`."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return [0.0, 0.0]
+    distinct, counts = np.unique(values, return_counts=True)
+    return interval(resampled_counts(counts) @ distinct / len(values))
+
+
 def balanced_accuracy_interval(y_true: np.ndarray, y_pred: np.ndarray) -> list[float]:
     """Interval of the mean per-class recall (over the classes present in each resample)."""
     classes = np.unique(y_true)

@@ -40,6 +40,7 @@ FUNCTIONS: tuple[Function, ...] = (
     Function("load_features", "featurecache.store", None),
     Function("export", "featurecache.extraction.export", "export"),
     Function("fit_head", "featurecache.sweep.stage", "fit-head"),
+    Function("curve", "featurecache.sweep.curve", "curve"),
     Function("audit", "featurecache.auditing.stage", "audit"),
     Function("finetune", "featurecache.finetuning.trainer", "finetune"),
     Function("predict", "featurecache.finetuning.prediction", "predict"),

@@ -154,7 +154,7 @@ def test_functions_are_short_and_private_ones_take_few_positional_parameters(che
     assert bad == []
 
 
-@pytest.mark.parametrize("name", ["extract", "fit_head", "finetune"])
+@pytest.mark.parametrize("name", ["extract", "fit_head", "curve", "finetune"])
 def test_a_stage_takes_exactly_the_fields_of_its_options(name):
     """The public function's parameters are its options dataclass's fields, defaults included, and
     an unknown keyword is refused by name before anything runs."""

@@ -5,7 +5,8 @@ figures) and ``report.html`` (the same content, figures embedded as base64 data
 URIs, so the page can be mailed or archived alone). It holds the leaderboard, the
 confusion matrix and per-class metrics of the chosen head (the numbers fit-head
 computed with :func:`featurecache.metrics.classification_metrics`, so report and
-leaderboard agree), the fine-tuning curves of every fine-tune under the run, a grid of
+leaderboard agree), the learning curve ``fc curve`` saved in the run folder (how many labels are
+enough, :mod:`featurecache.sweep.curve`), the fine-tuning curves of every fine-tune under the run, a grid of
 sample images with the head's predictions on their cached features next to the true
 labels, and the full provenance. Plots are drawn by matplotlib's Agg renderer through
 ``matplotlib.figure.Figure`` (no pyplot, no global state). A report is keyed by the
@@ -29,6 +30,7 @@ from ..errors import UsageError, plural
 from ..files import sha256_file, versions, write_json
 from ..finetuning.network import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
 from ..metrics import SUMMARY_KEYS, class_probabilities
+from ..sweep.curve import saved_curve
 from ..sweep.leaderboard import calibrated, selection_note, with_interval
 from .document import Chart, interval_chart, png, up_to_date, write_document
 
@@ -58,6 +60,7 @@ def _report_key(run_dir: Path, head: str, samples: int) -> str:
         "head": head,
         "samples": samples,
         "audit": (saved_audit(json.loads((run_dir / "run.json").read_text())["cache"]) or {}).get("key"),
+        "curve": (saved_curve(run_dir) or {}).get("key"),
         "code": sha256_file(__file__),
         "version": __version__,
     }
@@ -145,6 +148,43 @@ def _reliability_figure(panels: list[tuple[str, dict]]) -> bytes:
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
         ax.legend(fontsize=7, loc="center left")  # confidences below 1/C are rare: the left is free
     return png(fig)
+
+
+def _learning_curve_figure(curve: dict) -> bytes:
+    """The selection accuracy by training images (log scale): each seed's subsample faint, their mean with its
+    95% interval, the sentence on the last doubling as the title."""
+    from matplotlib.figure import Figure
+
+    points = [p for p in curve["points"] if p["accuracy"] is not None]
+    fig = Figure(figsize=(8, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    for i, p in enumerate(points):
+        ax.plot([p["images"]] * len(p["accuracies"]), p["accuracies"], ".", color="grey", alpha=0.6,
+                label=None if i else "each subsample")
+    x = np.array([p["images"] for p in points])
+    y = np.array([p["accuracy"] for p in points])
+    ci = np.array([p["ci"] for p in points]).reshape(-1, 2)
+    ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o-", capsize=3, label="mean of the subsamples (95%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{p['images']:,} ({'all' if p['per_class'] is None else p['per_class']})" for p in points],
+                  fontsize=7, rotation=45, ha="right")
+    ax.minorticks_off()
+    ax.set(xlabel="labelled training images (per class)", ylabel=f"{curve['selection_split']} accuracy")
+    ax.set_title(_sentence(curve["sentence"]), fontsize=9, wrap=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return png(fig)
+
+
+def _curve_lines(curve: dict) -> list[str]:
+    """The sentence on the slope and how the curve was measured."""
+    head = curve["head"] + (" (" + ", ".join(f"{m['weight']:.2f} {m['head']}" for m in curve["members"]) + ")"
+                            if curve["members"] else "")
+    lines = [_sentence(curve["sentence"]),
+             f"{head} refitted on 1, 2, 4, ... images per class, then all; up to {curve['seeds']} stratified "
+             f"subsamples a size; scored on the {curve['selection_split']} selection rows ({curve['scored']:,} "
+             f"images), never learnt from; {curve['seconds']:.1f} s (fc curve)"]
+    return lines + [f"{p['per_class'] or 'all'} per class: {p['error']}" for p in curve["points"] if p.get("error")]
 
 
 def _samples_figure(images: list, titles: list[str], correct: list[bool]) -> bytes:
@@ -356,6 +396,14 @@ def _figure_blocks(figures: dict, *names: str) -> list[tuple]:
     return [("figure", figures[name].title, figures[name]) for name in names if name in figures]
 
 
+def _curve_blocks(run_dir: Path, figures: dict) -> list[tuple]:
+    """The learning curve of ``fc curve``, when the run has one: the figure and what it says."""
+    curve = saved_curve(run_dir)
+    if curve is None or "learning_curve" not in figures:
+        return []
+    return [*_figure_blocks(figures, "learning_curve"), ("list", "How many labels are enough", _curve_lines(curve))]
+
+
 def _finetune_blocks(finetunes: list[dict], figures: dict) -> list[tuple]:
     if "finetune_curves" not in figures:
         return []
@@ -381,6 +429,7 @@ def _sections(run, head_meta: dict, finetunes: list[dict], figures: dict, cache_
         *_audit_link(meta),
         ("table", "Leaderboard", _leaderboard_rows(run.leaderboard, final_split)),
         *_figure_blocks(figures, "intervals"),
+        *_curve_blocks(run.path, figures),
         ("table", f"Metrics of {head_meta['head']} on {final_split}",
          (list(summary), [[_fmt(v) for v in summary.values()]])),
         *_figure_blocks(figures, "reliability"),
@@ -438,6 +487,16 @@ def _honest_figures(leaderboard: list[dict], head_meta: dict, meta: dict) -> dic
     return figures
 
 
+def _curve_figure(run_dir: Path) -> dict[str, Chart]:
+    """The learning curve that ``fc curve`` saved in the run folder (none without one, or without a scored size)."""
+    curve = saved_curve(run_dir)
+    if curve is None or sum(p["accuracy"] is not None for p in curve["points"]) < 1:
+        return {}
+    title = (f"How many labels are enough: {curve['head']} on 1, 2, 4, ... images per class, "
+             f"{curve['selection_split']} accuracy (fc curve)")
+    return {"learning_curve": Chart("learning_curve", title, _learning_curve_figure(curve))}
+
+
 def _one_run(run):
     """The run of a single report: ``run`` itself, or the one item of a list."""
     if isinstance(run, (str, os.PathLike)):
@@ -478,7 +537,7 @@ def report(run, head: str = "best", samples: int = 16, trust: bool = False, cach
     cache_info = store.info(loaded.meta["cache"])
     finetunes = _finetunes(run_dir)
     figures = {**_figures(loaded.meta, estimator, head_meta, finetunes, cache_info, samples),
-               **_honest_figures(loaded.leaderboard, head_meta, loaded.meta)}
+               **_honest_figures(loaded.leaderboard, head_meta, loaded.meta), **_curve_figure(run_dir)}
     blocks = _sections(loaded, head_meta, finetunes, figures, cache_info)
     write_document(out_dir, "report", blocks, figures.values())
     metrics = head_meta["metrics"][loaded.meta["final_split"]]  # what fit-head computed: the leaderboard's numbers

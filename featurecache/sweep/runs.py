@@ -334,6 +334,19 @@ def _head_folder(loaded: Run, head: str) -> Path:
     raise RunError(f"run {loaded.path.name} has no head {head!r}{suggest(head, loaded.meta['heads'])}")
 
 
+def head_meta(loaded: Run, head: str = "best") -> dict:
+    """The ``head.json`` of one head of a loaded run (``best``, ``best-transferable``, a spec or a slug),
+    checked against ``run.json`` as :func:`load_head` checks it, without loading its fitted files: what
+    a refit of its spec needs."""
+    folder = _head_folder(loaded, head)
+    if loaded.format == RUN_FORMAT:
+        _check_files(loaded, folder)
+    meta = _readable_json(folder / HEAD_FILE)
+    if not isinstance(meta, dict):
+        raise RunError(f"{folder / HEAD_FILE} cannot be read; {REFIT}")
+    return meta
+
+
 def _check_files(loaded: Run, folder: Path) -> None:
     """Every file of a head folder is recorded in ``run.json`` with the sha256 it has now."""
     recorded = loaded.meta.get("sha256", {})
