@@ -726,8 +726,8 @@ def curve_command(as_json, **options):
 
     RUN is a run directory, run id or unique prefix. Every size is scored on the run's selection rows
     (val, its holdout or its cv folds), never learnt from: the mean accuracy over the seeds with a 95%
-    interval, and the slope of the last two sizes in words (what doubling the labels would add). Saved as RUN/curve.json, which the same
-    command reads again and fc report draws.
+    interval, and the slope of the last two sizes in words (what doubling the labels would add).
+    Saved as RUN/curve.json, which the same command reads again and fc report draws.
     """
     from .sweep.curve import curve
 

@@ -176,7 +176,7 @@ def test_no_score_comes_from_a_row_the_fit_learnt_from(tmp_path, selection):
     n = 4200 if selection == "holdout" else 600
     cache = _random_cache(tmp_path / "fc-cache", n)
     run = featurecache.fit_head(cache, head=["knn:n_neighbors=1"], jobs=1, cv=3)
-    c = featurecache.curve(run.run_dir, seeds=2, budget=0)
+    c = featurecache.curve(run.run_dir, head="knn:n_neighbors=1", seeds=2, budget=0)
     assert c.selection_split == selection
     assert c.scored == (840 if selection == "holdout" else n)  # the holdout is 20% of train; cv scores all of it
     assert all(p["accuracy"] < 0.2 for p in c.points), [p["accuracy"] for p in c.points]
