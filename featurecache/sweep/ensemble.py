@@ -3,9 +3,11 @@
 A sweep already holds every head's probabilities on the selection split (``val``, or
 out of fold on train: ``cv``, ``holdout``), so an ensemble costs almost nothing:
 
-- **Candidates**: the ranked heads fitted on their rows (a head pruned on a sample is
-  not one), each with the probabilities it will give: after its temperature when the
-  run is calibrated.
+- **Candidates**: the heads tied with the most accurate one on the selection split
+  (:func:`featurecache.sweep.leaderboard.rank`; a head pruned on a sample is never tied),
+  each with the probabilities it will give: after its temperature when the run is
+  calibrated. Restricting the ensemble to the tied heads is what won on held-out test
+  images (``bench/selection.py``): it resolves a tie the selection split cannot.
 - **Selection**: start from the :data:`INIT` heads of lowest log-loss, then add, with
   replacement, the head that lowers the log-loss of the average most, until the
   ensemble has :data:`ROUNDS` votes; a head's weight is its share of the votes. The
@@ -21,9 +23,9 @@ out of fold on train: ``cv``, ``holdout``), so an ensemble costs almost nothing:
   (The members' temperatures were fitted on all selection rows: one number per head.)
 
 The ensemble enters the leaderboard as one entry, ``ensemble``, with its members and
-weights. :func:`featurecache.sweep.leaderboard.selection_key` ranks it first only when
-it is more accurate than every single head and none is tied with it: when tied, the
-single head wins (it is simpler). Its files are its ``head.json`` alone; the members
+weights. :func:`featurecache.sweep.leaderboard.selection_key` ranks it first when its
+cross-fitted score is tied with the most accurate head's (or better); when it is
+significantly worse, the most accurate head wins. Its files are its ``head.json`` alone; the members
 are the run's own head folders (:mod:`featurecache.sweep.runs`), and
 :class:`featurecache.heads.mixture.WeightedMixture` predicts with them.
 """
@@ -87,8 +89,8 @@ def cross_fitted(probas: list, y, seed: int = 0) -> np.ndarray:
 
 
 def _candidates(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if e.get("status") != "pruned" and e.get("selection_split") in e.get("metrics", {})
-            and e["head"] != ENSEMBLE]
+    """The heads tied with the most accurate one (fitted on their rows: a pruned head is never tied)."""
+    return [e for e in entries if e.get("tied") and e.get("status") != "pruned" and e["head"] != ENSEMBLE]
 
 
 def _temperature(entry: dict) -> float:
@@ -112,8 +114,9 @@ def _entry(members: list[dict], weights: np.ndarray, probas: dict, labels: dict,
 
 def add_ensemble(entries: list[dict], probas: dict, labels: dict, classes: list, seed: int = 0,
                  calibrate: bool = False) -> list[dict]:
-    """``entries`` with the ensemble of their heads added and ranked (:func:`featurecache.sweep.leaderboard.rank`);
-    ``entries`` as they are when fewer than two heads can take part or the selection keeps a single one.
+    """``entries`` (ranked) with the ensemble of the heads tied with the most accurate one added and ranked
+    again (:func:`featurecache.sweep.leaderboard.rank`); ``entries`` as they are when fewer than two heads are
+    tied.
 
     ``probas``: head spec -> evaluation -> probabilities (``cv``: out of fold); ``labels``: evaluation -> labels.
     The ensemble's probabilities are added to ``probas`` under :data:`ENSEMBLE`. ``calibrate``: fit the

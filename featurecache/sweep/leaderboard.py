@@ -4,10 +4,13 @@ Every number a person reads about a head comes from its leaderboard entry: the
 accuracy on the split that chose it, with its 95% interval, and the metrics of every
 split. :func:`rank` finds the most accurate head on the selection split and marks
 every head that is not significantly worse than it as ``tied`` (a paired bootstrap of
-per-image correctness, :func:`featurecache.metrics.paired_difference`). The tied heads
-come first, the lower log-loss first, then the head type's registered simplicity; the
-others follow by accuracy. The ensemble of the heads (:mod:`featurecache.sweep.ensemble`)
-ranks first only when no single head is tied with it: when tied, a single head wins.
+per-image correctness, :func:`featurecache.metrics.paired_difference`). The tied entries
+come first: the ensemble of the tied heads (:mod:`featurecache.sweep.ensemble`) when it is
+tied too, then the heads by accuracy, log-loss (after the temperature) and the head type's
+registered simplicity; the others follow in the same order. This rule was chosen on held-out
+test images (``bench/selection.py``, ``docs/performance.md``): among tied heads, the lowest
+log-loss and the simplest head both lost accuracy against the most accurate one, and the
+ensemble of the tied heads gained.
 The printed table, the CSV and the report read the same entries.
 """
 
@@ -41,12 +44,9 @@ def rank_key(entry: dict):
 
 
 def selection_key(entry: dict):
-    """Heads tied with the most accurate one first, by log-loss then simplicity, a tied ensemble after
-    the tied single heads; then the others by :func:`rank_key`."""
-    if not entry.get("tied"):
-        return (1, *rank_key(entry))
-    accuracy, log_loss, simple, spec = rank_key(entry)
-    return (0, is_ensemble(entry), log_loss, simple, accuracy, spec)
+    """Entries tied with the most accurate one first (the ensemble of the tied heads before them), each
+    group by :func:`rank_key`."""
+    return (not entry.get("tied"), not (entry.get("tied") and is_ensemble(entry)), *rank_key(entry))
 
 
 def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, status: str = "fitted",
@@ -90,10 +90,12 @@ def rank(entries: list[dict], probas: dict, labels: dict) -> list[dict]:
 
 
 def tied_count(leaderboard: list[dict]) -> int | None:
-    """How many heads besides the most accurate one are tied with it (None: a ranking without ties)."""
+    """How many heads besides the most accurate one are tied with it (None: a ranking without ties); the
+    ensemble is not a head here."""
     if not any("tied" in e for e in leaderboard):
         return None
-    return sum(1 for e in leaderboard if e.get("tied")) - 1
+    top = next((e["gap"]["to"] for e in leaderboard if "gap" in e), None)
+    return sum(1 for e in leaderboard if e.get("tied") and not is_ensemble(e) and e["head"] != top)
 
 
 def format_interval(value: float, ci: list | None) -> str:
@@ -140,10 +142,11 @@ def _ties_clause(leaderboard: list[dict], chosen: str) -> str:
         return f"; no other head is tied with the most accurate one, {top}, on {chosen}"
     heads = "1 other head is" if tied == 1 else f"{tied} other heads are"
     after = " after temperature scaling" if leaderboard[0].get("calibration") else ""
-    ensemble = " (an ensemble only when no single head is tied with it)" \
-        if any(is_ensemble(e) for e in leaderboard) else ""
-    return (f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): "
-            f"the lowest log-loss{after} among them ranks first{ensemble}")
+    if any(is_ensemble(e) and e.get("tied") for e in leaderboard):
+        first = "the ensemble of the tied heads ranks first, then the most accurate"
+    else:
+        first = f"the most accurate ranks first (then the lowest log-loss{after})"
+    return f"; {heads} tied with the most accurate one, {top}, on {chosen} (paired bootstrap, 95%): {first}"
 
 
 def selection_note(selection_split: str, final_split: str, cv: int | None = None,

@@ -15,7 +15,8 @@ from .calibration import calibrate_entries, check_method
 from .ensemble import add_ensemble
 from .leaderboard import rank
 
-RANKING = "paired-bootstrap/1"  # how the leaderboard is ranked: part of every run's address
+RANKING = "paired-bootstrap/2"  # how the leaderboard is ranked: part of every run's address
+# /1: tied heads by log-loss; /2: the ensemble of the tied heads, then by accuracy (bench/selection.py)
 ENSEMBLE = "caruana/1"  # how the ensemble is chosen and scored: part of the address of runs that have one
 
 
