@@ -196,3 +196,14 @@ def classification_metrics(y_true, proba, classes: list[str] | None = None) -> d
 def summary(metrics: dict) -> dict:
     """The scalar metrics only (for tables)."""
     return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+
+
+def tempered(proba, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row by row (``T = 1``: ``p`` as float64)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if temperature == 1.0:
+        return proba
+    logp = np.log(np.clip(proba, EPS, 1.0)) / temperature
+    logp -= logp.max(axis=1, keepdims=True)
+    out = np.exp(logp)
+    return out / out.sum(axis=1, keepdims=True)

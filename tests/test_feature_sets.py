@@ -14,6 +14,7 @@ from conftest import FAST, run_cli
 import featurecache
 from featurecache import store
 from featurecache.errors import HeadError
+from featurecache.sweep.calibration import apply_temperature, head_temperature
 from featurecache.sweep.runs import load_head
 
 CLASSES = ["a", "b"]
@@ -168,9 +169,9 @@ def test_predict_and_finetune_rebuild_the_feature_set(tmp_path, image_folder, fe
     settings = {**FAST, "crop": 32, "resize": 36}
     extracted = featurecache.extract(str(image_folder), layers="features.14,features.16", tta="flip", **settings)
     run = featurecache.fit_head(extracted.cache, head=("logreg:C=1;pre=standardize",), features=features)
-    pipeline, _ = load_head(run.run_dir, "best")
+    pipeline, head_meta = load_head(run.run_dir, "best")
     X, _, paths = store.load_features(extracted.cache, "val", features=features)
-    expected = pipeline.predict_proba(X)
+    expected = apply_temperature(pipeline.predict_proba(X), head_temperature(head_meta))  # calibrated by default
     out = featurecache.predict(run.run_dir, [str(image_folder / "val")], workers=0, progress=False)
     got = {Path(p["path"]).relative_to(image_folder).as_posix(): p for p in out["predictions"]}
     for row, path in zip(expected, paths):

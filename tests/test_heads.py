@@ -238,7 +238,7 @@ def test_to_torch_is_exact(name, pre, n_classes, digits):
 def test_to_torch_gives_plain_linear_layers_and_refuses_other_heads(digits):
     assert isinstance(to_torch(_fit("logreg", digits, pre="standardize")), torch.nn.Linear)
     assert isinstance(to_torch(_fit("linear", digits, pre="pca:8"), "linear"), torch.nn.Linear)
-    only = "only linear, mlp, logreg, linear-svm, ridge, rbf-map, sgd heads convert to torch"
+    only = "only linear, mlp, logreg, linear-svm, ridge, rbf-map, sgd, nearest-centroid heads convert to torch"
     with pytest.raises(HeadError, match=f"head KNeighborsClassifier is not transferable: {only}"):
         to_torch(_fit("knn", digits))
     with pytest.raises(HeadError, match=f"head knn is not transferable: {only}"):
@@ -259,7 +259,9 @@ def test_to_torch_by_name_matches_the_inferred_conversion(digits):
 
 def test_every_fact_about_a_head_is_in_its_record():
     assert [n for n, h in HEADS.items() if h.transferable] == ["linear", "mlp", "logreg", "linear-svm", "ridge",
-                                                               "rbf-map", "sgd"]
+                                                               "rbf-map", "sgd", "nearest-centroid"]
+    assert {n: h.transfer is not None for n, h in HEADS.items() if not h.transferable} == {
+        "svm": True, "knn": True, "random-forest": False, "hgb": False}
     assert {n: h.warm_path for n, h in HEADS.items() if h.warm_path} == {
         "logreg": "C", "random-forest": "n_estimators", "hgb": "max_iter"}
     assert head_type("nearest-centroid").simplicity < head_type("logreg").simplicity < head_type("hgb").simplicity

@@ -17,6 +17,7 @@ import featurecache
 from featurecache.data.images import normalize_batch
 from featurecache.errors import DataError, FinetuneError, UsageError
 from featurecache.finetuning.prediction import image_paths
+from featurecache.sweep.calibration import apply_temperature, head_temperature
 from featurecache.sweep.runs import load_head
 
 PREDICTION_KEYS = {"path", "class", "probability", "topk"}
@@ -38,9 +39,9 @@ def _proba(prediction: dict, classes: list[str]) -> np.ndarray:
 @pytest.mark.parametrize("head", ["logreg:pre=standardize", "knn"])
 def test_a_run_predicts_what_its_head_predicted_on_the_cache(small_run, head):
     run_dir, cache, images = small_run
-    pipeline, _ = load_head(run_dir, head)
+    pipeline, head_meta = load_head(run_dir, head)
     X, _, paths = featurecache.load_features(cache, "val")
-    expected = pipeline.predict_proba(X)
+    expected = apply_temperature(pipeline.predict_proba(X), head_temperature(head_meta))  # calibrated by default
     classes = ["class0", "class1", "class2"]
 
     out = featurecache.predict(run_dir, [str(images / "val")], head=head, workers=0, progress=False)

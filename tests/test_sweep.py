@@ -38,6 +38,11 @@ def entry_keys(entry: dict) -> set:
     return ENTRY_KEYS | {"calibration"} | extra
 
 
+def grid_heads(leaderboard: list[dict]) -> set:
+    """The specs of the heads a grid asked for: not the ensemble, nor a transferable form fitted beside them."""
+    return {e["head"] for e in leaderboard if e["head"] != "ensemble" and "transfer_of" not in e}
+
+
 def digits_cache(folder: Path, sizes=(("train", 300), ("val", 150), ("test", 150)), name="digits", seed=0,
                  labels=None, tag="digits") -> str:
     """A complete cache of scikit-learn's 8x8 digits (64 features), one row per image."""
@@ -152,9 +157,9 @@ def test_a_head_that_cannot_fit_these_data_is_reported_and_the_sweep_goes_on(tmp
     res = featurecache.fit_head(cache, head=grid, jobs=1)
     assert {f["head"] for f in res.failed} == {"logreg:C=1;pre=pca:64", "knn:n_neighbors=50"}
     assert all("ValueError" in f["error"] for f in res.failed)
-    assert {e["head"] for e in res.leaderboard} == {"knn:n_neighbors=3", "nearest-centroid", "ensemble"}
+    assert grid_heads(res.leaderboard) == {"knn:n_neighbors=3", "nearest-centroid"}
     assert sorted(p.name for p in (Path(res.run_dir) / "heads").iterdir()) == \
-        ["ensemble", "knn-n_neighbors=3", "nearest-centroid"]
+        sorted(runs.slug(e["head"]) for e in res.leaderboard)
     assert runs.load_run(res.run_dir).meta["failed"] == res.failed
     out = run_cli(cli_runner, "fit-head", cache, *(arg for g in grid for arg in ("--head", g)), "--jobs", 1)
     assert out.exit_code == 0
@@ -236,7 +241,7 @@ def test_balanced_class_weight(tmp_path):
     assert plain.run_dir != balanced.run_dir
     weighted = "logreg:C=1;class_weight=balanced;pre=standardize"
     heads = {e["head"]: e for e in balanced.leaderboard}
-    assert set(heads) == {weighted, "knn", "ensemble"}  # knn cannot weight classes
+    assert grid_heads(balanced.leaderboard) == {weighted, "knn"}  # knn cannot weight classes
     assert heads[weighted]["params"]["class_weight"] == "balanced"
     pipeline, _ = runs.load_head(balanced.run_dir, weighted)
     assert pipeline.named_steps["head"].class_weight == "balanced"
@@ -258,8 +263,8 @@ def test_sweep_file_grid(tmp_path, cache):
     assert specs == ["logreg:C=0.1,1;pre=standardize", "mlp:hidden=16,16x8;dropout=0.0;batch_norm=true;epochs=3",
                      "nearest-centroid"]
     res = featurecache.fit_head(cache, sweep_file=str(sweep_file), head=("knn",), jobs=1)
-    assert {e["head"] for e in res.leaderboard} == {
-        "ensemble", "knn", "logreg:C=0.1;pre=standardize", "logreg:C=1;pre=standardize", "nearest-centroid",
+    assert grid_heads(res.leaderboard) == {
+        "knn", "logreg:C=0.1;pre=standardize", "logreg:C=1;pre=standardize", "nearest-centroid",
         "mlp:batch_norm=true;dropout=0.0;epochs=3;hidden=16", "mlp:batch_norm=true;dropout=0.0;epochs=3;hidden=16x8"}
 
 
@@ -445,8 +450,7 @@ def test_a_head_registered_in_one_call_is_swept_saved_listed_and_transferable(ca
     assert row == {**row, "family": "linear", "transferable": True, "simplicity": 1, "cost": 2, "warm_path": None,
                    "description": "Linear discriminant analysis."}
     res = featurecache.fit_head(cache, head=("lda:solver=svd,lsqr;pre=standardize", "knn"), jobs=1)
-    assert {e["head"] for e in res.leaderboard} == {"lda:pre=standardize;solver=svd",
-                                                   "lda:pre=standardize;solver=lsqr", "knn", "ensemble"}
+    assert grid_heads(res.leaderboard) == {"lda:pre=standardize;solver=svd", "lda:pre=standardize;solver=lsqr", "knn"}
     assert runs.best_transferable(res.leaderboard).startswith("lda:")
     pipeline, head_meta = runs.load_head(res.run_dir, "best-transferable")
     assert head_meta["name"] == "lda" and head_meta["transferable"]
@@ -466,7 +470,7 @@ def test_a_registered_simplicity_breaks_leaderboard_ties(cache, register, simpli
 
     register("twin-centroid", twin, family="neighbors", simplicity=simplicity,
              trusted=["featurecache.heads.sklearn_heads.SoftmaxNearestCentroid"])
-    board = featurecache.fit_head(cache, head=("nearest-centroid", "twin-centroid"), jobs=1).leaderboard
+    board = featurecache.fit_head(cache, head=("nearest-centroid", "twin-centroid"), jobs=1, ensemble=False).leaderboard
     assert board[0]["metrics"] == board[1]["metrics"]  # a tie on every number
     assert board[0]["head"] == first
 
@@ -490,8 +494,7 @@ def test_a_registered_warm_path_is_fitted_as_a_path(cache, register, monkeypatch
     monkeypatch.setitem(engine.FITTERS, "warm-path", spy)
     res = featurecache.fit_head(cache, head=("extra-trees:n_estimators=20,10", "knn"), jobs=1)
     assert paths == [["extra-trees:n_estimators=10", "extra-trees:n_estimators=20"]]  # ascending, one path
-    assert {e["head"] for e in res.leaderboard} == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn",
-                                                   "ensemble"}
+    assert grid_heads(res.leaderboard) == {"extra-trees:n_estimators=10", "extra-trees:n_estimators=20", "knn"}
     assert runs.load_head(res.run_dir, "extra-trees:n_estimators=20")[0].named_steps["head"].warm_start is False
 
 

@@ -51,8 +51,7 @@ from ..files import atomic_write, require_space, sha256_file, write_json
 from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
-from ..sweep.calibration import fit_temperature
-from ..sweep.runs import start_note
+from ..sweep.calibration import apply_temperature, fit_temperature
 from . import activations
 from .blocks import named_blocks
 from .network import (
@@ -600,20 +599,28 @@ def _train(trainer: _Trainer, state: _State) -> bool:
     return stop()
 
 
-def _final_metrics(job: _Job, trainer: _Trainer, state: _State) -> dict:
-    """The head's recorded metrics and the best epoch's, on the selection split and the held-out one."""
+def _final_metrics(job: _Job, trainer: _Trainer, state: _State, temperature: float) -> dict:
+    """The head's recorded metrics and the best epoch's, on the selection split and the held-out one: those of
+    the probabilities the exported model gives, after its ``temperature``."""
     metrics = {"head": dict(job.head_meta["metrics"]), "finetuned": {job.split: state.best_metrics}}
+    splits = [job.split] if temperature != 1.0 else []
     final = job.loaded.meta.get("final_split", job.split)
     if final != job.split and final in job.cache_meta["splits"]:
-        images, labels = trainer.images(final)
-        metrics["finetuned"][final] = trainer.evaluate(images, labels, final)
+        splits.append(final)
+    for split in splits:
+        images, labels = trainer.images(split)
+        probs = probabilities(trainer.net, images, len(job.classes), trainer.dev, trainer.s.precision,
+                              trainer.s.batch_size, job.workers, job.progress, split)
+        metrics["finetuned"][split] = classification_metrics(labels, apply_temperature(probs, temperature),
+                                                             job.classes)
     return metrics
 
 
 def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) -> FinetuneResult:
     """Save the best epoch as safetensors and TorchScript, then ``result.json``, which marks it complete."""
     trainer.load_best()
-    metrics = _final_metrics(job, trainer, state)
+    temperature = trainer.temperature()
+    metrics = _final_metrics(job, trainer, state, temperature)
     size = sum(t.numel() * t.element_size() for t in trainer.net.state_dict().values())
     require_space(job.out, 2 * size, "the fine-tuned model (model.safetensors and model.pt)")
     weights = save_weights(trainer.net, job.out / WEIGHTS_FILE)
@@ -621,7 +628,6 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
     info = {"backbone": trainer.backbone.identity, "layer": trainer.backbone.layer, "head": job.head_meta["head"],
             "run_id": meta["run_id"], "cache_key": meta["cache_key"], "finetune": job.config,
             "best_epoch": state.best_epoch, "metrics": {s: summary(m) for s, m in metrics["finetuned"].items()}}
-    temperature = trainer.temperature()
     model_path = export(trainer.net, trainer.pre, job.classes, job.out / MODEL_FILE, info, temperature)
     exported = {"file": model_path.name, "sha256": sha256_file(model_path)}
     result = FinetuneResult(
@@ -645,6 +651,8 @@ def _run(job: _Job, resume: bool) -> FinetuneResult:
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
     state, resumed_from = _begin(trainer, resume)
     if job.progress:
+        from ..sweep.runs import start_note
+
         note = start_note(job.loaded.leaderboard, job.head_meta["head"])
         if note is not None:
             _log(note)

@@ -62,15 +62,6 @@ def decision_softmax_module(head) -> nn.Linear:
     return coef_module(head.estimator_)
 
 
-def centroid_module(head) -> nn.Linear:
-    """A :class:`~featurecache.heads.sklearn_heads.SoftmaxNearestCentroid` as ``nn.Linear``: minus the squared
-    distance to centroid c is ``2 x.c - |c|^2 - |x|^2``, and the last term, the same for every class, leaves the
-    softmax unchanged."""
-    centroids = np.asarray(head.centroids_, dtype=np.float64)
-    weight, bias = 2.0 * centroids, -(centroids * centroids).sum(axis=1)
-    return linear_module(torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
-
-
 def torch_module(head) -> nn.Module:
     """A torch head's own trained module (a copy)."""
     return copy.deepcopy(head.module_)
@@ -104,19 +95,72 @@ class KernelMapNet(nn.Module):
 
     def fold_pre(self, pre) -> KernelMapNet:
         """Absorb a fitted ``standardize`` (into the kernel's scale and centers) or ``pca`` (as the projection)."""
+        return _fold_distance_pre(self, self.kernel.centers, self.kernel.scale, pre)
+
+
+def _fold_distance_pre(owner: nn.Module, centers: torch.Tensor, scale: torch.Tensor, pre) -> nn.Module:
+    """Fold a fitted ``standardize`` into the ``scale`` and ``centers`` of a layer that measures distances from
+    ``x * scale`` to ``centers``, or set ``pca`` as ``owner.project`` in front of it; returns ``owner``."""
+    if isinstance(pre, StandardScaler):
+        mean = np.zeros(centers.shape[1]) if pre.mean_ is None else pre.mean_
+        spread = np.ones_like(mean) if pre.scale_ is None else pre.scale_
+        with torch.no_grad():
+            scale.copy_(torch.from_numpy(1.0 / spread))
+            centers.add_(torch.from_numpy(mean / spread).float())
+        return owner
+    if isinstance(pre, PCA):
+        identity = np.eye(pre.n_components_)
+        weight, bias = _fold_pca(pre, identity, np.zeros(pre.n_components_))
+        owner.project = linear_module(torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
+        return owner
+    raise HeadError(f"preprocessing {type(pre).__name__} cannot be folded into a distance layer")
+
+
+class CentroidNet(nn.Module):
+    """The nearest class prototype as a layer: logits ``-||x * scale - c||^2`` against trainable centers
+    ``c``, the softmax of which is :class:`~featurecache.heads.sklearn_heads.SoftmaxNearestCentroid`'s
+    probabilities. Distances are taken directly: the expansion ``2 x.c - |c|^2`` cancels in float32."""
+
+    def __init__(self, centroids: np.ndarray):
+        super().__init__()
+        self.project = nn.Identity()
+        self.centers = nn.Parameter(torch.tensor(np.asarray(centroids), dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(self.centers.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float64: squared distances of standardized features reach 1e5 and more, where float32 keeps
+        # too few digits of their differences, which are what the softmax sees
+        z = self.project(x).double() * self.scale.double()
+        d = torch.cdist(z, self.centers.double(), compute_mode="donot_use_mm_for_euclid_dist")
+        return (-(d * d)).to(x.dtype)
+
+    def fold_pre(self, pre) -> CentroidNet:
+        """``standardize`` as a layer in front that subtracts before it divides (features of almost no spread
+        make ``x / s - m / s`` cancel in float32); ``pca`` as the projection."""
         if isinstance(pre, StandardScaler):
-            mean = np.zeros(self.kernel.centers.shape[1]) if pre.mean_ is None else pre.mean_
-            scale = np.ones_like(mean) if pre.scale_ is None else pre.scale_
-            with torch.no_grad():
-                self.kernel.scale.copy_(torch.from_numpy(1.0 / scale))
-                self.kernel.centers.add_(torch.from_numpy(mean / scale).float())
+            self.project = Standardize(pre)
             return self
-        if isinstance(pre, PCA):
-            identity = np.eye(pre.n_components_)
-            weight, bias = _fold_pca(pre, identity, np.zeros(pre.n_components_))
-            self.project = linear_module(torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
-            return self
-        raise HeadError(f"preprocessing {type(pre).__name__} cannot be folded into a kernel map")
+        return _fold_distance_pre(self, self.centers, self.scale, pre)
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / scale`` of a fitted ``StandardScaler``, as fixed buffers."""
+
+    def __init__(self, scaler: StandardScaler):
+        super().__init__()
+        width = scaler.n_features_in_
+        mean = np.zeros(width) if scaler.mean_ is None else scaler.mean_
+        scale = np.ones(width) if scaler.scale_ is None else scaler.scale_
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.mean.double()) / self.scale.double()
+
+
+def centroid_module(head) -> CentroidNet:
+    """A :class:`~featurecache.heads.sklearn_heads.SoftmaxNearestCentroid` as :class:`CentroidNet`."""
+    return CentroidNet(head.centroids_)
 
 
 def kernel_map_module(head) -> KernelMapNet:

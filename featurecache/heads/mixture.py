@@ -14,18 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics import EPS
-
-
-def tempered(proba, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` row by row (``T = 1``: ``p`` as float64)."""
-    proba = np.asarray(proba, dtype=np.float64)
-    if temperature == 1.0:
-        return proba
-    logp = np.log(np.clip(proba, EPS, 1.0)) / temperature
-    logp -= logp.max(axis=1, keepdims=True)
-    out = np.exp(logp)
-    return out / out.sum(axis=1, keepdims=True)
+from ..metrics import tempered
 
 
 def mix(probas: list, weights, temperatures=None) -> np.ndarray:

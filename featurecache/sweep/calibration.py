@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError, suggest
-from ..heads.mixture import tempered
-from ..metrics import EPS, calibration_metrics
+from ..metrics import EPS, calibration_metrics, tempered
 
 METHODS = ("temperature",)
 NONE = "none"  # what turns calibration off (the default is temperature scaling)
