@@ -9,8 +9,10 @@ of its leaderboard:
   one, the lowest calibrated log-loss;
 - ``simplicity``: among them, the simplest head type (the registry's ``simplicity``), then log-loss;
 - ``tied-ensemble``: the greedy ensemble (:mod:`featurecache.sweep.ensemble`) of the tied heads only;
-- ``default``: what the sweep now selects (the ensemble of every head when no single head ties it,
-  else ``log-loss``).
+- ``default``: what the sweep selects (since ``paired-bootstrap/2``: the ensemble of the tied heads
+  unless its cross-fitted score is significantly worse than the most accurate head's, else
+  ``most-accurate``; when this comparison was first run, the ensemble of every head ranked first only
+  when no head was tied with it, else ``log-loss``).
 
 Data sets:
 

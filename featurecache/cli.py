@@ -650,8 +650,8 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
               help="Fit one temperature per head on the selection split; predict and export apply it "
                    "(none: the heads' own probabilities).")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
-              help="Add the ensemble of the heads (greedy selection on the selection split, scored by "
-                   "cross-fitting); it ranks first only when no single head is tied with it.")
+              help="Add the ensemble of the heads tied with the most accurate one (greedy selection on the "
+                   "selection split, scored by cross-fitting); it ranks first unless significantly worse.")
 @click.option("--features", default="penultimate", show_default=True, metavar="SET",
               help="What heads learn from: penultimate, a layer stored with fc extract --layers, or concat "
                    "(all of them side by side).")
@@ -684,9 +684,9 @@ def fit_head(as_json, **options):
     Heads are selected on val, or by cross-validation on train when there is no val split
     (above 4,000 rows: a stratified holdout of train); test, when the cache has it, is held out.
     Every accuracy has a 95% bootstrap interval; heads not significantly worse than the most
-    accurate one are tied, and the lowest log-loss among them (after the temperature) ranks
-    first; the ensemble of the heads ranks first only when none is tied with it. Progress goes
-    to stderr: a bar on a terminal, else a line every 30 s. `fc heads` lists the heads.
+    accurate one are tied; their ensemble ranks first unless significantly worse, then the most
+    accurate (then the lowest log-loss after the temperature). Progress goes to stderr: a bar
+    on a terminal, else a line every 30 s. `fc heads` lists the heads.
     """
     from .sweep.stage import fit_head as run_fit_head
 

@@ -1,5 +1,6 @@
-"""The ensemble of a sweep's heads: chosen greedily, scored on data that did not choose it, ranked first only
-when no single head ties it, and saved, loaded, predicted with, fine-tuned and exported like a head."""
+"""The ensemble of a sweep's tied heads: chosen greedily, scored on data that did not choose it, ranked first
+unless significantly worse than the most accurate head, and saved, loaded, predicted with, fine-tuned and
+exported like a head."""
 
 from __future__ import annotations
 

@@ -642,16 +642,17 @@ def _transfer_config(entries: list[dict], outcome: _Outcome) -> HeadConfig | Non
 
 
 def _with_transfer(plan: _Plan, data: engine.SweepData, options: SweepOptions, outcome: _Outcome, labels: dict,
-                   entries: list[dict]) -> list[dict]:
+                   entries: list[dict], *, started: float) -> list[dict]:
     """``entries`` with the transferable form of a selected head that cannot become a layer, fitted on the same
     rows and ranked with the others, so that stage three can start from it (:func:`featurecache.sweep.runs.
-    best_transferable`); its entry's ``transfer_of`` names the head and its paired difference to it."""
+    best_transferable`); its entry's ``transfer_of`` names the head and its paired difference to it. The fit
+    counts against the sweep's budget (``started``: when the sweep began)."""
     form = _transfer_config(entries, outcome)
     if form is None:
         return entries
     selected = entries[0]["head"]
     try:
-        extra, _ = _run_sweep(dataclasses.replace(plan, configs=[form]), data, options, time.perf_counter())
+        extra, _ = _run_sweep(dataclasses.replace(plan, configs=[form]), data, options, started)
     except HeadError as exc:
         outcome.failed[form.spec] = str(exc)
         return entries
@@ -752,9 +753,10 @@ def fit_head(options: SweepOptions) -> SweepResult:
     ``class_weight="balanced"`` weights every head that supports it; ``seeds`` > 1 refits the
     heads whose fit depends on a seed and reports the spread; ``calibrate="temperature"`` (the default;
     ``"none"`` or None: off) fits one temperature per head on the selection split
-    (:mod:`featurecache.sweep.postpass`); ``ensemble`` adds
-    the ensemble of the heads, scored honestly and selected only when no single head ties it
-    (:mod:`featurecache.sweep.ensemble`).
+    (:mod:`featurecache.sweep.postpass`); ``ensemble`` adds the ensemble of the heads tied with the most
+    accurate one, scored by cross-fitting and ranked first unless significantly worse than that head
+    (:mod:`featurecache.sweep.ensemble`). A selected head that cannot become a layer (an RBF SVM, knn)
+    gets its transferable form fitted beside it, for stage three.
     ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored. ``exclude``: a file of paths (``fc audit --list``)
@@ -777,7 +779,8 @@ def fit_head(options: SweepOptions) -> SweepResult:
         return reused
     data = _read_data(plan)
     outcome, labels = _run_sweep(plan, data, options, started)
-    entries = _with_transfer(plan, data, options, outcome, labels, _rank(plan, labels, outcome, outcome.files))
+    entries = _with_transfer(plan, data, options, outcome, labels, _rank(plan, labels, outcome, outcome.files),
+                             started=started)
     entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
                         options.device, options.progress, plan.classes)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
