@@ -69,11 +69,13 @@ def _probabilities(run_dir: str, entry: dict, X: dict) -> dict:
     return {s: mix([model.predict_proba(x)], [1.0], [_temperature(entry)]) for s, x in X.items()}
 
 
-def choices(leaderboard: list[dict]) -> dict:
-    """``rule -> entry`` (``tied-ensemble``: the list of tied single entries)."""
+def choices(leaderboard: list[dict], right: dict) -> dict:
+    """``rule -> entry`` (``tied-ensemble``: the list of tied single entries). The ties are recomputed against
+    the most accurate single head from ``right`` (head -> per-image correctness on val), as the sweep computes
+    them before it adds the ensemble, whatever the saved leaderboard marks relative to its first entry."""
     singles = [e for e in leaderboard if not is_ensemble(e) and e.get("status") != "pruned"]
-    top = max(singles, key=lambda e: e["selection_accuracy"])  # max keeps the first of equal ones
-    tied = [e for e in singles if e.get("tied")] or [top]
+    top = min(singles, key=lambda e: (-e["selection_accuracy"], _log_loss(e)))
+    tied = [e for e in singles if paired_difference(right[top["head"]], right[e["head"]])["ci"][0] <= 0]
     return {"most-accurate": top, "log-loss": min(tied, key=_log_loss),
             "simplicity": min(tied, key=lambda e: (simplicity(e), _log_loss(e))),
             "tied-ensemble": tied, "default": leaderboard[0]}
@@ -83,14 +85,17 @@ def judge(cache: str, result) -> dict:
     """``rule -> per-test-image correctness`` of the entry each rule picks on one sweep."""
     X = {s: store.read_rows(cache, s) for s in ("val", "test")}
     y = {s: store.load_labels(cache, s) for s in ("val", "test")}
-    picked, correct, memo = choices(result.leaderboard), {}, {}
+    memo = {}
 
     def probas(entry):
         if entry["head"] not in memo:
             memo[entry["head"]] = _probabilities(result.run_dir, entry, X)
         return memo[entry["head"]]
 
-    for rule, entry in picked.items():
+    right = {e["head"]: probas(e)["val"].argmax(axis=1) == y["val"] for e in result.leaderboard
+             if not is_ensemble(e) and e.get("status") != "pruned"}
+    correct = {}
+    for rule, entry in choices(result.leaderboard, right).items():
         if rule == "tied-ensemble":
             members = [probas(e) for e in entry]
             weights = greedy_weights([m["val"] for m in members], y["val"]) if len(members) > 1 else [1.0]
@@ -109,7 +114,8 @@ def _sweep(label: str, cache: str, cache_dir: str) -> dict:
     best = result.leaderboard[0]
     ece = calibrated(best, "test").get("ece", best["metrics"]["test"].get("ece"))
     cells = "  ".join(f"{rule} {correct[rule].mean():.4f}" for rule in RULES)
-    print(f"{label}: sweep {seconds:.1f} s, selected {best['head']}, {tied_count(result.leaderboard)} tied, "
+    print(f"{label}: sweep {seconds:.1f} s{' (reused)' if result.reused else ''}, selected {best['head']}, "
+          f"{tied_count(result.leaderboard)} tied, "
           f"test ECE {ece:.4f}; {cells}", flush=True)
     return correct
 
