@@ -9,8 +9,8 @@ come first: the ensemble of the tied heads (:mod:`featurecache.sweep.ensemble`) 
 tied too, then the heads by accuracy, log-loss (after the temperature) and the head type's
 registered simplicity; the others follow in the same order. This rule was chosen on held-out
 test images (``bench/selection.py``, ``docs/performance.md``): among tied heads, the lowest
-log-loss and the simplest head both lost accuracy against the most accurate one, and the
-ensemble of the tied heads gained.
+log-loss and the simplest head gained nothing over the most accurate one, and the ensemble
+of the tied heads gained half a point.
 The printed table, the CSV and the report read the same entries.
 """
 
