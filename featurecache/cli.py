@@ -717,7 +717,8 @@ def fit_head(as_json, **options):
               help="Stratified subsamples of each size below all the images (fewer at the largest sizes when "
                    "--budget requires it).")
 @click.option("--budget", type=click.FloatRange(min=0), default=55.0, show_default=True, metavar="SECONDS",
-              help="Seconds the curve should take: the largest sizes lose seeds first, down to one (0: no bound).")
+              help="Seconds the curve should take: the largest sizes lose seeds first, down to one, then sizes "
+                   "between the first two and all are skipped (0: no bound).")
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
 @_cache_dir
 @_json

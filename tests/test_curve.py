@@ -230,9 +230,12 @@ def test_the_budget_takes_seeds_from_the_largest_sizes_first():
     assert curves.seeds_now([300], 3, 1e6, clock) == 1  # all of them is one subsample
 
 
-def test_a_small_budget_leaves_one_seed_to_every_size_after_the_first_two(val_run):
+def test_a_spent_budget_skips_the_sizes_between_the_first_two_and_all_of_them(val_run):
     c = featurecache.curve(val_run, seeds=2, budget=1e-6)  # the first size is not timed: mostly start-up
-    assert [p["seeds"] for p in c.points] == [2, 2, 1, 1, 1, 1] and c.budget == 1e-6
+    assert [p["seeds"] for p in c.points] == [2, 2, 0, 0, 0, 1] and c.budget == 1e-6
+    assert all(p["accuracy"] is None and p["error"].startswith("skipped: one seed would take about")
+               for p in c.points[2:5])
+    assert c.slope["from"] == c.points[1]["images"] and c.slope["to"] == c.points[-1]["images"]
 
 
 def test_options_are_checked(val_run):

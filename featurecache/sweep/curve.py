@@ -28,8 +28,9 @@ per class, then on all of them, and scores every fit on the run's own selection 
   more than an equal share of what is left keeps them all; otherwise, while the estimates exceed
   90% of what is left, the largest sizes lose seeds first, down to one: so the small sizes,
   whose subsamples vary most, keep theirs (the first two always do: the first size's seconds
-  are mostly start-up, and are not a guide). No size is left out, so a budget too small for one fit of
-  each is exceeded, and the result says how long it took. The default, 55 s, keeps
+  are mostly start-up, and are not a guide). A size between the first two and the last whose one fit
+  would take longer than what is left is skipped, with the reason in its row (:func:`_over_budget`); the
+  first two and all the images are always fitted, so a budget too small for them is exceeded. The default, 55 s, keeps
   ``fc curve`` within a minute with Python's start-up on Fashion-MNIST's 20,000 images.
 - **Threads.** Every fit runs on one thread, the fits of a size side by side on the usable
   cores; torch heads one after another in one lane, as in a sweep (they draw from torch's
@@ -386,6 +387,15 @@ def seeds_now(images: list, seeds: int, left: float | None, clock: Clock, last_f
     return counts[0]
 
 
+def _over_budget(clock: Clock, images: list, i: int, left: float | None, last: bool) -> str | None:
+    """Why size ``i`` is skipped: one seed of it would take longer than the ``left`` seconds (never the first
+    two sizes, which give the curve its start, nor the last, all the images); None to fit it."""
+    estimate = clock.estimate(images[i])
+    if left is None or last or i < 2 or estimate is None or estimate <= left:
+        return None
+    return f"skipped: one seed would take about {estimate:.0f} s, more than the {max(0.0, left):.0f} s left of --budget"
+
+
 def _measure(setup: _Setup, options: CurveOptions, budget: float | None, bar: Progress,
              started: float) -> tuple[list, list]:
     """Every size's point and per-image shares, the seeds of each planned within the budget (of the call
@@ -396,6 +406,13 @@ def _measure(setup: _Setup, options: CurveOptions, budget: float | None, bar: Pr
     points, shares = [], []
     for i, k in enumerate(ks):
         left = None if budget is None else PLAN_SHARE * (budget - (time.perf_counter() - started))
+        skipped = _over_budget(clock, images, i, left, k is None)
+        if skipped is not None:
+            points.append({"per_class": k, "images": images[i], "seeds": 0, "accuracy": None, "ci": None,
+                           "accuracies": [], "error": skipped, "seconds": 0.0})
+            shares.append(None)
+            bar.update()
+            continue
         seeds = seeds_now(images[i:], options.seeds, left, clock, setup.saved is not None)
         bar.set_current(f"{'all' if k is None else k} per class, {seeds} seed{'s' if seeds > 1 else ''}")
         begun = time.perf_counter()
