@@ -39,7 +39,9 @@ def test_list_runs_shows_backbone_best_head_and_interval(two_runs, cli_runner):
         best = run.leaderboard[0]["metrics"]
         assert row["selection_accuracy_ci"] == best["val"]["accuracy_ci"]
         assert (row["final_split"], row["final_accuracy"]) == ("test", best["test"]["accuracy"])
-        assert row["tied"] == sum(e["tied"] for e in run.leaderboard) - 1 and row["heads"] == 3
+        top = run.leaderboard[0]["gap"]["to"]  # the most accurate entry; the ensemble is not a head here
+        assert row["tied"] == sum(e["tied"] and e["head"] not in ("ensemble", top) for e in run.leaderboard)
+        assert row["heads"] == sum(e["head"] != "ensemble" for e in run.leaderboard)
     out = run_cli(cli_runner, "runs", "--cache-dir", folder)
     assert out.exit_code == 0
     name = Path(runs[1].run_dir).name
