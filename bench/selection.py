@@ -46,27 +46,23 @@ from tricks import FASHION_MNIST, hymenoptera_manifest
 import featurecache
 from featurecache import store
 from featurecache.heads.mixture import mix
-from featurecache.metrics import paired_difference
+from featurecache.metrics import paired_difference, tempered
+from featurecache.sweep.calibration import head_temperature
 from featurecache.sweep.ensemble import greedy_weights
-from featurecache.sweep.leaderboard import calibrated, is_ensemble, simplicity, tied_count
+from featurecache.sweep.leaderboard import calibrated, is_ensemble, rank_key, simplicity, tied_count
 from featurecache.sweep.runs import load_head
 
 RULES = ("most-accurate", "log-loss", "simplicity", "tied-ensemble", "default")
 
 
 def _log_loss(entry: dict) -> float:
-    split = entry["selection_split"]
-    return calibrated(entry, split).get("log_loss", entry["metrics"][split]["log_loss"])
-
-
-def _temperature(entry: dict) -> float:
-    return float((entry.get("calibration") or {}).get("temperature", 1.0))
+    return rank_key(entry)[1]  # on the selection split, after the temperature
 
 
 def _probabilities(run_dir: str, entry: dict, X: dict) -> dict:
     """``split -> probabilities`` of one entry of a run, after its temperature, on the features ``X``."""
     model, _ = load_head(run_dir, entry["head"])
-    return {s: mix([model.predict_proba(x)], [1.0], [_temperature(entry)]) for s, x in X.items()}
+    return {s: tempered(model.predict_proba(x), head_temperature(entry)) for s, x in X.items()}
 
 
 def choices(leaderboard: list[dict], right: dict) -> dict:

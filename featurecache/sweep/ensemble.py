@@ -38,8 +38,8 @@ import numpy as np
 
 from ..heads import head_type
 from ..heads.mixture import mix
-from ..metrics import EPS, classification_metrics
-from .calibration import calibrate_entries
+from ..metrics import EPS, classification_metrics, tempered
+from .calibration import calibrate_entries, head_temperature
 from .leaderboard import ENSEMBLE, rank
 
 ROUNDS = 20  # votes of the greedy selection
@@ -93,10 +93,6 @@ def _candidates(entries: list[dict]) -> list[dict]:
     return [e for e in entries if e.get("tied") and e.get("status") != "pruned" and e["head"] != ENSEMBLE]
 
 
-def _temperature(entry: dict) -> float:
-    return float((entry.get("calibration") or {}).get("temperature", 1.0))
-
-
 def _entry(members: list[dict], weights: np.ndarray, probas: dict, labels: dict, classes: list, seconds: float) -> dict:
     """The leaderboard entry of the ensemble (``probas``: its probabilities per split)."""
     split = members[0]["selection_split"]
@@ -104,7 +100,7 @@ def _entry(members: list[dict], weights: np.ndarray, probas: dict, labels: dict,
     metrics = {s: classification_metrics(labels[s], probas[s], classes) for s in order}
     used = [(m, w) for m, w in zip(members, weights) if w > 0]
     return {"head": ENSEMBLE, "params": {"members": {m["head"]: round(float(w), 4) for m, w in used}},
-            "members": [{"head": m["head"], "weight": float(w), "temperature": _temperature(m)} for m, w in used],
+            "members": [{"head": m["head"], "weight": float(w), "temperature": head_temperature(m)} for m, w in used],
             "transferable": all(head_type(m["head"].partition(":")[0]).transferable for m, _ in used),
             "selection_split": split, "selection_accuracy": metrics[split]["accuracy"], "metrics": metrics,
             "fit_seconds": round(seconds, 4), "status": "fitted", "reason": "",
@@ -127,14 +123,14 @@ def add_ensemble(entries: list[dict], probas: dict, labels: dict, classes: list,
     if len(members) < 2:
         return entries
     split = members[0]["selection_split"]
-    tempered = [{s: mix([p], [1.0], [_temperature(m)]) for s, p in probas[m["head"]].items()} for m in members]
-    weights = greedy_weights([t[split] for t in tempered], labels[split])
+    heads = [{s: tempered(p, head_temperature(m)) for s, p in probas[m["head"]].items()} for m in members]
+    weights = greedy_weights([t[split] for t in heads], labels[split])
     if np.count_nonzero(weights) < 2:
         return entries
     used = np.flatnonzero(weights)
-    own = {s: mix([tempered[i][s] for i in used], weights[used]) for s in tempered[0]}
+    own = {s: mix([heads[i][s] for i in used], weights[used]) for s in heads[0]}
     applied = float(np.mean(own[split].argmax(axis=1) == np.asarray(labels[split])))
-    own[split] = cross_fitted([t[split] for t in tempered], labels[split], seed)
+    own[split] = cross_fitted([t[split] for t in heads], labels[split], seed)
     probas[ENSEMBLE] = own
     entry = _entry(members, weights, own, labels, classes, time.perf_counter() - started)
     # what the saved weights give on the rows that chose them: not a score, but what a network made of them reproduces
