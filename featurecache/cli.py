@@ -175,9 +175,10 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
               help="A state dict file (needs --resize and --crop).")
 @click.option("--layer", default=None,
               help="Named module to read, globally average-pooled (default: the penultimate layer).")
-@click.option("--layers", metavar="NAME,NAME,...", default=None,
+@click.option("--layers", metavar="auto|none|NAME,...", default="auto", show_default=True,
               help="More named modules to store beside the main features, each globally average-pooled, from the "
-                   "same forward pass (e.g. features.14,features.17).")
+                   "same forward pass (e.g. features.14,features.17). auto: the ends of the backbone's stages "
+                   "where they are known (MobileNetV2: features.6,features.13,features.17); none: nothing more.")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="flip: every stored feature is the mean over the image and its horizontal mirror.")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
@@ -652,9 +653,10 @@ def _echo_leaderboard(leaderboard, selection_split, final_split, cv=None):
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="Add the ensemble of the heads tied with the most accurate one (greedy selection on the "
                    "selection split, scored by cross-fitting); it ranks first unless significantly worse.")
-@click.option("--features", default="penultimate", show_default=True, metavar="SET",
-              help="What heads learn from: penultimate, a layer stored with fc extract --layers, or concat "
-                   "(all of them side by side).")
+@click.option("--features", default="auto", show_default=True, metavar="SET",
+              help="What heads learn from: penultimate, a layer stored with fc extract --layers, concat (all of "
+                   "them side by side), or auto: on a cache with layers every head on concat and on penultimate, "
+                   "chosen on the selection split; else penultimate.")
 @click.option("--views/--no-views", default=None,
               help="Also learn from the augmented views stored with fc extract --augment-views "
                    "(default: when the cache has them). Scores never use views.")

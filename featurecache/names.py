@@ -8,3 +8,4 @@ from __future__ import annotations
 
 SPLITS = ("train", "val", "test")  # in this order wherever splits are listed
 FEATURE_SETS = ("penultimate", "concat")  # besides the name of any stored layer
+AUTO = "auto"  # fit-head --features auto: concat and penultimate side by side (when the cache has layers)

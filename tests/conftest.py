@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-# Small, fast settings for tests that only need *some* features.
-FAST = dict(backbone="mobilenet_v2", weights="none", resize=48, crop=40, workers=0, batch_size=8, progress=False)
+# Small, fast settings for tests that only need *some* features: the penultimate ones alone (the default
+# --layers auto also stores MobileNetV2's stage ends, and the default sweep then fits every head twice;
+# tests/test_features_auto.py tests that).
+FAST = dict(backbone="mobilenet_v2", weights="none", resize=48, crop=40, workers=0, batch_size=8, progress=False,
+            layers="none")
 
 
 def _mobilenet_weights_present() -> bool:

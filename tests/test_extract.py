@@ -96,7 +96,8 @@ def test_json_output_shape(cli_runner, image_folder, tmp_path):
     obj = json.loads(out.stdout)
     assert set(obj) == {"cache", "reused", "feature_dim", "splits", "images_per_s", "seconds", "missing", "layers",
                         "views"}
-    assert obj["layers"] == {} and obj["views"] == 0
+    assert obj["layers"] == {"features.6": 32, "features.13": 96, "features.17": 320}  # --layers auto
+    assert obj["views"] == 0
     assert obj["splits"]["train"] == {"n": 12, "skipped": 0} and obj["images_per_s"] > 0 and obj["missing"] == 0
 
 

@@ -156,7 +156,7 @@ def test_hooks_are_removed_when_the_forward_fails():
 ])
 def test_bad_layers_fail_before_any_work(image_folder, tmp_path, layers, error, pattern):
     with pytest.raises(error, match=pattern):
-        featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "c"), layers=layers, **FAST)
+        featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "c"), **{**FAST, "layers": layers})
     assert not (tmp_path / "c").exists(), "nothing is written for options that cannot be used"
 
 
@@ -205,6 +205,7 @@ def test_each_option_changes_the_key_by_its_own_entry(image_folder, key_of):
     key, base = key_of(image_folder)
     cases = [
         (dict(layers="features.14,features.17"), {"layers": ["features.14", "features.17"]}),
+        (dict(layers="auto"), {"layers": ["features.6", "features.13", "features.17"]}),  # the default
         (dict(layers=["features.17", "features.14"]), {"layers": ["features.17", "features.14"]}),
         (dict(tta="flip"), {"tta": "flip"}),
         (dict(augment_views=2), {"augment_views": {"k": 2, "policy": "light", "seed": 0}}),
@@ -224,8 +225,8 @@ def test_each_option_changes_the_key_by_its_own_entry(image_folder, key_of):
 
 
 def test_layers_are_stored_with_their_channel_counts(image_folder, tmp_path):
-    res = featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "c"), layers="features.17,features.4",
-                               **FAST)
+    res = featurecache.extract(str(image_folder), cache_dir=str(tmp_path / "c"),
+                               **{**FAST, "layers": "features.17,features.4"})
     assert res.feature_dim == 1280 and res.layers == {"features.17": 320, "features.4": 32} and res.views == 0
     meta = store.info(res.cache)
     assert meta["layers"] == {"features.17": CHANNELS["features.17"], "features.4": CHANNELS["features.4"]}
@@ -315,7 +316,7 @@ def test_each_view_is_seeded_by_the_seed_the_record_and_the_view(image_folder):
 @pytest.mark.slow
 def test_views_rows_sources_and_labels_the_same_with_any_number_of_workers(image_folder, tmp_path):
     runs = [featurecache.extract(str(image_folder), cache_dir=str(tmp_path / f"w{workers}"),
-                                 **{**FAST, "workers": workers}, augment_views=2, layers="features.14")
+                                 **{**FAST, "workers": workers, "layers": "features.14"}, augment_views=2)
             for workers in (0, 2)]
     res = runs[0]
     assert res.views == 24 and res.splits["train"] == {"n": 12, "skipped": 0} and res.layers == {"features.14": 160}

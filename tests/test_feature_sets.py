@@ -77,12 +77,19 @@ def test_heads_learn_from_the_feature_set_asked_for(tmp_path, features, dim):
     assert (accuracy > 0.9) == (features in ("deep", "concat"))
 
 
-def test_each_feature_set_is_a_run_of_its_own_and_the_default_keeps_its_address(tmp_path):
+def test_each_feature_set_is_a_run_of_its_own(tmp_path):
+    """On a cache with layers the default (auto) fits both sets in one run; each set asked for is a run of its
+    own (on a cache without layers auto is the penultimate run: tests/test_features_auto.py)."""
     cache = layered_cache(tmp_path)
     default = featurecache.fit_head(cache, head=("nearest-centroid",))
-    assert featurecache.fit_head(cache, head=("nearest-centroid",), features="penultimate").run_dir == default.run_dir
-    concat = featurecache.fit_head(cache, head=("nearest-centroid",), features="concat")
-    assert concat.run_dir != default.run_dir and not concat.reused
+    assert featurecache.fit_head(cache, head=("nearest-centroid",), features="auto").reused
+    assert {e["features"] for e in default.leaderboard} >= {"penultimate", "concat"}
+    dirs = {default.run_dir}
+    for features in ("penultimate", "concat"):
+        other = featurecache.fit_head(cache, head=("nearest-centroid",), features=features)
+        assert not other.reused and {e["features"] for e in other.leaderboard} == {features}
+        dirs.add(other.run_dir)
+    assert len(dirs) == 3
 
 
 def test_a_feature_set_the_cache_lacks_is_a_one_line_error(tmp_path, cli_runner):
@@ -167,7 +174,7 @@ def test_predict_and_finetune_rebuild_the_feature_set(tmp_path, image_folder, fe
     """A run whose heads learnt from a layer or from the concatenation predicts images as its head
     predicted their cached features, and fine-tunes through the same feature set."""
     settings = {**FAST, "crop": 32, "resize": 36}
-    extracted = featurecache.extract(str(image_folder), layers="features.14,features.16", tta="flip", **settings)
+    extracted = featurecache.extract(str(image_folder), **{**settings, "layers": "features.14,features.16"}, tta="flip")
     run = featurecache.fit_head(extracted.cache, head=("logreg:C=1;pre=standardize",), features=features)
     pipeline, head_meta = load_head(run.run_dir, "best")
     X, _, paths = store.load_features(extracted.cache, "val", features=features)

@@ -32,7 +32,8 @@ from featurecache.sweep.runs import load_head
 TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]
 # a preprocessing per head type, so that every kind of fold (standardize, pca, l2) is exercised
 PRE = {"linear": "standardize", "mlp": "l2", "logreg": "pca:6", "linear-svm": "standardize"}
-TINY = dict(backbone="mobilenet_v2", resize=64, crop=56, workers=0, batch_size=16, progress=False)
+# the penultimate features alone (fine-tuning a run of the default stage ends: tests/test_features_auto.py)
+TINY = dict(backbone="mobilenet_v2", resize=64, crop=56, workers=0, batch_size=16, progress=False, layers="none")
 RESULT_KEYS = {"model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split"}
 # acceptance on ants/bees: the documented command, every layer trained on the whole train split
 HYMENOPTERA_FINETUNE = ["--epochs", "2"]
@@ -147,7 +148,7 @@ def test_a_random_weights_cache_rebuilds_its_backbone(tmp_path):
     """weights=none is a seeded initialization: the rebuilt network computes the cached features."""
     run_dir, cache = tiny_run(tmp_path, 2, ["logreg:pre=standardize"], "none")
     parts = model.assemble(run_dir, "best-transferable")
-    X, _, _ = featurecache.load_features(cache, "val")
+    X, _, _ = featurecache.load_features(cache, "val", features=parts.meta["features"])
     batch = split_batch(cache, "val", parts.backbone.preprocess)
     with torch.inference_mode():
         got = model.Exported(parts.network, parts.backbone.preprocess).eval()(batch).numpy()

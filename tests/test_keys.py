@@ -55,7 +55,7 @@ def addresses(tmp_path_factory) -> dict:
     os.environ["FC_CACHE_DIR"] = str(tmp_path / "cache")
     root = _fixed(tmp_path / "images")
     plain = fc.extract(str(root), **FAST)
-    tricks = fc.extract(str(root), **FAST, layers="features.13", tta="flip", augment_views=2)
+    tricks = fc.extract(str(root), **{**FAST, "layers": "features.13"}, tta="flip", augment_views=2)
     run = fc.fit_head(plain.cache, head=HEADS, calibrate="none", ensemble=False, progress=False)
     out = {
         "plain": plain.key,

@@ -68,8 +68,10 @@ def test_run_end_to_end_then_every_stage_is_looked_up(tmp_path):
     assert stages["extract"]["reused"] is False
     assert Path(stages["extract"]["cache"]).parent == tmp_path / "cache"
     board = stages["fit-head"]["leaderboard"]
-    # the grid, the ensemble, and the transferable form of a selected head that cannot become a layer
-    assert {e["head"] for e in board if "transfer_of" not in e} == {"logreg:C=1", "knn:n_neighbors=3", "ensemble"}
+    # the grid on the stored stage ends and on the penultimate features (fit-head --features auto), the
+    # ensemble, and the transferable form of a selected head that cannot become a layer
+    assert {e["head"] for e in board if "transfer_of" not in e} == {
+        "logreg:C=1", "knn:n_neighbors=3", "logreg:C=1;cols=0:1280", "knn:cols=0:1280;n_neighbors=3", "ensemble"}
     report = Path(stages["report"])
     assert report.is_file() and report.parent == Path(stages["fit-head"]["run_dir"]) / "report"
     before = _files(tmp_path / "cache")
@@ -90,7 +92,8 @@ def test_set_overrides_reach_the_stage_and_change_its_address(tmp_path):
     other = pipeline.run(path, set=("extract.resize=44", "extract.crop=32", "fit-head.head=['logreg:C=1']",
                                     "report=false"), progress=False)["branches"][0]["stages"]
     assert other["extract"]["cache"] != base["extract"]["cache"]
-    assert [e["head"] for e in other["fit-head"]["leaderboard"]] == ["logreg:C=1"]
+    assert {e["head"] for e in other["fit-head"]["leaderboard"]} - {"ensemble"} == {"logreg:C=1",
+                                                                                  "logreg:C=1;cols=0:1280"}
 
 
 def test_fc_run_json_and_text(tmp_path, cli_runner):

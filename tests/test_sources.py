@@ -359,7 +359,7 @@ def test_without_the_hf_extra_the_error_names_it(monkeypatch, tmp_path):
 
 def test_export_round_trip_with_pandas(image_folder, tmp_path, cli_runner):
     pd = pytest.importorskip("pandas")
-    res = featurecache.extract(str(image_folder), layers="features.14", **FAST)
+    res = featurecache.extract(str(image_folder), **{**FAST, "layers": "features.14"})
     out = featurecache.export(res.cache, str(tmp_path / "features.parquet"), layers=True)
     assert out["rows"] == {"train": 12, "val": 8} and out["columns"] == ["features", "layer_features.14"]
     df = pd.read_parquet(tmp_path / "features.parquet")

@@ -35,7 +35,7 @@ ENTRY_KEYS = {"head", "params", "selection_split", "selection_accuracy", "metric
 def entry_keys(entry: dict) -> set:
     """The keys of a leaderboard entry of a default (calibrated) sweep: a head's, or the ensemble's."""
     extra = {"members", "transferable", "ensemble"} if entry["head"] == "ensemble" else set()
-    return ENTRY_KEYS | {"calibration"} | extra
+    return ENTRY_KEYS | {"calibration", "features"} | extra
 
 
 def grid_heads(leaderboard: list[dict]) -> set:

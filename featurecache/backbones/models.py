@@ -200,6 +200,11 @@ class BackboneSource(abc.ABC):
             model = self.create(name, None)
         return self.classifier(model)[1]
 
+    def stage_ends(self, name: str) -> tuple[str, ...]:
+        """The modules that end the backbone's stages before the last one, which ``fc extract`` pools
+        and stores by default (``--layers auto``); none unless the source names them."""
+        return ()
+
     def hub_file(self, name: str, weights: str) -> tuple[str, str]:
         """``(identity label, file name)`` of named weights in torch.hub's cache, for fc weights import."""
         raise BackboneError(f"fc weights import handles torchvision weights; {name} keeps its weights elsewhere")
@@ -209,6 +214,12 @@ class TorchvisionSource(BackboneSource):
     """Every classification model of ``torchvision.models``."""
 
     prefix = ""
+    #: backbone -> the blocks that end its stages at strides 8, 16 and 32 (the last one before the
+    #: final 1x1 convolution): extracting them costs no extra forward pass (``bench/layers_cost.py``).
+    STAGE_ENDS = {"mobilenet_v2": ("features.6", "features.13", "features.17")}
+
+    def stage_ends(self, name: str) -> tuple[str, ...]:
+        return self.STAGE_ENDS.get(name, ())
 
     def names(self) -> list[str]:
         import torchvision
@@ -355,6 +366,11 @@ def check_name(name: str) -> None:
     names = _source_for(name).names()
     if name not in names:
         raise BackboneError(f"unknown backbone {name!r}" + suggest(name, names))
+
+
+def default_layers(name: str) -> tuple[str, ...]:
+    """What ``--layers auto`` stores for backbone ``name``: the ends of its stages, where its source names them."""
+    return _source_for(name).stage_ends(name)
 
 
 def feature_dim(name: str) -> int:

@@ -108,8 +108,8 @@ class FlipMean(nn.Module):
 
 def parse_layers(layers: str | Sequence[str] | None) -> list[str]:
     """``--layers``: a comma-separated string or a sequence of module names, as a list (empty
-    for None or ""); a UsageError for an empty, reserved or repeated name."""
-    if layers is None or (isinstance(layers, str) and not layers.strip()):
+    for None, "" or ``none``); a UsageError for an empty, reserved or repeated name."""
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "none")):
         return []
     items = layers.split(",") if isinstance(layers, str) else list(layers)
     names = []

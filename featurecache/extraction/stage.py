@@ -153,7 +153,7 @@ class ExtractOptions:
     weights: str = "DEFAULT"
     weights_file: str | None = None
     layer: str | None = None
-    layers: str | Sequence[str] | None = None
+    layers: str | Sequence[str] | None = "auto"
     tta: str | None = None
     augment_views: int = 0
     split: str | None = None
@@ -196,7 +196,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
     finish (or any later plain run) writes it (``result.missing`` counts what is left).
 
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
-    forward pass; ``tta="flip"``: every feature is the mean over the image and its mirror;
+    forward pass; ``auto`` (the default) stores the ends of the backbone's stages where its source names
+    them (MobileNetV2: ``features.6,features.13,features.17``) and ``none`` nothing; ``tta="flip"``: every feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
     ``label_key`` (``webdataset:``), ``image_column`` and ``label_column`` (``parquet:``, ``hf:``) say
     where a sample's label and image are, when they are not found by themselves.
@@ -308,7 +309,11 @@ def _check_tricks(options: ExtractOptions) -> tuple[list[str], str | None]:
     k = options.augment_views
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UsageError(f"--augment-views must be a whole number, 0 or more, not {k!r}")
-    return taps.parse_layers(options.layers), taps.check_tta(options.tta)
+    if options.layers == "auto":
+        layers = [] if options.layer else list(backbones.default_layers(options.backbone))
+    else:
+        layers = taps.parse_layers(options.layers)
+    return layers, taps.check_tta(options.tta)
 
 
 def _views(dataset: Dataset, k: int, seed: int) -> Views | None:

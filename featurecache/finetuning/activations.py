@@ -48,7 +48,7 @@ from ..metrics import classification_metrics
 from ..progress import Progress
 from ..sweep.halving import memory_cap
 from .blocks import named_blocks
-from .network import Network
+from .network import FeatureColumns, Network
 
 ACTIVATIONS_FILE = "activations.json"  # in the fine-tuning folder: what was stored, its size and cost
 STORE_BATCH = 64  # images per forward pass of the frozen blocks while storing
@@ -207,9 +207,10 @@ class FromActivations:
     activations; the held-out split and the export use the whole network on images."""
 
     def __init__(self, job, backbone, head: nn.Module):
-        config = job.cache_meta["config"]
-        if config.get("tta") or config.get("layers"):
-            raise FinetuneError("--from-activations needs a cache extracted without --tta and --layers")
+        if job.cache_meta["config"].get("tta") or len(backbone.parts) > 1 or isinstance(backbone.model, FeatureColumns):
+            raise FinetuneError("--from-activations trains from the input of one block: it needs a cache extracted "
+                                "without --tta and a head on the penultimate features, not on stored layers "
+                                f"(this run's head {job.head_meta['head']} reads {job.loaded.meta.get('features')})")
         block = first_trained_block(backbone.model, job.settings.unfreeze)
         super().__init__(job, backbone, head)
         self.block = block

@@ -143,6 +143,20 @@ def load_backbone(config: dict, features: str = "penultimate") -> backbones.Back
     return net
 
 
+def run_backbone(meta: dict, pipeline, head_meta: dict) -> tuple[backbones.Backbone, object]:
+    """The backbone a run's head reads from, and the head's pipeline. A head of a run on ``concat`` that
+    reads only the penultimate columns (``cols``, as ``fit-head --features auto`` fits them) needs no
+    stored layer: its backbone is built without them and its pipeline loses the column step, so the
+    network, its export and ``--from-activations`` are those of a run on the penultimate features."""
+    config, features = meta["config"], meta.get("features", "penultimate")
+    cols = head_meta.get("cols")
+    if features == "concat" and cols is not None and cols[0] == 0 and "cols" in getattr(pipeline, "named_steps", {}):
+        plain = load_backbone({k: v for k, v in config.items() if k != "layers"})
+        if cols[1] == plain.feature_dim:
+            return plain, pipeline[1:]
+    return load_backbone(config, features), pipeline
+
+
 def head_module(pipeline, head_meta: dict, leaderboard: list[dict]) -> nn.Module:
     """The head as a torch module on raw cached features, or a FinetuneError naming one that works."""
     from ..heads import to_torch, transferable_heads
@@ -186,10 +200,10 @@ def assemble(run, head: str = "best", cache_dir: str | None = None, allow_sklear
              trust: bool = False) -> Assembly:
     """Join the backbone of ``run``'s cache and its ``head`` (``best``, ``best-transferable``, a spec or a slug)."""
     loaded, pipeline, head_meta = load_run_head(run, head, cache_dir, trust)
+    backbone, pipeline = run_backbone(loaded.meta, pipeline, head_meta)
     module = None
     if head_meta.get("transferable") or not allow_sklearn:
         module = head_module(pipeline, head_meta, loaded.leaderboard)
-    backbone = load_backbone(loaded.meta["config"], loaded.meta.get("features", "penultimate"))
     network = Network(backbone.model, module) if module is not None else None
     return Assembly(Path(loaded.path), loaded.meta, loaded.leaderboard, pipeline, head_meta, backbone, network)
 

@@ -65,8 +65,8 @@ from .network import (
     export,
     finetune_problem,
     head_module,
-    load_backbone,
     load_run_head,
+    run_backbone,
     save_weights,
 )
 
@@ -646,8 +646,8 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
 def _run(job: _Job, resume: bool) -> FinetuneResult:
     """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
     kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
-    trainer = kind(job, load_backbone(job.loaded.meta["config"], job.loaded.meta.get("features", "penultimate")),
-                   head_module(job.pipeline, job.head_meta, job.loaded.leaderboard))
+    backbone, pipeline = run_backbone(job.loaded.meta, job.pipeline, job.head_meta)
+    trainer = kind(job, backbone, head_module(pipeline, job.head_meta, job.loaded.leaderboard))
     write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
     state, resumed_from = _begin(trainer, resume)
     if job.progress:

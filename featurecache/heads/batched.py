@@ -21,7 +21,7 @@ from sklearn.utils import check_array, check_consistent_length
 
 from ..errors import HeadError
 from ..runtime import resolve_device
-from .preprocessing import make_pre
+from .preprocessing import FeatureColumns, make_pre
 from .registry import HeadConfig, make_estimator
 from .threads import thread_limit
 from .torch_heads import ArrayRows, encode_targets, train_linear_heads
@@ -43,18 +43,20 @@ def fit_linear_grid(X, y, configs, random_state: int = 0, device="auto") -> list
         pipeline = make_estimator(cfg, random_state=random_state, device=device)
         head = pipeline.named_steps["head"]
         head._validate_params()
-        groups[(cfg.pre, head.epochs, head.batch_size, head.class_weight)].append((i, pipeline))
+        groups[(cfg.cols, cfg.pre, head.epochs, head.batch_size, head.class_weight)].append((i, pipeline))
     fitted: list[Pipeline | None] = [None] * len(configs)
-    for (cfg_pre, epochs, batch_size, class_weight), members in groups.items():
+    for (cfg_cols, cfg_pre, epochs, batch_size, class_weight), members in groups.items():
+        cols = [] if cfg_cols is None else [("cols", FeatureColumns(*cfg_cols).fit(X))]
         pre = make_pre(cfg_pre, random_state)
-        Xt = X if pre == "passthrough" else pre.fit_transform(X)
+        Xc = cols[0][1].transform(X) if cols else X
+        Xt = Xc if pre == "passthrough" else pre.fit_transform(Xc)
         heads = [pipeline.named_steps["head"] for _, pipeline in members]
         trained = train_linear_heads(ArrayRows(Xt, y_encoded), classes, [h.lr for h in heads],
                                      [h.weight_decay for h in heads], epochs=epochs, batch_size=batch_size,
                                      class_weight=class_weight, random_state=random_state, device=device)
         for (i, _), head, (weight, bias) in zip(members, heads, trained):
             head._set_fitted(classes, weight, bias, Xt.shape[1])
-            fitted[i] = Pipeline([("pre", copy.deepcopy(pre)), ("head", head)])
+            fitted[i] = Pipeline([*copy.deepcopy(cols), ("pre", copy.deepcopy(pre)), ("head", head)])
     return fitted
 
 

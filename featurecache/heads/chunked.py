@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from ..errors import HeadError
-from .preprocessing import make_pre
+from .preprocessing import FeatureColumns, make_pre
 from .registry import head_type, make_estimator
 from .torch_heads import batch_bounds
 
@@ -43,6 +43,12 @@ class RowChunks:
     def transformed(self, transform) -> RowChunks:
         """The same rows, each chunk passed through ``transform`` (a fitted preprocessing step)."""
         return RowChunks(self.read, self.rows, self.raw_labels, self.n_features, self.chunk_rows, transform)
+
+    def columns(self, start: int, stop: int) -> RowChunks:
+        """The same rows, with only the columns ``[start, stop)`` of their features (before any transform)."""
+        read = self.read
+        return RowChunks(lambda rows: read(rows)[:, start:stop], self.rows, self.raw_labels, stop - start,
+                         self.chunk_rows, None)
 
     def bounds(self) -> list[tuple[int, int]]:
         return [(start, min(start + self.chunk_rows, len(self.rows))) for start in range(0, len(self.rows),
@@ -161,8 +167,13 @@ def fit_chunked(cfg, chunks: RowChunks, random_state: int = 0, device="auto") ->
     trainer = head_type(cfg.name).chunked
     if trainer is None:
         raise HeadError(f"head {cfg.name} cannot learn from row chunks")
+    cols = []
+    if cfg.cols is not None:
+        probe = np.zeros((1, chunks.n_features), dtype=np.float32)
+        cols = [("cols", FeatureColumns(*cfg.cols).fit(probe))]  # checks the columns against the width
+        chunks = chunks.columns(*cfg.cols)
     pre = _fit_pre(cfg.pre, chunks, random_state)
     head = make_estimator(cfg, random_state=random_state, device=device).named_steps["head"]
     transform = None if pre == "passthrough" else pre.transform
     head = trainer(head, chunks.transformed(transform), random_state)
-    return Pipeline([("pre", pre), ("head", head)])
+    return Pipeline([*cols, ("pre", pre), ("head", head)])

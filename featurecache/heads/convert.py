@@ -28,6 +28,17 @@ from .registry import HEADS, head_type, head_type_of
 from .torch_heads import linear_module
 
 
+class Columns(nn.Module):
+    """Columns ``[start, stop)`` of the features, as :class:`~featurecache.heads.preprocessing.FeatureColumns`."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = int(start), int(stop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start:self.stop]
+
+
 class L2Normalize(nn.Module):
     """Rows scaled to unit Euclidean norm (zero rows stay zero), as ``Normalizer(norm="l2")``."""
 
@@ -259,6 +270,9 @@ def to_torch(pipeline, head: str | None = None) -> nn.Module:
     """
     if isinstance(pipeline, WeightedMixture):
         return _mixture_module(pipeline)
+    if "cols" in pipeline.named_steps:  # a head that reads some of the columns
+        cols = pipeline.named_steps["cols"]
+        return nn.Sequential(Columns(cols.start, cols.stop), to_torch(pipeline[1:], head)).eval()
     pre, estimator = pipeline.named_steps["pre"], pipeline.named_steps["head"]
     module = _converter(estimator, head)(estimator).cpu().eval().requires_grad_(True)
     if pre is None or pre == "passthrough":

@@ -1,13 +1,21 @@
-"""Per-head preprocessing, the first step of every head's pipeline.
+"""Per-head preprocessing, the first steps of every head's pipeline.
 
-``none`` (passthrough), ``standardize`` (zero mean, unit variance per feature),
+``pre``: ``none`` (passthrough), ``standardize`` (zero mean, unit variance per feature),
 ``l2`` (each row scaled to unit Euclidean norm) and ``pca:K`` (the first K principal
 components). The step is fitted by ``Pipeline.fit``, that is on the training rows only.
+
+``cols=START:STOP``: the head reads only those columns of the run's features
+(:class:`FeatureColumns`, a step before ``pre``). With ``fit-head --features auto`` a sweep
+over a cache that stores layers learns from their concatenation, and each head also
+appears with ``cols`` set to the penultimate features' columns.
 """
 
 from __future__ import annotations
 
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
+from sklearn.utils.validation import check_is_fitted, validate_data
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ..errors import HeadError
@@ -60,3 +68,44 @@ def make_pre(pre: str, random_state: int = 0):
     name, _, arg = parse_pre(pre).partition(":")
     takes_arg, factory = PREPROCESSORS[name]
     return factory(int(arg) if takes_arg else None, random_state)
+
+
+class FeatureColumns(TransformerMixin, BaseEstimator):
+    """Columns ``[start, stop)`` of the features: a head that reads one feature set of several
+    stored side by side. Stateless but for the width it was fitted on."""
+
+    def __init__(self, start: int = 0, stop: int = 1):
+        self.start = start
+        self.stop = stop
+
+    def fit(self, X, y=None):
+        X = validate_data(self, X, dtype=[np.float32, np.float64])
+        if not 0 <= self.start < self.stop <= X.shape[1]:
+            raise HeadError(f"cols={self.start}:{self.stop} is outside the {X.shape[1]} feature columns")
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "n_features_in_")
+        X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
+        return X[:, self.start:self.stop]
+
+
+def parse_cols(cols) -> tuple[int, int] | None:
+    """``cols``: None, ``none`` or ``START:STOP`` (whole numbers, START < STOP) as a pair."""
+    if cols is None or (isinstance(cols, str) and cols.strip().lower() == "none"):
+        return None
+    if isinstance(cols, (tuple, list)) and len(cols) == 2:
+        start, stop = cols
+    else:
+        start, _, stop = str(cols).strip().partition(":")
+    try:
+        start, stop = int(start), int(stop)
+    except (TypeError, ValueError):
+        raise HeadError(f"cols takes START:STOP column numbers (e.g. cols=0:1280), not {cols!r}") from None
+    if not 0 <= start < stop:
+        raise HeadError(f"cols={start}:{stop} needs 0 <= START < STOP")
+    return start, stop
+
+
+def format_cols(cols: tuple[int, int]) -> str:
+    return f"{cols[0]}:{cols[1]}"

@@ -13,11 +13,12 @@ A grid spec is ``NAME[:PARAM=V1,V2,...[;PARAM=V...]]``; :func:`parse_grid` expan
 it into the Cartesian product of :class:`HeadConfig` objects. ``NAME`` is a key of
 :data:`HEADS` or the dotted path of any scikit-learn classifier, e.g.
 ``sklearn.ensemble.ExtraTreesClassifier:n_estimators=100,300``. Two parameters are
-reserved for every head: ``pre`` (``none|standardize|l2|pca:K``) and
-``class_weight`` (``balanced`` or ``none``).
+reserved for every head: ``pre`` (``none|standardize|l2|pca:K``),
+``class_weight`` (``balanced`` or ``none``) and ``cols`` (``START:STOP``: the columns of the
+features the head reads; all of them when not given).
 
-:func:`make_estimator` turns a config into ``Pipeline([("pre", ...), ("head", ...)])``;
-every head has ``predict_proba``.
+:func:`make_estimator` turns a config into ``Pipeline([("pre", ...), ("head", ...)])``, with a
+``("cols", FeatureColumns)`` step first when ``cols`` is set; every head has ``predict_proba``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from sklearn.base import BaseEstimator, is_classifier
 from sklearn.pipeline import Pipeline
 
 from ..errors import HeadError, suggest
-from .preprocessing import make_pre, parse_pre
+from .preprocessing import FeatureColumns, format_cols, make_pre, parse_cols, parse_pre
 from .sklearn_heads import DecisionSoftmaxClassifier
 
-RESERVED = ("pre", "class_weight")
+RESERVED = ("pre", "class_weight", "cols")
 _CONTEXT = ("class_weight", "random_state", "device")  # supplied by the caller, not by the spec
 SPEC_FORMAT = "NAME[:PARAM=V1,V2,...[;PARAM=V...]]"
 KINDS = ("sklearn", "torch")  # how a fitted head is saved: skops, or safetensors weights plus JSON
@@ -191,7 +192,7 @@ def transferable_heads() -> list[str]:
 def trusted_types() -> list[str]:
     """The allow-list of types a saved head may hold beyond skops' defaults: those the registered
     heads declare, and the wrapper given to scikit-learn classifiers without ``predict_proba``."""
-    names = {type_name(DecisionSoftmaxClassifier)}
+    names = {type_name(DecisionSoftmaxClassifier), type_name(FeatureColumns)}
     for htype in HEADS.values():
         names.update(htype.trusted)
     return sorted(names)
@@ -307,33 +308,39 @@ def parse_class_weight(value) -> str | None:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """One concrete head: its name, its non-reserved params, ``pre`` and ``class_weight``."""
+    """One concrete head: its name, its non-reserved params, ``pre``, ``class_weight`` and ``cols``."""
 
     name: str
     params: dict = field(default_factory=dict)
     pre: str = "none"
     class_weight: str | None = None
+    cols: tuple[int, int] | None = None
 
     @property
     def spec(self) -> str:
-        """The canonical spec string: parameters in sorted order, ``pre=none`` and no class weight left out."""
+        """The canonical spec string: parameters in sorted order, ``pre=none``, no class weight and all
+        columns left out."""
         items = {k: format_value(v) for k, v in self.params.items()}
         if self.pre != "none":
             items["pre"] = self.pre
         if self.class_weight is not None:
             items["class_weight"] = self.class_weight
+        if self.cols is not None:
+            items["cols"] = format_cols(self.cols)
         if not items:
             return self.name
         return self.name + ":" + ";".join(f"{k}={items[k]}" for k in sorted(items))
 
     def to_dict(self) -> dict:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
-        return {"name": self.name, "params": params, "pre": self.pre, "class_weight": self.class_weight}
+        out = {"name": self.name, "params": params, "pre": self.pre, "class_weight": self.class_weight}
+        return {**out, "cols": list(self.cols)} if self.cols is not None else out
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadConfig:
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("params", {}).items()}
-        return cls(data["name"], params, parse_pre(data.get("pre")), parse_class_weight(data.get("class_weight")))
+        return cls(data["name"], params, parse_pre(data.get("pre")), parse_class_weight(data.get("class_weight")),
+                   parse_cols(data.get("cols")))
 
     @classmethod
     def parse(cls, spec: str) -> HeadConfig:
@@ -345,10 +352,12 @@ class HeadConfig:
 
 
 def make_estimator(cfg: HeadConfig, random_state: int = 0, device="auto") -> Pipeline:
-    """``Pipeline([("pre", transformer or "passthrough"), ("head", estimator)])``, unfitted."""
+    """``Pipeline([("pre", transformer or "passthrough"), ("head", estimator)])``, unfitted, after a
+    ``("cols", FeatureColumns)`` step when ``cfg.cols`` is set."""
     head = head_type(cfg.name).build(cfg.params, class_weight=cfg.class_weight, random_state=random_state,
                                      device=device)
-    return Pipeline([("pre", make_pre(cfg.pre, random_state)), ("head", head)])
+    cols = [("cols", FeatureColumns(*cfg.cols))] if cfg.cols is not None else []
+    return Pipeline([*cols, ("pre", make_pre(cfg.pre, random_state)), ("head", head)])
 
 
 def _check(cfg: HeadConfig) -> None:
@@ -391,7 +400,8 @@ def parse_grid(spec: str) -> list[HeadConfig]:
         raw = dict(zip(axes, combo))
         pre = parse_pre(raw.pop("pre", "none"))
         class_weight = parse_class_weight(raw.pop("class_weight", None))
-        cfg = HeadConfig(name, {k: parse_value(v) for k, v in raw.items()}, pre, class_weight)
+        cols = parse_cols(raw.pop("cols", None))
+        cfg = HeadConfig(name, {k: parse_value(v) for k, v in raw.items()}, pre, class_weight, cols)
         _check(cfg)
         configs.setdefault(cfg.spec, cfg)
     return list(configs.values())

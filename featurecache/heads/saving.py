@@ -40,7 +40,7 @@ def _dump_torch(pipeline: Pipeline) -> tuple[dict[str, bytes], dict]:
     from safetensors.torch import save
 
     estimator = pipeline.named_steps["head"]
-    pre_only = Pipeline([("pre", pipeline.named_steps["pre"]), ("head", "passthrough")])
+    pre_only = Pipeline([*pipeline.steps[:-1], ("head", "passthrough")])  # cols (when set) and pre
     weights = {k: v.detach().cpu().contiguous() for k, v in estimator.module_.state_dict().items()}
     record = {"class": type_name(type(estimator)), "params": estimator.get_params(deep=False),
               "classes": estimator.classes_.tolist(), "n_features_in": int(estimator.n_features_in_)}
@@ -77,8 +77,9 @@ def _load_pipeline(path: Path) -> Pipeline:
         raise RunError(f"{path} holds {', '.join(outside)}, outside the types featurecache loads; refused, "
                        "since loading other types can run code")
     pipeline = skops.io.load(path, trusted=trusted_types())
-    if not isinstance(pipeline, Pipeline) or list(pipeline.named_steps) != ["pre", "head"]:
-        raise RunError(f"{path} does not hold a head pipeline (pre, head); {_refit(path.parent)}")
+    if not isinstance(pipeline, Pipeline) or list(pipeline.named_steps) not in (["pre", "head"],
+                                                                               ["cols", "pre", "head"]):
+        raise RunError(f"{path} does not hold a head pipeline ([cols,] pre, head); {_refit(path.parent)}")
     return pipeline
 
 

@@ -56,6 +56,8 @@ def make_entry(cfg: HeadConfig, metrics: dict, selection: str, seconds: float, s
     params = {**cfg.to_dict()["params"], "pre": cfg.pre}
     if cfg.class_weight is not None:
         params["class_weight"] = cfg.class_weight
+    if cfg.cols is not None:
+        params["cols"] = list(cfg.cols)
     return {"head": cfg.spec, "params": params, "selection_split": selection,
             "selection_accuracy": metrics[selection]["accuracy"], "metrics": metrics,
             "fit_seconds": round(seconds, 4), "status": status, "reason": reason, "rows": rows}
@@ -185,13 +187,21 @@ def _seed_cells(entry: dict, split: str) -> dict:
     return {f"{split} acc over seeds": f"{acc['mean']:.4f} ± {acc['std']:.4f} ({len(acc['values'])})"}
 
 
+def _features_cell(leaderboard: list[dict], entry: dict) -> dict:
+    """``{"features": ...}`` when the entries learnt from more than the penultimate features (fit-head
+    --features auto, concat or a layer), else nothing."""
+    sets = {e.get("features", "penultimate") for e in leaderboard}
+    return {} if sets == {"penultimate"} else {"features": entry.get("features", "")}
+
+
 def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[dict], list[str]]:
     """Rows and columns of the printed leaderboard."""
     rows = []
     for rank_, entry in enumerate(leaderboard, 1):
         sel = entry["selection_split"]
         m = entry["metrics"]
-        row = {"#": rank_, "head": entry["head"], f"{sel} acc (selection)": with_interval(m[sel]),
+        row = {"#": rank_, "head": entry["head"], **_features_cell(leaderboard, entry),
+               f"{sel} acc (selection)": with_interval(m[sel]),
                "tied": "tied" if entry.get("tied") else "", f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}"}
         if calibrated(entry, sel):  # what orders the tied heads of a calibrated run
             row[f"{sel} log_loss calibrated"] = f"{calibrated(entry, sel)['log_loss']:.4f}"

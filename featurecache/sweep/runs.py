@@ -91,8 +91,7 @@ def _write_head(run_dir: Path, entry: dict, cfg: HeadConfig, blobs: dict, record
             shutil.copyfile(data, folder / name)
         else:
             (folder / name).write_bytes(data)
-    head_meta = {"head": entry["head"], "name": cfg.name, "params": cfg.to_dict()["params"], "pre": cfg.pre,
-                 "class_weight": cfg.class_weight, "kind": htype.kind, "transferable": htype.transferable,
+    head_meta = {"head": entry["head"], **cfg.to_dict(), "kind": htype.kind, "transferable": htype.transferable,
                  "metrics": entry["metrics"], "selection_split": entry["selection_split"],
                  "fit_seconds": entry["fit_seconds"],
                  **{k: entry[k] for k in ("status", "reason", "rows", "calibration") if k in entry}}

@@ -25,6 +25,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import re
 import sys
 import time
 import warnings
@@ -39,6 +40,7 @@ from ..heads import HEADS, HeadConfig, head_type
 from ..heads.chunked import can_learn_from_chunks
 from ..heads.grids import build_grid
 from ..metrics import classification_metrics, paired_difference
+from ..names import AUTO
 from ..progress import LOG_EVERY, Progress
 from ..stages import takes
 from . import engine
@@ -50,6 +52,7 @@ from .postpass import post_options, post_pass
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, run_problem, save_fit, write_run
 
 PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
+_COLS = re.compile(r"(?:^|[:;])cols=(\d+):(\d+)")  # the columns a head spec reads
 
 
 # --------------------------------------------------------------------------- results
@@ -90,7 +93,7 @@ def _groups(configs: list[HeadConfig]) -> list[tuple[str, tuple[HeadConfig, ...]
             groups.append(("single", (cfg,)))
             continue
         rest = {k: v for k, v in cfg.params.items() if k != param}
-        key = (cfg.name, cfg.pre, cfg.class_weight, json.dumps(rest, sort_keys=True, default=str))
+        key = (cfg.name, cfg.pre, cfg.class_weight, cfg.cols, json.dumps(rest, sort_keys=True, default=str))
         paths.setdefault(key, []).append(cfg)
     for members in paths.values():
         htype = head_type(members[0].name)
@@ -191,12 +194,39 @@ def _selection(meta: dict) -> str:
 
 
 def _feature_set(meta: dict, features: str) -> str:
-    """``features`` checked against what the cache holds."""
+    """``features`` checked against what the cache holds; ``auto`` is ``concat`` when it stores layers,
+    else ``penultimate``."""
     sets = store.feature_sets(meta)
+    if features == AUTO:
+        return "concat" if meta["layers"] else "penultimate"
     if features in sets:
         return features
     hint = "" if meta["layers"] else " (extract with --layers NAME,... to store more layers)"
     raise HeadError(f"{Path(meta['path']).name} has no features {features!r}: it has {', '.join(sets)}{hint}")
+
+
+def _auto_grid(meta: dict, features: str, configs: list[HeadConfig]) -> list[HeadConfig]:
+    """The grid of ``features``: with ``auto`` on a cache that stores layers, every head twice, on the
+    concatenation and on the penultimate features alone (``cols``: its columns, the first of the row);
+    else ``configs`` as they are."""
+    if features != AUTO or not meta["layers"]:
+        return configs
+    main = (0, store.feature_dim(meta, "penultimate"))
+    return [*configs, *(dataclasses.replace(c, cols=main) for c in configs if c.cols is None)]
+
+
+def entry_features(meta: dict, features: str, entry: dict) -> str:
+    """The feature set a leaderboard entry learnt from: the run's ``features``, or the part of the row its
+    ``cols`` select (an ensemble: its members' sets, joined by ``+``)."""
+    names = ("penultimate", *meta.get("layers", {}))
+    edges = np.cumsum([0, *(store.feature_dim(meta, name) for name in names)])
+    parts = {(int(a), int(b)): name for name, a, b in zip(names, edges[:-1], edges[1:])}
+    found = set()
+    for spec in [m["head"] for m in entry["members"]] if entry.get("members") else [entry["head"]]:
+        cols = _COLS.search(spec)
+        span = (int(cols[1]), int(cols[2])) if cols else None
+        found.add(features if span is None else parts.get(span, f"cols {span[0]}:{span[1]}"))
+    return "+".join(sorted(found))
 
 
 def _views(meta: dict, views: bool | None) -> int:
@@ -213,7 +243,7 @@ def _plan(options: SweepOptions, post: dict) -> _Plan:
 
     path = store.resolve(options.cache, options.cache_dir).resolve()
     meta = store.info(path)
-    configs = build_grid(options.head, options.sweep_file, options.class_weight)
+    configs = _auto_grid(meta, options.features, build_grid(options.head, options.sweep_file, options.class_weight))
     resolve_device(options.device)
     jobs = options.jobs
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
@@ -545,7 +575,9 @@ def _features_note(plan: _Plan, rows: _Rows) -> str:
     """`` (concat, with 4,000 augmented views)``: what heads learn from, when it is not the default
     (the views of held-out images are not learnt from)."""
     views = len(rows.data.with_views(rows.pool)) - len(rows.pool)
-    notes = ([plan.features] if plan.features != "penultimate" else []) + \
+    auto = any(c.cols is not None for c in plan.configs)
+    sets = f"{plan.features} and penultimate alone" if auto else plan.features
+    notes = ([sets] if plan.features != "penultimate" else []) + \
         ([f"with {views:,} augmented views"] if views else [])
     return f" ({', '.join(notes)})" if notes else ""
 
@@ -735,7 +767,7 @@ class SweepOptions:
     seeds: int = 1
     calibrate: str | None = "temperature"
     ensemble: bool = True
-    features: str = "penultimate"
+    features: str = "auto"
     views: bool | None = None
     exclude: str | None = None
     progress: bool = False
@@ -757,7 +789,9 @@ def fit_head(options: SweepOptions) -> SweepResult:
     accurate one, scored by cross-fitting and ranked first unless significantly worse than that head
     (:mod:`featurecache.sweep.ensemble`). A selected head that cannot become a layer (an RBF SVM, knn)
     gets its transferable form fitted beside it, for stage three.
-    ``features``: ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
+    ``features``: ``auto`` (the default: on a cache that stores layers, every head on ``concat`` and on
+    ``penultimate``, chosen on the selection split like any other choice; else ``penultimate``),
+    ``penultimate``, a layer stored with ``--layers``, or ``concat``; ``views``:
     whether heads also learn from the ``--augment-views`` views (None: when the cache has them),
     each kept in its image's fold and never scored. ``exclude``: a file of paths (``fc audit --list``)
     left out of training, and for val and test images out of the scores (:mod:`featurecache.sweep.exclusion`).
@@ -783,6 +817,8 @@ def fit_head(options: SweepOptions) -> SweepResult:
                              started=started)
     entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
                         options.device, options.progress, plan.classes)
+    for entry in entries:
+        entry["features"] = entry_features(plan.meta, plan.features, entry)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
