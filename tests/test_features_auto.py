@@ -159,7 +159,7 @@ def test_auto_fits_every_head_on_concat_and_on_penultimate(layered):
     spec = HeadConfig.parse(HEADS[0] + ";cols=0:64").spec
     pipeline, meta = runs.load_head(res.run_dir, spec)
     assert meta["cols"] == [0, 64] and list(pipeline.named_steps) == ["cols", "pre", "head"]
-    X, y, _ = store.load_features(layered, "test", features="concat")
+    X = store.read_rows(layered, "test", features="concat")
     alone = featurecache.fit_head(layered, head=(HEADS[0],), features="penultimate", jobs=1, calibrate="none",
                                   ensemble=False)
     single, _ = runs.load_head(alone.run_dir, HEADS[0])

@@ -27,6 +27,7 @@ import functools
 import os
 import re
 import shutil
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -216,7 +217,8 @@ class TorchvisionSource(BackboneSource):
     prefix = ""
     #: backbone -> the blocks that end its stages at strides 8, 16 and 32 (the last one before the
     #: final 1x1 convolution): extracting them costs no extra forward pass (``bench/layers_cost.py``).
-    STAGE_ENDS = {"mobilenet_v2": ("features.6", "features.13", "features.17")}
+    STAGE_ENDS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "mobilenet_v2": ("features.6", "features.13", "features.17")}
 
     def stage_ends(self, name: str) -> tuple[str, ...]:
         return self.STAGE_ENDS.get(name, ())

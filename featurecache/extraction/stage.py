@@ -197,7 +197,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
 
     ``layers`` (names, or one comma-separated string): more modules to pool and store, from the same
     forward pass; ``auto`` (the default) stores the ends of the backbone's stages where its source names
-    them (MobileNetV2: ``features.6,features.13,features.17``) and ``none`` nothing; ``tta="flip"``: every feature is the mean over the image and its mirror;
+    them (MobileNetV2: ``features.6,features.13,features.17``) and ``none`` nothing; ``tta="flip"``: every
+    feature is the mean over the image and its mirror;
     ``augment_views=K``: also K seeded augmented views of each train image (:data:`store.VIEWS`).
     ``label_key`` (``webdataset:``), ``image_column`` and ``label_column`` (``parquet:``, ``hf:``) say
     where a sample's label and image are, when they are not found by themselves.

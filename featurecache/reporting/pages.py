@@ -260,14 +260,15 @@ def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[s
     """Accuracies with their 95% intervals, ties, the final split's scores and calibration, fit time."""
     calibrated_ = any(calibrated(e, final_split) for e in leaderboard)
     sets = any(e.get("features", "penultimate") != "penultimate" for e in leaderboard)
-    columns = ["rank", "head", *(["features"] if sets else []), "selected on", "selection accuracy [95%]", "tied", f"{final_split} accuracy [95%]",
-               f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss",
+    columns = ["rank", "head", *(["features"] if sets else []), "selected on", "selection accuracy [95%]", "tied",
+               f"{final_split} accuracy [95%]", f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss",
                f"{final_split} ECE", *([f"{final_split} ECE calibrated"] if calibrated_ else []), "fit s"]
     rows = []
     for rank, entry in enumerate(leaderboard, start=1):
         final = entry["metrics"][final_split]
         after = [_fmt(calibrated(entry, final_split).get("ece"))] if calibrated_ else []
-        rows.append([str(rank), entry["head"], *([entry.get("features", "")] if sets else []), entry["selection_split"],
+        features = [entry.get("features", "")] if sets else []
+        rows.append([str(rank), entry["head"], *features, entry["selection_split"],
                      with_interval(entry["metrics"][entry["selection_split"]]), "tied" if entry.get("tied") else "",
                      with_interval(final), _fmt(final["balanced_accuracy"]), _fmt(final["macro_f1"]),
                      _fmt(final["log_loss"]), _fmt(final.get("ece")), *after, f"{entry['fit_seconds']:.2f}"])
