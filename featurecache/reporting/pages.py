@@ -261,7 +261,8 @@ def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[s
     calibrated_ = any(calibrated(e, final_split) for e in leaderboard)
     sets = any(e.get("features", "penultimate") != "penultimate" for e in leaderboard)
     columns = ["rank", "head", *(["features"] if sets else []), "selected on", "selection accuracy [95%]", "tied",
-               f"{final_split} accuracy [95%]", f"{final_split} balanced accuracy", f"{final_split} macro-F1", f"{final_split} log-loss",
+               f"{final_split} accuracy [95%]", f"{final_split} balanced accuracy", f"{final_split} macro-F1",
+               f"{final_split} log-loss",
                f"{final_split} ECE", *([f"{final_split} ECE calibrated"] if calibrated_ else []), "fit s"]
     rows = []
     for rank, entry in enumerate(leaderboard, start=1):
