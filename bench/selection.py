@@ -157,11 +157,14 @@ def fashion(tmp: Path, args) -> list[dict]:
             for size in sizes for seed in map(int, args.split_seeds.split(","))]
 
 
-def defaults(cache: str, cache_dir: str) -> None:
-    """The extraction's own default sweep: its seconds, the selected entry, and without the ensemble."""
+def defaults(cache: str, cache_dir: str, features: str = "auto") -> None:
+    """The extraction's own default sweep: its seconds, the selected entry, and without the ensemble; on a
+    cache with layers, also each feature set's best entry of that run, then the sweep on the penultimate
+    features alone (``--features penultimate``: without ``auto``)."""
     started = time.perf_counter()
-    result = featurecache.fit_head(cache, cache_dir=cache_dir)
+    result = featurecache.fit_head(cache, cache_dir=cache_dir, features=features)
     seconds = time.perf_counter() - started
+    print(f"--features {features}:", flush=True)
     best = result.leaderboard[0]
     single = next(e for e in result.leaderboard if not is_ensemble(e))
     ensemble = next((e for e in result.leaderboard if is_ensemble(e)), None)
@@ -179,6 +182,12 @@ def defaults(cache: str, cache_dir: str) -> None:
         members = ", ".join(f"{m['weight']:.2f} {m['head']}" for m in ensemble["members"])
         print(f"  the ensemble: {cell(ensemble)}; {result.selection_split} {ensemble['selection_accuracy']:.4f} "
               f"(cross-fitted), tied {ensemble.get('tied')}; {members}", flush=True)
+    sets = sorted({e.get("features", "penultimate") for e in result.leaderboard if not is_ensemble(e)})
+    if len(sets) > 1:
+        for name in sets:
+            print(f"  best on {name}: {cell(next(e for e in result.leaderboard if e.get('features') == name))}")
+    if features == "auto" and store.info(cache)["layers"]:
+        defaults(cache, cache_dir, "penultimate")
 
 
 def hymenoptera(tmp: Path, args) -> list[dict]:
