@@ -9,6 +9,8 @@ of its leaderboard:
   one, the lowest calibrated log-loss;
 - ``simplicity``: among them, the simplest head type (the registry's ``simplicity``), then log-loss;
 - ``tied-ensemble``: the greedy ensemble (:mod:`featurecache.sweep.ensemble`) of the tied heads only;
+- ``before`` (caches with layers): the defaults before ``--features auto``: the sweep on the penultimate
+  features alone, and among its heads tied with the most accurate one the lowest log-loss;
 - ``default``: what the sweep selects (since ``paired-bootstrap/2``: the ensemble of the tied heads
   unless its cross-fitted score is significantly worse than the most accurate head's, else
   ``most-accurate``; when this comparison was first run, the ensemble of every head ranked first only
@@ -50,7 +52,7 @@ from featurecache.metrics import paired_difference, tempered
 from featurecache.sweep.calibration import head_temperature
 from featurecache.sweep.ensemble import greedy_weights
 from featurecache.sweep.leaderboard import calibrated, is_ensemble, rank_key, simplicity, tied_count
-from featurecache.sweep.runs import load_head
+from featurecache.sweep.runs import load_head, load_run
 
 RULES = ("most-accurate", "log-loss", "simplicity", "tied-ensemble", "default")
 
@@ -79,7 +81,8 @@ def choices(leaderboard: list[dict], right: dict) -> dict:
 
 def judge(cache: str, result) -> dict:
     """``rule -> per-test-image correctness`` of the entry each rule picks on one sweep."""
-    X = {s: store.read_rows(cache, s) for s in ("val", "test")}
+    features = load_run(result.run_dir).meta.get("features", "penultimate")
+    X = {s: store.read_rows(cache, s, features=features) for s in ("val", "test")}
     y = {s: store.load_labels(cache, s) for s in ("val", "test")}
     memo = {}
 
@@ -103,10 +106,16 @@ def judge(cache: str, result) -> dict:
 
 
 def _sweep(label: str, cache: str, cache_dir: str) -> dict:
+    """Every rule's correctness on one default sweep; on a cache with layers (``--features auto``) also
+    ``before``: what the defaults before ``auto`` selected, the sweep on the penultimate features alone
+    with the lowest log-loss among the tied heads (the rule before ``paired-bootstrap/2``)."""
     started = time.perf_counter()
     result = featurecache.fit_head(cache, cache_dir=cache_dir)
     seconds = time.perf_counter() - started
     correct = judge(cache, result)
+    if store.info(cache)["layers"]:
+        correct["before"] = judge(cache, featurecache.fit_head(cache, cache_dir=cache_dir,
+                                                               features="penultimate"))["log-loss"]
     best = result.leaderboard[0]
     ece = calibrated(best, "test").get("ece", best["metrics"]["test"].get("ece"))
     cells = "  ".join(f"{rule} {correct[rule].mean():.4f}" for rule in RULES)
@@ -120,11 +129,16 @@ def pooled(label: str, rows: list[dict]) -> None:
     """Each rule's mean test accuracy over the data sets, and its paired difference to most-accurate."""
     print(f"\n{label}: {len(rows)} data sets, {sum(len(r['most-accurate']) for r in rows):,} test images pooled")
     base = np.concatenate([r["most-accurate"] for r in rows])
-    for rule in RULES:
+    for rule in [*RULES, *(["before"] if all("before" in r for r in rows) else [])]:
         this = np.concatenate([r[rule] for r in rows])
         mean_per_set = np.mean([r[rule].mean() for r in rows])
         diff = paired_difference(this, base)
         print(f"  {rule:14s} mean test {mean_per_set:.4f}  vs most-accurate {diff['difference']:+.4f} "
+              f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]")
+    if all("before" in r for r in rows):
+        diff = paired_difference(np.concatenate([r["default"] for r in rows]),
+                                 np.concatenate([r["before"] for r in rows]))
+        print(f"  default vs before (penultimate, log-loss among the tied): {diff['difference']:+.4f} "
               f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]")
 
 

@@ -96,10 +96,14 @@ def _logreg(*, C=1.0, max_iter=1000, class_weight=None, random_state=None):
 
 @register_head("linear-svm", family="linear", simplicity=1, learning_curve=0.1, to_module=decision_softmax_module,
                trusted=[type_name(DecisionSoftmaxClassifier)], growth=1.2, stand_in=_fewer_iterations)
-def _linear_svm(*, C=1.0, max_iter=10000, class_weight=None, random_state=None):
-    """Linear SVM (liblinear); probabilities: softmax of the decision function."""
+def _linear_svm(*, C=1.0, max_iter=10000, dual=True, class_weight=None, random_state=None):
+    """Linear SVM (liblinear); probabilities: softmax of the decision function. ``dual=True`` (dual coordinate
+    descent) by default: with the small C of the default sweep it converges in tens of passes, where the primal
+    Newton solver that scikit-learn's ``auto`` picks for more rows than features took 3x as long (4,000 x 1,728
+    MobileNetV2 features of Fashion-MNIST, C=0.001: 7.2 s against 22 s), and its cost follows ``max_iter``,
+    which the budget's stand-in shrinks."""
     return DecisionSoftmaxClassifier(
-        LinearSVC(C=C, max_iter=max_iter, class_weight=class_weight, random_state=random_state))
+        LinearSVC(C=C, max_iter=max_iter, dual=dual, class_weight=class_weight, random_state=random_state))
 
 
 @register_head("ridge", family="linear", simplicity=1, learning_curve=0.1, to_module=decision_softmax_module,
