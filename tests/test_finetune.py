@@ -388,8 +388,9 @@ def test_resume_after_sigkill_mid_epoch(tmp_path_factory, real_weights):
 
 
 def finetune_hymenoptera(runner, cache: str) -> dict:
-    """``fc finetune RUN --epochs 2`` from a logreg run on the real ants/bees cache (reused once done)."""
-    run = featurecache.fit_head(cache, head=["logreg"], cache_dir=str(Path(cache).parent))
+    """``fc finetune RUN --epochs 2`` from a logreg run on the real ants/bees cache (reused once done): one head,
+    on the penultimate features (with --features auto its twin on concat and their ensemble would come first)."""
+    run = featurecache.fit_head(cache, head=["logreg"], features="penultimate", cache_dir=str(Path(cache).parent))
     result = run_cli(runner, "finetune", run.run_dir, *HYMENOPTERA_FINETUNE, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
