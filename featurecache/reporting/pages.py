@@ -31,7 +31,7 @@ from ..files import sha256_file, versions, write_json
 from ..finetuning.network import FINETUNE_DIR, HISTORY_FILE, RESULT_FILE
 from ..metrics import SUMMARY_KEYS, class_probabilities
 from ..sweep.curve import saved_curve
-from ..sweep.leaderboard import calibrated, selection_note, with_interval
+from ..sweep.leaderboard import calibrated, selection_note, shows_features, with_interval
 from .document import Chart, interval_chart, png, up_to_date, write_document
 
 REPORT_DIR = "report"
@@ -259,7 +259,7 @@ def _fmt(value) -> str:
 def _leaderboard_rows(leaderboard: list[dict], final_split: str) -> tuple[list[str], list[list[str]]]:
     """Accuracies with their 95% intervals, ties, the final split's scores and calibration, fit time."""
     calibrated_ = any(calibrated(e, final_split) for e in leaderboard)
-    sets = any(e.get("features", "penultimate") != "penultimate" for e in leaderboard)
+    sets = shows_features(leaderboard)
     columns = ["rank", "head", *(["features"] if sets else []), "selected on", "selection accuracy [95%]", "tied",
                f"{final_split} accuracy [95%]", f"{final_split} balanced accuracy", f"{final_split} macro-F1",
                f"{final_split} log-loss",

@@ -187,20 +187,19 @@ def _seed_cells(entry: dict, split: str) -> dict:
     return {f"{split} acc over seeds": f"{acc['mean']:.4f} ± {acc['std']:.4f} ({len(acc['values'])})"}
 
 
-def _features_cell(leaderboard: list[dict], entry: dict) -> dict:
-    """``{"features": ...}`` when the entries learnt from more than the penultimate features (fit-head
-    --features auto, concat or a layer), else nothing."""
-    sets = {e.get("features", "penultimate") for e in leaderboard}
-    return {} if sets == {"penultimate"} else {"features": entry.get("features", "")}
+def shows_features(leaderboard: list[dict]) -> bool:
+    """Whether the entries learnt from more than the penultimate features (fit-head --features auto, concat or
+    a layer): then tables show each entry's feature set."""
+    return any(e.get("features", "penultimate") != "penultimate" for e in leaderboard)
 
 
 def leaderboard_table(leaderboard: list[dict], final_split: str) -> tuple[list[dict], list[str]]:
     """Rows and columns of the printed leaderboard."""
-    rows = []
+    rows, features = [], shows_features(leaderboard)
     for rank_, entry in enumerate(leaderboard, 1):
         sel = entry["selection_split"]
         m = entry["metrics"]
-        row = {"#": rank_, "head": entry["head"], **_features_cell(leaderboard, entry),
+        row = {"#": rank_, "head": entry["head"], **({"features": entry.get("features", "")} if features else {}),
                f"{sel} acc (selection)": with_interval(m[sel]),
                "tied": "tied" if entry.get("tied") else "", f"{sel} log_loss": f"{m[sel]['log_loss']:.4f}"}
         if calibrated(entry, sel):  # what orders the tied heads of a calibrated run

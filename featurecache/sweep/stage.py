@@ -25,7 +25,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import re
 import sys
 import time
 import warnings
@@ -52,7 +51,6 @@ from .postpass import post_options, post_pass
 from .runs import RUN_FILE, RUN_FORMAT, RUNS, load_fits, load_run, run_problem, save_fit, write_run
 
 PROGRESS_EVERY = LOG_EVERY  # seconds between two progress lines in a log
-_COLS = re.compile(r"(?:^|[:;])cols=(\d+):(\d+)")  # the columns a head spec reads
 
 
 # --------------------------------------------------------------------------- results
@@ -215,16 +213,15 @@ def _auto_grid(meta: dict, features: str, configs: list[HeadConfig]) -> list[Hea
     return [*configs, *(dataclasses.replace(c, cols=main) for c in configs if c.cols is None)]
 
 
-def entry_features(meta: dict, features: str, entry: dict) -> str:
+def _entry_features(meta: dict, features: str, entry: dict, cols: dict) -> str:
     """The feature set a leaderboard entry learnt from: the run's ``features``, or the part of the row its
-    ``cols`` select (an ensemble: its members' sets, joined by ``+``)."""
+    columns select (``cols``: each head's ``HeadConfig.cols``); an ensemble: its members' sets, joined by ``+``."""
     names = ("penultimate", *meta.get("layers", {}))
     edges = np.cumsum([0, *(store.feature_dim(meta, name) for name in names)])
     parts = {(int(a), int(b)): name for name, a, b in zip(names, edges[:-1], edges[1:])}
     found = set()
     for spec in [m["head"] for m in entry["members"]] if entry.get("members") else [entry["head"]]:
-        cols = _COLS.search(spec)
-        span = (int(cols[1]), int(cols[2])) if cols else None
+        span = cols.get(spec)
         found.add(features if span is None else parts.get(span, f"cols {span[0]}:{span[1]}"))
     return "+".join(sorted(found))
 
@@ -817,8 +814,9 @@ def fit_head(options: SweepOptions) -> SweepResult:
                              started=started)
     entries = post_pass(entries, outcome.probas, _post_data(plan, data, labels), post, plan.seed, plan.cv,
                         options.device, options.progress, plan.classes)
+    cols = {spec: cfg.cols for spec, (cfg, *_) in outcome.files.items()}
     for entry in entries:
-        entry["features"] = entry_features(plan.meta, plan.features, entry)
+        entry["features"] = _entry_features(plan.meta, plan.features, entry, cols)
     run_meta = _run_meta(plan, entries, outcome.failed, started)
     write_run(plan.run_dir, run_meta, entries, outcome.files)
     return SweepResult(str(plan.run_dir), run_meta["best"], entries, plan.selection, plan.final, False,
