@@ -43,7 +43,7 @@ def test_device_check_dry_run_on_the_cpu():
 
 
 @pytest.mark.slow  # about 40 s: it also starts torchrun twice
-def test_extract_benchmark_smoke_run():
+def test_extract_benchmark_smoke_run(hymenoptera):  # the bench reads the tutorial's photos (skipped without them)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "bench/extract.py", "--quick"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
