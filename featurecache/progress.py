@@ -57,6 +57,13 @@ class Progress:
         elif self.enabled and time.monotonic() - self.last >= self.every:
             self.log()
 
+    def add_total(self, n: int) -> None:
+        """``n`` more units to do than planned (work added on the way)."""
+        self.total += int(n)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def set_current(self, current: str) -> None:
         self.current = current
         if self.bar is not None:

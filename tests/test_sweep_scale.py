@@ -294,20 +294,20 @@ def test_calibration_on_a_holdout_and_seeds_only_on_few_rows(tmp_path, many_rows
 
 class _Curve(ClassifierMixin, BaseEstimator):
     """A planted learning curve: on a cache whose first feature is the label and whose second is a
-    uniform key, right on the rows whose key is below ``1 - error * (rows / 133) ** -slope``, where
-    ``rows`` is how many it learnt from; wrong (the next class) on the others."""
+    uniform key, right on the rows whose key is below ``1 - error * (rows / 133) ** -slope`` (at most
+    ``plateau``), where ``rows`` is how many it learnt from; wrong (the next class) on the others."""
 
-    _parameter_constraints: ClassVar[dict] = {"error": [float], "slope": [float]}
+    _parameter_constraints: ClassVar[dict] = {"error": [float], "slope": [float], "plateau": [float]}
 
-    def __init__(self, error=0.2, slope=0.0):
-        self.error, self.slope = error, slope
+    def __init__(self, error=0.2, slope=0.0, plateau=1.0):
+        self.error, self.slope, self.plateau = error, slope, plateau
 
     def fit(self, X, y):
         self.classes_, self.rows_ = np.unique(y), len(X)
         return self
 
     def predict_proba(self, X):
-        accuracy = 1.0 - self.error * (self.rows_ / 133) ** -self.slope
+        accuracy = min(self.plateau, 1.0 - self.error * (self.rows_ / 133) ** -self.slope)
         label = X[:, 0].astype(int)
         guess = np.where(X[:, 1] < accuracy, label, (label + 1) % len(self.classes_))
         proba = np.full((len(X), len(self.classes_)), 0.1 / (len(self.classes_) - 1))
@@ -315,9 +315,9 @@ class _Curve(ClassifierMixin, BaseEstimator):
         return proba
 
 
-def _curve(*, error=0.2, slope=0.0):
+def _curve(*, error=0.2, slope=0.0, plateau=1.0):
     """A planted learning curve."""
-    return _Curve(error=error, slope=slope)
+    return _Curve(error=error, slope=slope, plateau=plateau)
 
 
 def _curve_cache(tmp_path) -> str:
@@ -336,10 +336,12 @@ def _curve_cache(tmp_path) -> str:
 @pytest.fixture
 def curve_head():
     register_head("curve", _curve, family="linear", trusted=[f"{__name__}._Curve"])
+    register_head("curve-net", _curve, family="mlp", learning_curve=0.3, trusted=[f"{__name__}._Curve"])
     yield
     from featurecache.heads import HEADS
 
     HEADS.pop("curve")
+    HEADS.pop("curve-net")
 
 
 def test_halving_keeps_the_late_bloomer_that_wins_on_all_rows(tmp_path, many_rows, curve_head):
@@ -371,3 +373,64 @@ def test_half_of_the_heads_moving_on_are_the_rung_leaders():
     assert predictions[id(states[3])].accuracy > predictions[id(states[0])].accuracy
     assert {s.form.spec for s in moving} == {"logreg:C=1", "logreg:C=2", "knn:n_neighbors=1", "knn:n_neighbors=2"}
     assert [s.form.spec for s in pruned] == ["knn:n_neighbors=3", "logreg:C=3"]
+
+
+def test_the_budget_keeps_a_late_blooming_family_to_the_end(tmp_path, many_rows, curve_head):
+    """Six linear heads climb fast to a plateau of 0.80 by 400 rows; their two rungs predict them above 0.84 on
+    1,200, so the curves rank them first. The network family's one head is below them on every rung up to 400
+    rows (0.70, 0.77), and it is the best head on all rows (0.83). Without a budget it is pruned; with a budget
+    that has room, it moves on as its family's best and is selected."""
+    bloomer = "curve-net:error=0.3;slope=0.25"
+    grid = ("curve:error=0.28,0.285,0.29,0.295,0.3,0.305;slope=0.4;plateau=0.8", bloomer)
+    cache = _curve_cache(tmp_path)
+    pruned = {e["head"]: e for e in featurecache.fit_head(cache, head=grid, jobs=1, budget=None).leaderboard}
+    assert pruned[bloomer]["status"] == "pruned" and pruned[bloomer]["rows"] == 400
+    result = featurecache.fit_head(cache, head=grid, jobs=1, budget=600)
+    board = {e["head"]: e for e in result.leaderboard}
+    assert board[bloomer]["status"] == "fitted" and board[bloomer]["rows"] == 1200
+    assert "as the best of its family (mlp)" in board[bloomer]["reason"]
+    assert result.best == bloomer and board[bloomer]["selection_accuracy"] == pytest.approx(0.8267, abs=2e-3)
+    assert sum(e["status"] == "fitted" for e in board.values()) == 3  # the two of the plan, and the bloomer
+
+
+def _state(spec: str, timed: tuple[int, float], requested: str | None = None):
+    from featurecache.heads import parse_grid
+
+    form = parse_grid(spec)[0]
+    return scaling.HeadState(parse_grid(requested)[0] if requested else form, form, cost=timed)
+
+
+def test_the_final_rung_shares_the_budget_by_lanes_and_gives_back_passes():
+    """At the final rung the heads are known: the torch lane gets all of what is left, the cheap heads beside it
+    leave their time to the costly one, and a stand-in cut early (29 of 50 epochs) gets back what the lane pays for."""
+    mlp = _state("mlp:epochs=29", (16667, 38.0), requested="mlp:epochs=50")
+    mlp.reason = "stand-in for mlp:epochs=50 (estimated 131 s on 50,000 rows, share of the budget 82 s); moved on"
+    svm, ridge = _state("linear-svm:C=0.0001", (16667, 11.0)), _state("ridge", (16667, 2.0))
+    shares = scaling.lane_shares(160.0, 2, [mlp, svm, ridge], 50000)
+    wall = 160.0 * scaling.USABLE_SHARE
+    assert shares[id(mlp)] == pytest.approx(wall) and shares[id(svm)] == pytest.approx(wall)
+    scaling.fit_final(mlp, 50000, shares[id(mlp)], {"mlp:epochs=29"})
+    # 50 epochs would take 114 / 0.58 = 197 s; the lane pays for 136 s: 34 epochs
+    assert mlp.form.spec == "mlp:epochs=34" and mlp.reason.startswith("stand-in for mlp:epochs=50 (estimated 197 s")
+    assert mlp.estimate(50000) == pytest.approx(114.0 * 34 / 29, rel=1e-3)
+    scaling.fit_final(mlp, 50000, 1000.0, {"mlp:epochs=34"})  # room for all of it: the requested head itself
+    assert mlp.form.spec == "mlp:epochs=50" and mlp.reason == "moved on"  # what else the reason said stays
+    # on one core the torch lane and the others share it
+    shares = scaling.lane_shares(100.0, 1, [_state("mlp", (1000, 500.0)), _state("ridge", (1000, 5.0))], 1000)
+    assert sorted(shares.values()) == pytest.approx([0.0, 85.0])
+
+
+def test_a_family_moves_on_only_while_the_budget_has_room():
+    from featurecache.heads import parse_grid
+
+    configs = [*parse_grid("logreg:C=1,2"), *parse_grid("mlp:hidden=64,128")]
+    states = [scaling.HeadState(cfg, cfg, curve=[(1000, a)], cost=(1000, 10.0))
+              for cfg, a in zip(configs, (0.9, 0.89, 0.85, 0.8))]
+    moving, pruned, predictions = scaling.survivors(states, 1, 10000)
+    assert [s.form.spec for s in moving] == ["logreg:C=1"]
+    # the best mlp, predicted 0.925 with its prior's exponent, moves on when its 100 s beside logreg's 100 s fit
+    extra = scaling.promote(moving, pruned, predictions, 0.9, 150.0, [10000], cores=2)
+    assert [s.form.spec for s in extra] == ["mlp:hidden=64"]
+    assert scaling.promote(moving, pruned, predictions, 0.9, 100.0, [10000], cores=2) == []  # 100 s: no room
+    assert scaling.promote(moving, pruned, predictions, 0.9, None, [10000], cores=2) == []  # no budget
+    assert scaling.promote(moving, pruned, predictions, 0.93, 150.0, [10000], cores=2) == []  # not predicted above

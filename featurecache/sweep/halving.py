@@ -55,6 +55,7 @@ TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all 
 DEFAULT_BUDGET = 210.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
 USABLE_SHARE = 0.85  # of the cores' seconds that fits actually get (lanes never pack perfectly)
 MEMORY_SHARE = 0.5  # default --max-memory: this share of the available memory
+BUDGET_POLICY = "lanes+families/2"  # the final rung shared by lanes, families moving on: part of a run's address
 WORKING_COPIES = 4  # a head in memory holds its rows about this many times (preprocessing, solver)
 
 
@@ -213,6 +214,81 @@ def fit_within(state: HeadState, rows: int, share: float, taken: set[str]) -> No
     state.reason = f"fitted on a stratified sample of {state.cap:,} rows ({why})"
 
 
+def _cost_ratio(requested: HeadConfig, form: HeadConfig) -> float | None:
+    """What a stand-in of the requested head type costs against the requested head: the ratio of the
+    numbers it scaled (passes, iterations); None for a stand-in of another head type (a kernel map)."""
+    if form.name != requested.name:
+        return None
+    defaults, ratio = head_type(form.name).defaults, 1.0
+    for key, value in form.params.items():
+        now = requested.params.get(key, defaults.get(key))
+        if value != now and isinstance(value, (int, float)) and isinstance(now, (int, float)) and now:
+            ratio *= value / now
+    return ratio
+
+
+def _fill(estimates: list[float], capacity: float, cap: float) -> float:
+    """The share of each of ``estimates`` in ``capacity`` seconds (water-filling: a head estimated below
+    the level leaves the rest to the others), at most ``cap``."""
+    left, n = capacity, len(estimates)
+    for estimate in sorted(estimates):
+        if estimate * n > left:
+            break
+        left, n = left - estimate, n - 1
+    return cap if n == 0 else min(cap, left / n)
+
+
+def lane_shares(left: float, cores: int, states: list[HeadState], rows: int) -> dict[int, float]:
+    """``id(state) -> seconds`` each head of the final rung may take, when what is ``left`` of the budget
+    goes to these heads alone: torch heads one after another on one lane, every other head on the
+    cores' remaining time, one core each; the time a cheap head leaves goes to the costly ones."""
+    wall = max(0.0, left) * USABLE_SHARE
+    estimate = {id(s): s.estimate(min(rows, s.cap or rows)) for s in states}
+    torch_ids = {id(s) for s in states if head_type(s.form.name).kind == "torch"}
+    known = {i: wall if e is None else e for i, e in estimate.items()}
+    torch_share = _fill([known[i] for i in torch_ids], wall, wall)
+    lane = min(wall, sum(min(known[i], torch_share) for i in torch_ids))  # the torch lane's time
+    other_share = _fill([e for i, e in known.items() if i not in torch_ids], max(0.0, wall * cores - lane), wall)
+    return {id(s): torch_share if id(s) in torch_ids else other_share for s in states}
+
+
+def fit_final(state: HeadState, rows: int, share: float, taken: set[str]) -> None:
+    """At the final rung: the requested head, or the stand-in of its own type that ``share`` pays for,
+    when that is more than an earlier rung's share gave it (more passes); else :func:`fit_within`."""
+    ratio, estimate = _cost_ratio(state.requested, state.form), state.estimate(rows)
+    if state.form == state.requested or ratio is None or estimate is None or state.cap:
+        fit_within(state, rows, share, taken)
+        return
+    full = estimate / ratio
+    htype = head_type(state.requested.name)
+    form = state.requested if full <= share else htype.stand_in(state.requested, share / full)
+    better = form is not None and form.spec not in taken and (_cost_ratio(state.requested, form) or 0) > ratio
+    if not better:
+        fit_within(state, rows, share, taken)
+        return
+    taken.discard(state.form.spec)
+    taken.add(form.spec)
+    timed_rows, seconds = state.cost
+    state.cost = (timed_rows, seconds * _cost_ratio(state.requested, form) / ratio)
+    state.form = form
+    notes = [] if form == state.requested else [f"stand-in for {state.requested.spec} (estimated {_fmt_seconds(full)} "
+                                                 f"on {rows:,} rows, share of the budget {_fmt_seconds(share)})"]
+    state.reason = "; ".join([*notes, *(n for n in state.reason.split("; ") if n and not n.startswith("stand-in "))])
+
+
+def wall_estimate(states: list[HeadState], sizes: list[int], cores: int) -> float | None:
+    """Wall seconds of fitting every one of ``states`` on each of ``sizes`` rows: torch heads one after
+    another on one lane, the others beside them; None when a head was never timed."""
+    lanes = {"torch": 0.0, "other": 0.0}
+    for state in states:
+        for rows in sizes:
+            seconds = state.estimate(min(rows, state.cap or rows))
+            if seconds is None:
+                return None
+            lanes["torch" if head_type(state.form.name).kind == "torch" else "other"] += seconds
+    return max(lanes["torch"], (lanes["torch"] + lanes["other"]) / max(1, cores))
+
+
 # --------------------------------------------------------------------------- learning curves
 
 
@@ -279,3 +355,25 @@ def survivors(ranked: list[HeadState], keep: int, rows: int) -> tuple[list, list
             break
         moving.add(id(state))
     return [s for s in order if id(s) in moving], [s for s in order if id(s) not in moving], predictions
+
+
+def promote(moving: list[HeadState], pruned: list[HeadState], predictions: dict[int, Prediction], best: float,
+            left: float | None, sizes: list[int], cores: int) -> list[HeadState]:
+    """Heads of ``pruned`` (in the prediction's order) that move on anyway because the budget has room:
+    the best of each family that has no head moving on, when its predicted score on all rows is above
+    ``best`` (the rung's best score) and every head moving on still fits in what is ``left`` of the budget
+    on the rungs of ``sizes`` rows. A family whose error falls faster with the rows (networks, kernel maps)
+    keeps a head to the end, where its learning curve can cross the others'."""
+    if left is None or not sizes:
+        return []
+    families = {head_type(s.form.name).family for s in moving}
+    extra: list[HeadState] = []
+    for state in pruned:
+        family = head_type(state.form.name).family
+        if family in families or predictions[id(state)].accuracy <= best:
+            continue
+        wall = wall_estimate([*moving, *extra, state], sizes, cores)
+        if wall is not None and wall <= max(0.0, left) * USABLE_SHARE:
+            families.add(family)
+            extra.append(state)
+    return extra

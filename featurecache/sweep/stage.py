@@ -179,6 +179,8 @@ def _run_id(plan: _Plan) -> str:
         fields["exclude"] = plan.exclusion.address
     if plan.large or plan.views:  # these change what is fitted only on many rows (or views)
         fields.update(budget=plan.budget, halving=plan.halving)
+        if plan.budget is not None:  # how the budget is shared and who moves on: from the second policy on
+            fields["policy"] = scaling.BUDGET_POLICY
         if plan.bytes("train") > plan.memory:  # as given, so that the same command finds its unfinished run
             fields["max_memory"] = plan.max_memory
     payload = json.dumps(fields, sort_keys=True)
@@ -525,18 +527,39 @@ class _Sweep:
         """Stand-ins and row caps so that the rungs still to come fit in what is left of the budget."""
         if self.plan.budget is None:
             return
-        left = self.plan.budget - (time.perf_counter() - self.started)
+        left, final = self.left(), self.rungs[-1].rows
+        taken = {s.form.spec for s in self.states}
+        if rung_index == len(self.rungs) - 1 and rung_index > 0:  # the heads that reach all rows are known
+            lanes = scaling.lane_shares(left, self.engine.cores, alive, final)
+            for state in alive:
+                scaling.fit_final(state, final, lanes[id(state)], taken)
+            return
         torch_heads = sum(head_type(s.form.name).kind == "torch" for s in alive)
         shares = scaling.final_shares(left, self.engine.cores, self.rungs[rung_index:], torch_heads)
-        taken = {s.form.spec for s in self.states}
         for state in alive:
-            share = shares[head_type(state.form.name).kind == "torch"]
-            scaling.fit_within(state, self.rungs[-1].rows, share, taken)
+            scaling.fit_within(state, final, shares[head_type(state.form.name).kind == "torch"], taken)
+
+    def left(self) -> float | None:
+        """Seconds left of the budget (None: no budget)."""
+        return None if self.plan.budget is None else self.plan.budget - (time.perf_counter() - self.started)
 
     def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
         """The heads that move on from ``rung``: those predicted best on all rows, and the rung's leader;
         the others are pruned, with their predicted score in the reason."""
         moving, pruned, predictions = scaling.survivors(ranked, keep, self.rungs[-1].rows)
+        sizes = [r.rows for r in self.rungs[rung.index + 1:]]
+        best = ranked[0].curve[-1][1]
+        for state in scaling.promote(moving, pruned, predictions, best, self.left(), sizes, self.engine.cores):
+            pruned = [s for s in pruned if s is not state]
+            moving.append(state)
+            why = (f"moved on after rung {rung.index + 1} as the best of its family "
+                   f"({head_type(state.form.name).family}): {predictions[id(state)].describe()}, above the rung's "
+                   f"best {best:.4f}, and the budget has room")
+            state.reason = f"{state.reason}; {why}" if state.reason else why
+            self.recorder.progress.add_total(len(sizes) * (1 + len(self.rows.folds)))
+            if self.echo:
+                print(f"fit-head:   {state.form.spec}: {why}", file=sys.stderr)
+        keep = len(moving)
         for place, state in enumerate(pruned, keep + 1):
             accuracy = state.curve[-1][1]
             state.status = "pruned"
