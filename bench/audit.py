@@ -306,7 +306,8 @@ def _test_correct(run_dir: str, cache: str, rows: np.ndarray) -> np.ndarray:
     from featurecache.sweep.runs import load_head
 
     estimator, _ = load_head(run_dir, "best")
-    X, y, _ = store.load_features(cache, "test")
+    features = json.loads((Path(run_dir) / "run.json").read_text()).get("features", "penultimate")
+    X, y, _ = store.load_features(cache, "test", features=features)  # the feature set the run learnt from
     proba = class_probabilities(estimator, X[rows], len(store.info(cache)["classes"]))
     return proba.argmax(axis=1) == y[rows]
 
