@@ -391,6 +391,8 @@ def test_the_budget_keeps_a_late_blooming_family_to_the_end(tmp_path, many_rows,
     assert "as the best of its family (mlp)" in board[bloomer]["reason"]
     assert result.best == bloomer and board[bloomer]["selection_accuracy"] == pytest.approx(0.8267, abs=2e-3)
     assert sum(e["status"] == "fitted" for e in board.values()) == 3  # the two of the plan, and the bloomer
+    rungs = json.loads((Path(result.run_dir) / "run.json").read_text())["rungs"]
+    assert [(r["rows"], r["heads"]) for r in rungs] == [(133, 7), (400, 3), (1200, 3)]  # as fitted
 
 
 def _state(spec: str, timed: tuple[int, float], requested: str | None = None):

@@ -581,6 +581,7 @@ class _Sweep:
     def run(self) -> None:
         alive, key = self.probe(list(self.states)), _rung_key(self.plan, self.rows.labels(self.data))
         for rung in self.rungs:
+            self.plan.rungs[rung.index]["heads"] = len(alive)  # the plan's count, or more when families moved on
             self.fit_within_budget(alive, rung.index)
             if rung.index == 1 and self.echo:
                 _echo_estimates(self, alive)
