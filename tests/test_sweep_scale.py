@@ -385,6 +385,7 @@ def test_the_budget_keeps_a_late_blooming_family_to_the_end(tmp_path, many_rows,
     cache = _curve_cache(tmp_path)
     pruned = {e["head"]: e for e in featurecache.fit_head(cache, head=grid, jobs=1, budget=None).leaderboard}
     assert pruned[bloomer]["status"] == "pruned" and pruned[bloomer]["rows"] == 400
+    assert pruned[bloomer]["reason"].endswith("ranked 3 of 3 by the prediction; 2 moved on")
     result = featurecache.fit_head(cache, head=grid, jobs=1, budget=600)
     board = {e["head"]: e for e in result.leaderboard}
     assert board[bloomer]["status"] == "fitted" and board[bloomer]["rows"] == 1200

@@ -559,13 +559,15 @@ class _Sweep:
             self.recorder.progress.add_total(len(sizes) * (1 + len(self.rows.folds)))
             if self.echo:
                 print(f"fit-head:   {state.form.spec}: {why}", file=sys.stderr)
-        keep = len(moving)
-        for place, state in enumerate(pruned, keep + 1):
+        keep, rank = len(moving), {id(s): i for i, s in enumerate(ranked)}
+        order = sorted(ranked, key=lambda s: (-predictions[id(s)].accuracy, rank[id(s)]))
+        place = {id(s): i for i, s in enumerate(order, 1)}  # by the prediction, as survivors() orders them
+        for state in pruned:
             accuracy = state.curve[-1][1]
             state.status = "pruned"
             state.reason = (f"pruned after rung {rung.index + 1} of {len(self.rungs)} ({rung.rows:,} rows): "
                             f"{self.plan.selection} {accuracy:.4f}, {predictions[id(state)].describe()}; ranked "
-                            f"{place} of {len(ranked)} by the prediction; {keep} moved on")
+                            f"{place[id(state)]} of {len(ranked)} by the prediction; {keep} moved on")
         return moving
 
     def probe(self, alive: list) -> list:
