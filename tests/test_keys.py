@@ -6,7 +6,9 @@ values below were computed before the stages took options objects, on data whose
 modification times are fixed; a change that moves one of them silently orphans every cache
 or run of that kind. The run addresses moved once on purpose, when the ranking's version
 (``featurecache.sweep.postpass.RANKING``) became ``paired-bootstrap/2`` with calibration and the
-ensemble by default: a run ranked by the earlier rule is fitted again, not reused.
+ensemble by default: a run ranked by the earlier rule is fitted again, not reused. Budgeted runs on
+many rows or views moved again when the budget's policy (``featurecache.sweep.halving.BUDGET_POLICY``:
+families that could still win move on, the last rung shared by lanes) joined their address.
 """
 
 from __future__ import annotations
