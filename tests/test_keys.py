@@ -28,7 +28,7 @@ PINNED = {
     "csv": "f4737534e92caa6f8703dab081b0d548428487ea988f96727c3177d6ed365121",
     "run": "mobilenet_v2-images-d430a67aa941f944-68d5181b08b0",
     "run_calibrated_seeds": "mobilenet_v2-images-d430a67aa941f944-a9a890b8abc3",
-    "run_concat_views": "mobilenet_v2-images-c27cc26b3aaac104-703f64105ae0",  # the budget policy joined it
+    "run_concat_views": "mobilenet_v2-images-c27cc26b3aaac104-6cbf1ffc2d14",  # the budget policy joined it
     "finetune": "e7d72592f45d",
     "run_default": "mobilenet_v2-images-d430a67aa941f944-f9aecbb1d9cc",  # calibrated, with the ensemble
 }

@@ -418,6 +418,11 @@ def test_the_final_rung_shares_the_budget_by_lanes_and_gives_back_passes():
     assert mlp.estimate(50000) == pytest.approx(114.0 * 34 / 29, rel=1e-3)
     scaling.fit_final(mlp, 50000, 1000.0, {"mlp:epochs=34"})  # room for all of it: the requested head itself
     assert mlp.form.spec == "mlp:epochs=50" and mlp.reason == "moved on"  # what else the reason said stays
+    # a stand-in that is not only a scaled number (trees on a row sample each) keeps its form
+    forest = _state("random-forest:n_estimators=100;max_samples=0.4", (1000, 5.0),
+                    requested="random-forest:n_estimators=300")
+    scaling.fit_final(forest, 1000, 1000.0, set())
+    assert forest.form.spec == "random-forest:max_samples=0.4;n_estimators=100"
     # on one core the torch lane and the others share it
     shares = scaling.lane_shares(100.0, 1, [_state("mlp", (1000, 500.0)), _state("ridge", (1000, 5.0))], 1000)
     assert sorted(shares.values()) == pytest.approx([0.0, 85.0])
@@ -429,11 +434,10 @@ def test_a_family_moves_on_only_while_the_budget_has_room():
     configs = [*parse_grid("logreg:C=1,2"), *parse_grid("mlp:hidden=64,128")]
     states = [scaling.HeadState(cfg, cfg, curve=[(1000, a)], cost=(1000, 10.0))
               for cfg, a in zip(configs, (0.9, 0.89, 0.85, 0.8))]
-    moving, pruned, predictions = scaling.survivors(states, 1, 10000)
+    moving, pruned, _ = scaling.survivors(states, 1, 10000)
     assert [s.form.spec for s in moving] == ["logreg:C=1"]
-    # the best mlp, predicted 0.925 with its prior's exponent, moves on when its 100 s beside logreg's 100 s fit
-    extra = scaling.promote(moving, pruned, predictions, 0.9, 150.0, [10000], cores=2)
+    # the best mlp moves on when its 100 s beside logreg's 100 s fit in what is left; one head a family
+    extra = scaling.promote(moving, pruned, 150.0, [10000], cores=2)
     assert [s.form.spec for s in extra] == ["mlp:hidden=64"]
-    assert scaling.promote(moving, pruned, predictions, 0.9, 100.0, [10000], cores=2) == []  # 100 s: no room
-    assert scaling.promote(moving, pruned, predictions, 0.9, None, [10000], cores=2) == []  # no budget
-    assert scaling.promote(moving, pruned, predictions, 0.93, 150.0, [10000], cores=2) == []  # not predicted above
+    assert scaling.promote(moving, pruned, 100.0, [10000], cores=2) == []  # 100 s: no room
+    assert scaling.promote(moving, pruned, None, [10000], cores=2) == []  # no budget

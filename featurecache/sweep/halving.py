@@ -55,7 +55,7 @@ TRAIN_EVAL_ROWS = 5000  # train metrics on at most this many rows the heads all 
 DEFAULT_BUDGET = 210.0  # seconds: the default sweep on 50,000 x 1,280 rows in about 5 minutes on 2 cores
 USABLE_SHARE = 0.85  # of the cores' seconds that fits actually get (lanes never pack perfectly)
 MEMORY_SHARE = 0.5  # default --max-memory: this share of the available memory
-BUDGET_POLICY = "lanes+families/2"  # the final rung shared by lanes, families moving on: part of a run's address
+BUDGET_POLICY = "lanes+families/3"  # the final rung shared by lanes, families moving on: part of a run's address
 WORKING_COPIES = 4  # a head in memory holds its rows about this many times (preprocessing, solver)
 
 
@@ -222,8 +222,11 @@ def _cost_ratio(requested: HeadConfig, form: HeadConfig) -> float | None:
     defaults, ratio = head_type(form.name).defaults, 1.0
     for key, value in form.params.items():
         now = requested.params.get(key, defaults.get(key))
-        if value != now and isinstance(value, (int, float)) and isinstance(now, (int, float)) and now:
-            ratio *= value / now
+        if value == now:
+            continue
+        if not (isinstance(value, (int, float)) and isinstance(now, (int, float)) and now):
+            return None  # a change that is not a scaled number (a row sample per tree): no known ratio
+        ratio *= value / now
     return ratio
 
 
@@ -357,20 +360,20 @@ def survivors(ranked: list[HeadState], keep: int, rows: int) -> tuple[list, list
     return [s for s in order if id(s) in moving], [s for s in order if id(s) not in moving], predictions
 
 
-def promote(moving: list[HeadState], pruned: list[HeadState], predictions: dict[int, Prediction], best: float,
-            left: float | None, sizes: list[int], cores: int) -> list[HeadState]:
+def promote(moving: list[HeadState], pruned: list[HeadState], left: float | None, sizes: list[int],
+            cores: int) -> list[HeadState]:
     """Heads of ``pruned`` (in the prediction's order) that move on anyway because the budget has room:
-    the best of each family that has no head moving on, when its predicted score on all rows is above
-    ``best`` (the rung's best score) and every head moving on still fits in what is ``left`` of the budget
-    on the rungs of ``sizes`` rows. A family whose error falls faster with the rows (networks, kernel maps)
-    keeps a head to the end, where its learning curve can cross the others'."""
+    the best of each family that has no head moving on, while every head moving on still fits in what is
+    ``left`` of the budget on the rungs of ``sizes`` rows. A family whose error falls faster with the rows
+    (networks, kernel maps, boosted trees) keeps a head to the end, where its learning curve can cross the
+    others', and the ensemble of the last rung has heads of every family to draw from."""
     if left is None or not sizes:
         return []
     families = {head_type(s.form.name).family for s in moving}
     extra: list[HeadState] = []
     for state in pruned:
         family = head_type(state.form.name).family
-        if family in families or predictions[id(state)].accuracy <= best:
+        if family in families:
             continue
         wall = wall_estimate([*moving, *extra, state], sizes, cores)
         if wall is not None and wall <= max(0.0, left) * USABLE_SHARE:

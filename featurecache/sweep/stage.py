@@ -548,14 +548,14 @@ class _Sweep:
         the others are pruned, with their predicted score in the reason."""
         moving, pruned, predictions = scaling.survivors(ranked, keep, self.rungs[-1].rows)
         sizes = [r.rows for r in self.rungs[rung.index + 1:]]
-        best = ranked[0].curve[-1][1]
-        for state in scaling.promote(moving, pruned, predictions, best, self.left(), sizes, self.engine.cores):
+        for state in scaling.promote(moving, pruned, self.left(), sizes, self.engine.cores):
             pruned = [s for s in pruned if s is not state]
             moving.append(state)
             why = (f"moved on after rung {rung.index + 1} as the best of its family "
-                   f"({head_type(state.form.name).family}): {predictions[id(state)].describe()}, above the rung's "
-                   f"best {best:.4f}, and the budget has room")
-            state.reason = f"{state.reason}; {why}" if state.reason else why
+                   f"({head_type(state.form.name).family}): {self.plan.selection} {state.curve[-1][1]:.4f}, "
+                   f"{predictions[id(state)].describe()}; the budget has room")
+            kept = [n for n in state.reason.split("; ") if n and not n.startswith("moved on ")]
+            state.reason = "; ".join([*kept, why])
             self.recorder.progress.add_total(len(sizes) * (1 + len(self.rows.folds)))
             if self.echo:
                 print(f"fit-head:   {state.form.spec}: {why}", file=sys.stderr)
