@@ -15,7 +15,9 @@ Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Abo
   anchored at its latest rung; with a single rung, ``b`` is the median of its family's fitted
   exponents, or the prior its head type registers (``learning_curve``). Half of the heads
   that move on (at least one) are the rung's best on their scores, the others those
-  predicted best on all rows.
+  predicted best on all rows. With a budget, a family with no head among them sends on its
+  best head too while the fits to come still fit in what is left (:func:`promote`): curves
+  fitted to small rungs see neither a plateau nor a late start.
 - **Cost models.** A head's cost is ``seconds(rows) = s * (rows / r) ** growth``, with
   ``(r, s)`` its latest timed fit and ``growth`` what its head type declares. With a
   budget, heads whose cost grows much faster than the rows (``growth`` of
@@ -27,6 +29,9 @@ Up to :data:`LARGE_ROWS` training rows a sweep fits every head on every row. Abo
   whose estimate at the final rung exceeds its share gets its registered stand-in (the
   same inductive bias for about the share); a head without one, or whose stand-in is not
   cheaper, is fitted on the largest stratified sample its share pays for (``subsampled``).
+  Before the last rung, what is left goes to the heads that reach it, lane by lane
+  (:func:`lane_shares`), and a head cut to fewer passes gets back what its share pays for
+  (:func:`fit_final`).
 
 Only decisions live here; :mod:`featurecache.sweep` runs the fits.
 """

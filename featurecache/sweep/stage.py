@@ -544,8 +544,9 @@ class _Sweep:
         return None if self.plan.budget is None else self.plan.budget - (time.perf_counter() - self.started)
 
     def prune(self, ranked: list, rung: scaling.Rung, keep: int) -> list:
-        """The heads that move on from ``rung``: those predicted best on all rows, and the rung's leader;
-        the others are pruned, with their predicted score in the reason."""
+        """The heads that move on from ``rung``: those predicted best on all rows, the rung's leaders, and
+        the best of each family left out while the budget has room; the others are pruned, with their
+        predicted score in the reason."""
         moving, pruned, predictions = scaling.survivors(ranked, keep, self.rungs[-1].rows)
         sizes = [r.rows for r in self.rungs[rung.index + 1:]]
         for state in scaling.promote(moving, pruned, self.left(), sizes, self.engine.cores):
