@@ -178,7 +178,9 @@ def test_progress_lines_for_a_log(tmp_path, many_rows, monkeypatch):
     assert log.lines[1] == "fit-head: rungs: 8 heads on 133 rows, 3 heads on 400 rows, 2 heads on 1,200 rows"
     counts = [line for line in log.lines if " fits (" in line]
     assert counts and all("elapsed, ETA " in line and "; now: " in line for line in counts)
-    assert any(line.startswith("fit-head: 13/13 fits (100%)") for line in counts)
+    # 13 fits planned, and one more on each of the last two rungs for the forest that moves on as the trees' best
+    assert any(line.startswith("fit-head: 15/15 fits (100%)") for line in counts)
+    assert any("as the best of its family (trees)" in line for line in log.lines)
     assert any("estimated" in line and "on 1,200 rows" in line for line in log.lines)  # the plan from timed fits
 
 

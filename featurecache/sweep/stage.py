@@ -557,9 +557,10 @@ class _Sweep:
                    f"{predictions[id(state)].describe()}; the budget has room")
             kept = [n for n in state.reason.split("; ") if n and not n.startswith("moved on ")]
             state.reason = "; ".join([*kept, why])
-            self.recorder.progress.add_total(len(sizes) * (1 + len(self.rows.folds)))
             if self.echo:
                 print(f"fit-head:   {state.form.spec}: {why}", file=sys.stderr)
+        # the next rung fits more heads than planned: the progress counts them (each rung adds its own)
+        self.recorder.progress.add_total(max(0, len(moving) - keep) * (1 + len(self.rows.folds)))
         keep, rank = len(moving), {id(s): i for i, s in enumerate(ranked)}
         order = sorted(ranked, key=lambda s: (-predictions[id(s)].accuracy, rank[id(s)]))
         place = {id(s): i for i, s in enumerate(order, 1)}  # by the prediction, as survivors() orders them
