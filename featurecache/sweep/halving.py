@@ -186,6 +186,10 @@ class HeadState:
         timed_rows, seconds = self.cost
         return seconds * (rows / max(1, timed_rows)) ** head_type(self.form.name).growth
 
+    def estimate_fit(self, rows: int) -> float | None:
+        """:meth:`estimate` of its fit at a rung of ``rows`` rows, on its row cap when it has one."""
+        return self.estimate(min(rows, self.cap or rows))
+
 
 def final_shares(left: float, cores: int, plan: list[Rung], torch_heads: int) -> tuple[float, float]:
     """Seconds one head may take at the final rung, ``(other heads, torch heads)``: the final rung's part
@@ -251,7 +255,7 @@ def lane_shares(left: float, cores: int, states: list[HeadState], rows: int) -> 
     goes to these heads alone: torch heads one after another on one lane, every other head on the
     cores' remaining time, one core each; the time a cheap head leaves goes to the costly ones."""
     wall = max(0.0, left) * USABLE_SHARE
-    estimate = {id(s): s.estimate(min(rows, s.cap or rows)) for s in states}
+    estimate = {id(s): s.estimate_fit(rows) for s in states}
     torch_ids = {id(s) for s in states if head_type(s.form.name).kind == "torch"}
     known = {i: wall if e is None else e for i, e in estimate.items()}
     torch_share = _fill([known[i] for i in torch_ids], wall, wall)
@@ -290,7 +294,7 @@ def wall_estimate(states: list[HeadState], sizes: list[int], cores: int) -> floa
     lanes = {"torch": 0.0, "other": 0.0}
     for state in states:
         for rows in sizes:
-            seconds = state.estimate(min(rows, state.cap or rows))
+            seconds = state.estimate_fit(rows)
             if seconds is None:
                 return None
             lanes["torch" if head_type(state.form.name).kind == "torch" else "other"] += seconds
