@@ -461,9 +461,10 @@ def weights_import(file, backbone, weights):
               help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same configuration.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--from-activations", is_flag=True,
+@click.option("--from-activations/--from-images", default=None,
               help="With --unfreeze last:N: store the input of the first trained block once in the cache (float16) "
-                   "and train from it, without decoding images or running the frozen blocks.")
+                   "and train from it, without decoding images or running the frozen blocks. Default: chosen by "
+                   "timing a few batches both ways, and said.")
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="The most the stored activations may take in memory, e.g. 2G (default: half the available).")
 @_trust

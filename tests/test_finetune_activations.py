@@ -16,7 +16,7 @@ from test_finetune import TINY, make_colored_images, tiny_run
 import featurecache
 from featurecache import store
 from featurecache.errors import CacheError, FinetuneError
-from featurecache.finetuning import activations
+from featurecache.finetuning import activations, trainer
 from featurecache.finetuning.network import Network, load_backbone, load_exported, load_finetuned
 
 # one optimizer step per epoch (3 classes x 8 train images in one batch), no augmentation
@@ -36,7 +36,7 @@ def run(tmp_path_factory, real_weights):
 def _losses(run, **more) -> tuple[list, list]:
     """Per step (one per epoch), the train and selection losses from images and from stored activations."""
     run_dir, _, cache_dir = run
-    live = featurecache.finetune(run_dir, cache_dir=cache_dir, **STEPS, **more)
+    live = featurecache.finetune(run_dir, cache_dir=cache_dir, from_activations=False, **STEPS, **more)
     stored = featurecache.finetune(run_dir, cache_dir=cache_dir, from_activations=True, **STEPS, **more)
     assert stored.output_dir != live.output_dir
     steps = [(a["train_loss"], b["train_loss"]) for a, b in zip(live.history[1:], stored.history[1:])]
@@ -171,3 +171,75 @@ def test_each_epoch_trains_on_one_stored_view_of_every_image(tmp_path):
     plain = store.read_activations(res.cache, summary["name"], "train", (16, 160, 2, 2))
     assert not np.array_equal(views[:16], plain) and not np.array_equal(views[:16], views[16:])
     assert json.loads((Path(result.output_dir) / "config.json").read_text())["from_activations"] is True
+
+
+# --------------------------------------------------------------------------- choosing the mode
+
+
+def _estimate(wins: bool) -> activations.Estimate:
+    """What timing a few batches gives: from activations 4x faster per batch, or no faster."""
+    tail = 0.05 if wins else 1.0
+    return activations.Estimate(epochs=2, batches=100, live=1.0, tail=tail, store=20.0, stored=False)
+
+
+def test_the_estimate_decides_by_the_whole_run_storing_included():
+    win = _estimate(True)
+    assert win.from_images == 200.0 and win.from_activations == 30.0 and win.wins
+    assert not _estimate(False).wins
+    assert not activations.Estimate(epochs=1, batches=2, live=1.0, tail=0.1, store=1.0, stored=False).wins  # 7.8 s
+    assert not activations.Estimate(epochs=2, batches=100, live=1.0, tail=0.05, store=20.0, stored=False,
+                                    room="more than --max-memory").wins
+    assert "training from stored activations, measured faster" in win.sentence()
+    assert "training from images (not 1.25x faster)" in _estimate(False).sentence()
+
+
+def test_without_a_flag_finetune_times_both_modes_says_which_it_chose_and_keeps_it(run, cli_runner, monkeypatch):
+    run_dir, cache, cache_dir = run
+    args = ["finetune", run_dir, "--unfreeze", "last:2", "--augment", "none", "--epochs", "1", "--batch-size", "8",
+            "--workers", "0", "--cache-dir", cache_dir, "--seed", "7", "--json"]
+    # measured for real: each mode's seconds a batch; over one epoch, storing costs about what it saves
+    first = run_cli(cli_runner, *args)
+    assert first.exit_code == 0, first.stderr
+    said = [line for line in first.stderr.splitlines() if line.startswith("training from")]
+    assert len(said) == 1 and said[0].startswith("training from images ("), first.stderr
+    assert "1 epoch of 3 batches: from images about" in said[0] and said[0].endswith("--from-activations forces it")
+    folder = Path(json.loads(first.stdout)["output_dir"])
+    chosen = json.loads((folder / "config.json").read_text())["mode_chosen"]
+    assert chosen["chosen"] == "images" and chosen["batches_per_epoch"] == 3
+    assert chosen["seconds_per_batch_from_images"] > chosen["seconds_per_batch_from_activations"] > 0
+    # stored by an earlier test of this module, or to be stored (what a batch from images spends beyond the tail)
+    assert (chosen["store_seconds"] == 0) == chosen["already_stored"] == store.has_activations(
+        cache, "features.17-160x2x2-float16")
+    assert json.loads(first.stdout)["trained_from"] == "images"
+    # a measured win: the activations are stored and trained from, and a later run keeps that mode untimed
+    monkeypatch.setattr(trainer, "_measure", lambda t: _estimate(True))
+    args[args.index("7")] = "8"
+    second = run_cli(cli_runner, *args)
+    assert second.exit_code == 0, second.stderr
+    assert "training from stored activations, measured faster" in second.stderr
+    out = json.loads(second.stdout)
+    assert out["trained_from"] == "activations" and activations.stored_summary(out["output_dir"])["parts"]["train"] == 24
+
+    def untimed(_):
+        raise AssertionError("a configuration trained before is not timed again")
+
+    monkeypatch.setattr(trainer, "_measure", untimed)
+    again = run_cli(cli_runner, *args)
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["output_dir"] == out["output_dir"] and json.loads(again.stdout)["reused"]
+    # the flags force either mode, untimed
+    forced = run_cli(cli_runner, *args, "--from-images")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["trained_from"] == "images"
+    assert "training from" not in forced.stderr
+
+
+def test_only_last_n_with_a_frozen_part_is_timed(run, monkeypatch):
+    run_dir, _, cache_dir = run
+
+    def untimed(_):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(trainer, "_measure", untimed)
+    for unfreeze in ("all", "none", "last:40"):
+        result = featurecache.finetune(run_dir, cache_dir=cache_dir, **{**STEPS, "epochs": 1, "unfreeze": unfreeze})
+        assert result.trained_from == "images"

@@ -24,6 +24,11 @@ maps; the network, checkpoints and export are the whole network, as without the 
   half the available memory) or the free disk space (the cache file's size plus theirs).
 - A dataset of the stored activations that is missing, of another shape or unreadable is
   named in one warning line, and the activations are stored again.
+- Choosing the mode: without ``--from-activations`` or ``--from-images``, ``fc finetune
+  --unfreeze last:N`` times a few batches both ways (:class:`Estimate`) and trains from stored
+  activations when the whole run, storing included, is measured to take at most 1/:data:`WIN` of
+  the time from images and to save at least :data:`WORTH` seconds; it says which it chose and why.
+  A configuration already trained or checkpointed in one mode keeps that mode.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch import fx, nn
 
 from .. import runtime, store
 from ..data.images import ImageTensors, Views, augment_seed, image_loader, normalize_batch
-from ..errors import CacheError, FinetuneError
+from ..errors import CacheError, FinetuneError, plural
 from ..files import write_json
 from ..metrics import classification_metrics
 from ..progress import Progress
@@ -53,6 +58,8 @@ from .network import FeatureColumns, Network
 ACTIVATIONS_FILE = "activations.json"  # in the fine-tuning folder: what was stored, its size and cost
 STORE_BATCH = 64  # images per forward pass of the frozen blocks while storing
 SCALE_TO = 256.0  # the largest value of the first batch, once stored (float16 reaches 65504)
+WIN = 1.25  # the automatic choice stores activations only when the run is estimated this many times faster
+WORTH = 10.0  # ... and at least this many seconds shorter: storing a few seconds' worth is not worth a cache write
 
 
 def _log(message: str) -> None:
@@ -177,21 +184,108 @@ class Plan:
                 "views": self.views, "bytes_per_image": self.per_image, "bytes": self.bytes}
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s" if t < 10 else f"{t:,.0f} s"
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def check_room(plan: Plan, cache: Path, max_memory: str | None, stored: bool) -> None:
-    """A one-line FinetuneError when the activations exceed ``max_memory`` or (to be stored) the free disk."""
+def room_problem(plan: Plan, cache: Path, max_memory: str | None, stored: bool) -> str | None:
+    """Why the activations do not fit: more than ``max_memory``, or (to be stored) more than the free disk."""
     what = f"the activations of {plan.name} take {_size(plan.bytes)} ({plan.per_image:,} bytes x {plan.rows:,} rows)"
     cap = memory_cap(max_memory)
     if plan.bytes > cap:
-        raise FinetuneError(f"{what}, more than --max-memory {_size(cap)}: give a larger --max-memory, "
-                            "train fewer blocks, or drop --from-activations")
+        return (f"{what}, more than --max-memory {_size(cap)}: give a larger --max-memory, "
+                "train fewer blocks, or drop --from-activations")
     free = shutil.disk_usage(cache.parent).free
     if not stored and plan.bytes + cache.stat().st_size > free:
-        raise FinetuneError(f"{what} and the cache file is copied while they are written: "
-                            f"{_size(free)} free on {cache.parent} is not enough")
+        return (f"{what} and the cache file is copied while they are written: "
+                f"{_size(free)} free on {cache.parent} is not enough")
+    return None
+
+
+def check_room(plan: Plan, cache: Path, max_memory: str | None, stored: bool) -> None:
+    """A one-line FinetuneError when the activations do not fit (:func:`room_problem`)."""
+    problem = room_problem(plan, cache, max_memory, stored)
+    if problem:
+        raise FinetuneError(problem)
+
+
+def plan_of(job, block: str, shape: tuple[int, ...], n_train: int, n_selection: int) -> Plan:
+    """The activations ``job`` stores for ``block``, whose input map has ``shape`` (C, H, W)."""
+    views = dict(job.cache_meta["config"].get("augment_views") or {})
+    parts = {"train": n_train, job.split: n_selection}
+    if views:
+        parts[store.VIEWS] = int(views["k"]) * n_train
+    return Plan(block, tuple(int(d) for d in shape), parts, views)
+
+
+def unsuited(job, backbone) -> str | None:
+    """Why ``job`` cannot train from stored activations (None when it can); a FinetuneError
+    when ``unfreeze`` is not ``last:N`` with a frozen part."""
+    if job.cache_meta["config"].get("tta") or len(backbone.parts) > 1 or isinstance(backbone.model, FeatureColumns):
+        return ("--from-activations trains from the input of one block: it needs a cache extracted without --tta and "
+                f"a head on the penultimate features, not on stored layers (this run's head "
+                f"{job.head_meta['head']} reads {job.loaded.meta.get('features')})")
+    return None
+
+
+# --------------------------------------------------------------------------- choosing the mode
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The seconds a run would take from images and from stored activations, from a few timed batches.
+
+    ``live`` and ``tail`` are the median seconds of one training batch (forward and backward)
+    from images, loading and decoding included, and from stored maps; ``store`` the seconds to
+    store every map (0 when they are stored), estimated from what a batch from images spends
+    beyond the trained part. The selection split's evaluations are left out: they favour the
+    stored activations too, so the estimate errs towards images.
+    """
+
+    epochs: int
+    batches: int  # training batches per epoch
+    live: float
+    tail: float
+    store: float
+    stored: bool
+    startup: float = 0.0  # seconds an epoch's image loader takes to give its first batch, beyond a batch
+    room: str | None = None  # why the activations do not fit (memory or disk), if they do not
+
+    @property
+    def from_images(self) -> float:
+        return self.epochs * (self.startup + self.batches * self.live)
+
+    @property
+    def from_activations(self) -> float:
+        return self.store + self.epochs * self.batches * self.tail
+
+    @property
+    def wins(self) -> bool:
+        return (self.room is None and self.from_activations * WIN <= self.from_images
+                and self.from_images - self.from_activations >= WORTH)
+
+    def describe(self) -> dict:
+        return {"epochs": self.epochs, "batches_per_epoch": self.batches, "seconds_per_batch_from_images": self.live,
+                "seconds_per_batch_from_activations": self.tail, "loader_startup_seconds": self.startup,
+                "store_seconds": self.store,
+                "already_stored": self.stored, "estimate_from_images": self.from_images,
+                "estimate_from_activations": self.from_activations, "room": self.room,
+                "chosen": "activations" if self.wins else "images"}
+
+    def sentence(self) -> str:
+        store_part = "already stored" if self.stored else f"storing them once about {_seconds(self.store)}"
+        head = (f"{plural(self.epochs, 'epoch')} of {plural(self.batches, 'batch')}: from images about "
+                f"{_seconds(self.from_images)} ({self.live:.3f} s a batch), from stored activations about "
+                f"{_seconds(self.from_activations)} ({self.tail:.3f} s a batch, {store_part})")
+        if self.wins:
+            return f"training from stored activations, measured faster: {head}; --from-images trains from images"
+        why = self.room or (f"not {WIN:g}x faster" if self.from_activations * WIN > self.from_images
+                            else f"saves under {WORTH:g} s")
+        return f"training from images ({why}): {head}; --from-activations forces it"
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -207,10 +301,9 @@ class FromActivations:
     activations; the held-out split and the export use the whole network on images."""
 
     def __init__(self, job, backbone, head: nn.Module):
-        if job.cache_meta["config"].get("tta") or len(backbone.parts) > 1 or isinstance(backbone.model, FeatureColumns):
-            raise FinetuneError("--from-activations trains from the input of one block: it needs a cache extracted "
-                                "without --tta and a head on the penultimate features, not on stored layers "
-                                f"(this run's head {job.head_meta['head']} reads {job.loaded.meta.get('features')})")
+        problem = unsuited(job, backbone)
+        if problem:
+            raise FinetuneError(problem)
         block = first_trained_block(backbone.model, job.settings.unfreeze)
         super().__init__(job, backbone, head)
         self.block = block
@@ -233,12 +326,7 @@ class FromActivations:
         self.net.eval()
         with torch.inference_mode():
             probe = block_input(self.net.backbone, self.block, torch.zeros(1, 3, crop, crop, device=self.dev))
-        views = dict(self.job.cache_meta["config"].get("augment_views") or {})
-        n_train = len(self.train_labels)
-        parts = {"train": n_train, self.job.split: len(self.val_labels)}
-        if views:
-            parts[store.VIEWS] = int(views["k"]) * n_train
-        return Plan(self.block, tuple(int(d) for d in probe.shape[1:]), parts, views)
+        return plan_of(self.job, self.block, probe.shape[1:], len(self.train_labels), len(self.val_labels))
 
     def _load(self) -> dict[str, torch.Tensor]:
         """The stored activations of every part (storing them first when missing or damaged)."""

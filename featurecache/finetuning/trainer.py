@@ -250,9 +250,11 @@ class FinetuneResult:
     weights: dict = field(default_factory=dict)  # {"file": "model.safetensors", "sha256": ...}
     export: dict = field(default_factory=dict)  # {"file": "model.pt", "sha256": ...}
     temperature: float = 1.0  # applied to the logits when the head was fitted with calibrate="temperature"
+    trained_from: str = "images"  # or "activations" (stored block inputs, finetuning.activations)
 
     def to_dict(self) -> dict:
-        keys = ("model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split")
+        keys = ("model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split", "output_dir",
+                "trained_from", "reused")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -308,8 +310,9 @@ class _Job:
     workers: int
     checkpoint_every: int
     progress: bool
-    from_activations: bool = False  # train the last blocks from stored activations (finetuning.activations)
+    from_activations: bool | None = False  # train the last blocks from stored activations (None: to be chosen)
     max_memory: str | None = None  # the most the stored activations may take in memory
+    chosen: dict | None = None  # how the mode was chosen when it was not given (activations.Estimate.describe)
 
     @property
     def config(self) -> dict:
@@ -635,6 +638,7 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
         start_accuracy=state.start_accuracy, best_accuracy=state.best_accuracy, epochs=state.epoch, split=job.split,
         output_dir=str(job.out), best_epoch=state.best_epoch, stopped_early=stopped_early, history=state.history,
         metrics=metrics, weights=weights, export=exported, temperature=temperature,
+        trained_from="activations" if job.from_activations else "images",
     )
     saved = asdict(result)
     saved.pop("reused")
@@ -643,12 +647,19 @@ def _finish(job: _Job, trainer: _Trainer, state: _State, stopped_early: bool) ->
     return result
 
 
-def _run(job: _Job, resume: bool) -> FinetuneResult:
-    """Assemble the network, start at step 0 (or resume), train and save the best epoch."""
-    kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
+def _network_parts(job: _Job) -> tuple[object, nn.Module]:
+    """The run's backbone and its head as a layer, as step 0 starts from them."""
     backbone, pipeline = run_backbone(job.loaded.meta, job.pipeline, job.head_meta)
-    trainer = kind(job, backbone, head_module(pipeline, job.head_meta, job.loaded.leaderboard))
-    write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path)})
+    return backbone, head_module(pipeline, job.head_meta, job.loaded.leaderboard)
+
+
+def _run(job: _Job, resume: bool, parts: tuple | None = None) -> FinetuneResult:
+    """Assemble the network (or take ``parts``, the backbone and head), start at step 0 (or resume), train
+    and save the best epoch."""
+    kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
+    trainer = kind(job, *(parts or _network_parts(job)))
+    chosen = {"mode_chosen": job.chosen} if job.chosen else {}
+    write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path), **chosen})
     state, resumed_from = _begin(trainer, resume)
     if job.progress:
         from ..sweep.runs import start_note
@@ -695,7 +706,7 @@ class FinetuneOptions:
     trust: bool = False
     cache_dir: str | None = None
     progress: bool = True
-    from_activations: bool = False
+    from_activations: bool | None = None
     max_memory: str | None = None
 
 
@@ -714,14 +725,91 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     ``trust``: also load a run saved in the old pickle format, which can run code when loaded.
     ``from_activations`` (``unfreeze=last:N``): store the input of the first trained block once in the
     cache and train from it, without decoding images or running the frozen blocks
-    (:mod:`featurecache.finetuning.activations`); ``max_memory`` (e.g. ``"2G"``; default half the
-    available memory) bounds what those activations may take.
+    (:mod:`featurecache.finetuning.activations`); ``False`` trains from images; ``None`` (the default)
+    times a few batches both ways and stores the activations when that is measured to pay
+    (:func:`_choose_mode`). ``max_memory`` (e.g. ``"2G"``; default half the available memory) bounds
+    what those activations may take.
     """
     device = runtime.resolve_device(options.device)
     settings = _settings(options, device)
     _validate(settings, options.checkpoint_every)
     job = _open_job(options, settings, device, runtime.resolve_workers(options.workers))
-    return _reused(job) or _run(job, options.resume)
+    job, parts = _choose_mode(job) if job.from_activations is None else (job, None)
+    return _reused(job) or _run(job, options.resume, parts)
+
+
+# --------------------------------------------------------------------------- from images or from activations
+
+
+def _choose_mode(job: _Job) -> tuple[_Job, tuple | None]:
+    """``job`` trained from images or from stored activations, and the network's parts if they were built.
+
+    Only ``unfreeze=last:N`` with a frozen part can train from activations. A configuration
+    trained or checkpointed before keeps its mode (its folder is found again, and ``--resume``
+    goes on). Otherwise a few batches are timed both ways (:func:`_measure`) and the activations
+    are stored when the whole run is measured to be faster that way (:class:`activations.Estimate`).
+    """
+    images, stored = dataclasses.replace(job, from_activations=False), dataclasses.replace(job, from_activations=True)
+    if not job.settings.unfreeze.startswith("last:") or runtime.world_size() > 1:
+        return images, None
+    for kept in (stored, images):
+        if (kept.out / RESULT_FILE).is_file() or (kept.out / LAST_FILE).is_file():
+            return kept, None
+    parts = _network_parts(job)
+    try:
+        suited = not activations.unsuited(job, parts[0]) and activations.first_trained_block(
+            parts[0].model, job.settings.unfreeze)
+    except FinetuneError:  # last:N trains every block: nothing frozen to store
+        suited = False
+    if not suited:
+        return images, parts
+    estimate = _measure(_Trainer(images, *parts))
+    if job.progress:
+        _log(estimate.sentence())
+    chosen = stored if estimate.wins else images
+    return dataclasses.replace(chosen, chosen=estimate.describe()), parts
+
+
+def _measure(trainer: _Trainer, batches: int = 3) -> activations.Estimate:
+    """Time training batches from images and from the stored maps they would give, on a warm-up batch and
+    ``batches`` more of epoch 0's images; the network's weights and statistics are restored after. With
+    decoding workers, what the first batch takes beyond the others is the loader's start, paid every epoch."""
+    s, net, dev = trainer.s, trainer.net, trainer.dev
+    block = activations.first_trained_block(net.backbone, s.unfreeze)
+    tail = Network(activations.tail(net.backbone, block), net.head)
+    saved = {name: value.clone() for name, value in net.state_dict().items()}
+    n = len(trainer.train_labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:s.batch_size * (batches + 1)]
+    live, tail_seconds, shape = [], [], None
+    train_mode(net, s.bn)
+    started = time.perf_counter()
+    for index, batch, reasons in trainer.train_loader(0, order.tolist()):
+        ok = torch.tensor([not r for r in reasons])
+        if not ok.any():
+            continue
+        x, y = trainer.inputs(batch[ok]), torch.from_numpy(trainer.train_labels[index[ok].numpy()]).to(dev)
+        with runtime.autocast(dev, s.precision):
+            F.cross_entropy(net(x).float(), y).backward()
+        live.append(time.perf_counter() - started)
+        with torch.no_grad(), runtime.autocast(dev, s.precision):
+            maps = activations.block_input(net.backbone, block, x).float()
+        shape = maps.shape[1:]
+        begun = time.perf_counter()
+        with runtime.autocast(dev, s.precision):
+            F.cross_entropy(tail(maps.contiguous(memory_format=torch.channels_last)).float(), y).backward()
+        tail_seconds.append(time.perf_counter() - begun)
+        net.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+    net.load_state_dict(saved)
+    steady = float(np.median(live[1:] or live))
+    per_batch = float(np.median(tail_seconds[1:] or tail_seconds))
+    plan = activations.plan_of(trainer.job, block, tuple(shape), n, len(trainer.val_labels))
+    cache = Path(trainer.job.cache_meta["path"])
+    stored = store.has_activations(cache, plan.name)
+    store_seconds = 0.0 if stored else math.ceil(plan.rows / s.batch_size) * max(0.0, steady - per_batch)
+    return activations.Estimate(
+        epochs=s.epochs, batches=trainer.n_batches, live=steady, tail=per_batch, store=store_seconds, stored=stored,
+        startup=max(0.0, live[0] - steady) if trainer.job.workers else 0.0, room=activations.room_problem(plan, cache, trainer.job.max_memory, stored))
 
 
 def _settings(options: FinetuneOptions, device: torch.device) -> _Settings:
