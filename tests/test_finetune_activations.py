@@ -218,7 +218,8 @@ def test_without_a_flag_finetune_times_both_modes_says_which_it_chose_and_keeps_
     assert second.exit_code == 0, second.stderr
     assert "training from stored activations, measured faster" in second.stderr
     out = json.loads(second.stdout)
-    assert out["trained_from"] == "activations" and activations.stored_summary(out["output_dir"])["parts"]["train"] == 24
+    assert out["trained_from"] == "activations"
+    assert activations.stored_summary(out["output_dir"])["parts"]["train"] == 24
 
     def untimed(_):
         raise AssertionError("a configuration trained before is not timed again")

@@ -809,7 +809,8 @@ def _measure(trainer: _Trainer, batches: int = 3) -> activations.Estimate:
     store_seconds = 0.0 if stored else math.ceil(plan.rows / s.batch_size) * max(0.0, steady - per_batch)
     return activations.Estimate(
         epochs=s.epochs, batches=trainer.n_batches, live=steady, tail=per_batch, store=store_seconds, stored=stored,
-        startup=max(0.0, live[0] - steady) if trainer.job.workers else 0.0, room=activations.room_problem(plan, cache, trainer.job.max_memory, stored))
+        startup=max(0.0, live[0] - steady) if trainer.job.workers else 0.0,
+        room=activations.room_problem(plan, cache, trainer.job.max_memory, stored))
 
 
 def _settings(options: FinetuneOptions, device: torch.device) -> _Settings:
