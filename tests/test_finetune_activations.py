@@ -244,3 +244,13 @@ def test_only_last_n_with_a_frozen_part_is_timed(run, monkeypatch):
     for unfreeze in ("all", "none", "last:40"):
         result = featurecache.finetune(run_dir, cache_dir=cache_dir, **{**STEPS, "epochs": 1, "unfreeze": unfreeze})
         assert result.trained_from == "images"
+
+
+def test_with_augmentation_and_no_stored_views_it_trains_from_images_and_says_why(run, monkeypatch, capsys):
+    run_dir, cache, cache_dir = run
+    monkeypatch.setattr(trainer, "_measure", lambda t: _estimate(True))
+    args = {**STEPS, "epochs": 1, "augment": "light", "progress": True, "seed": 11}
+    assert featurecache.finetune(run_dir, cache_dir=cache_dir, **args).trained_from == "images"
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training from")]
+    assert said == [f"training from images: {Path(cache).name} holds no augmented views (fc extract --augment-views "
+                    "K), so from stored activations the epochs would not be augmented; --from-activations forces it"]

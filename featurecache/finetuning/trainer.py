@@ -744,10 +744,12 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
 def _choose_mode(job: _Job) -> tuple[_Job, tuple | None]:
     """``job`` trained from images or from stored activations, and the network's parts if they were built.
 
-    Only ``unfreeze=last:N`` with a frozen part can train from activations. A configuration
+    Only ``unfreeze=last:N`` with a frozen part can train from activations, and with augmentation
+    only from a cache that holds augmented views (else the epochs would lose it). A configuration
     trained or checkpointed before keeps its mode (its folder is found again, and ``--resume``
-    goes on). Otherwise a few batches are timed both ways (:func:`_measure`) and the activations
-    are stored when the whole run is measured to be faster that way (:class:`activations.Estimate`).
+    goes on); a torchrun job trains from images, so that its ranks cannot choose differently.
+    Otherwise a few batches are timed both ways (:func:`_measure`) and the activations are stored
+    when the whole run is measured to be faster that way (:class:`activations.Estimate`).
     """
     images, stored = dataclasses.replace(job, from_activations=False), dataclasses.replace(job, from_activations=True)
     if not job.settings.unfreeze.startswith("last:") or runtime.world_size() > 1:
@@ -762,6 +764,12 @@ def _choose_mode(job: _Job) -> tuple[_Job, tuple | None]:
     except FinetuneError:  # last:N trains every block: nothing frozen to store
         suited = False
     if not suited:
+        return images, parts
+    if job.settings.augment != "none" and not job.cache_meta["config"].get("augment_views"):
+        if job.progress:
+            _log(f"training from images: {Path(job.cache_meta['path']).name} holds no augmented views (fc extract "
+                 "--augment-views K), so from stored activations the epochs would not be augmented; "
+                 "--from-activations forces it")
         return images, parts
     estimate = _measure(_Trainer(images, *parts))
     if job.progress:
