@@ -255,9 +255,14 @@ def _job(options: ExtractOptions, job: _Job) -> _Job:
     net = job.backbone
     backbones.check_layers(net["name"], net["layer"], net["layers"])
     job.key_config = {**_key_config(options, job), **_tricks_config(net["layers"], net["tta"], job.views)}
+    return _locate(options, job)
+
+
+def _locate(options: ExtractOptions, job: _Job) -> _Job:
+    """``job`` with the key of its ``key_config`` and the entry of that key."""
     job.key = store.cache_key(job.key_config)
-    job.entry = store.Entry.locate(store.default_cache_dir(options.cache_dir), _label(net["name"], job.dataset),
-                                   job.key)
+    job.entry = store.Entry.locate(store.default_cache_dir(options.cache_dir), _label(job.backbone["name"],
+                                                                                      job.dataset), job.key)
     return job
 
 
@@ -655,7 +660,8 @@ def _choose_precision(options: ExtractOptions, job: _Job) -> _Job:
         why = "ranks and slices stay in fp32" if job.group.mode != "single" else "too few images to measure"
         job.bf16 = {"used": False, "why": why}
         return job
-    bf16 = _job(options, dataclasses.replace(job, run=dataclasses.replace(job.run, precision="bf16")))
+    bf16 = _locate(options, dataclasses.replace(job, run=dataclasses.replace(job.run, precision="bf16"),
+                                                key_config={**job.key_config, "precision": "bf16"}))
     for made in (bf16, job):
         if store.is_complete(made.entry.path) or made.entry.partial.exists():
             made.bf16 = {"used": made is bf16, "why": "a cache of these images was made so"}
