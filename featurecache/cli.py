@@ -213,6 +213,11 @@ _count = click.IntRange(min=1)  # sizes and counts: 0 is never a usable value
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where JPEGs are decoded: gpu (batched, on the CUDA device; part of the cache key), cpu (PIL in "
                    "the workers), auto (gpu on a CUDA device that can, else cpu).")
+@click.option("--aoti", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Compile the forward pass with torch.export and AOTInductor (CPU, fp32; cached in "
+                   "CACHE_DIR/compiled per machine, backbone, batch and shape): auto uses a cached artifact when "
+                   "exact and faster, and compiles when the job is long enough to pay for it; on compiles whenever "
+                   "none is cached; off never.")
 @click.option("--shard", metavar="I/N", default=None,
               help="Compute slice I of N (0 <= I < N) for schedulers without torchrun (Slurm arrays); the last slice "
                    "to finish, or a later run without --shard, writes the cache.")

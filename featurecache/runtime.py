@@ -207,3 +207,31 @@ def inference_model(model: torch.nn.Module, device: torch.device, precision: str
         if _seconds(model, example) < _COMPILE_GAIN * _seconds(frozen, example):
             return model, "eager"
     return frozen, "torchscript-frozen"
+
+
+def matches(model, reference, example: torch.Tensor) -> bool:
+    """Whether ``model``'s output on ``example`` and on its first image matches ``reference``'s
+    (relative error under 1e-3, the tolerance of every compiled form)."""
+    with torch.inference_mode():
+        expected = reference(example)
+        got, one = model(example), model(example[:1])
+    scale = float(expected.abs().max()) or 1.0
+    return all(out.shape == ref.shape and float((out.float() - ref.float()).abs().max()) <= _COMPILE_TOLERANCE * scale
+               for out, ref in ((got, expected), (one, expected[:1])))
+
+
+def speedup(model, baseline, example: torch.Tensor, rounds: int = 3) -> float:
+    """How many times faster ``model`` runs ``example`` than ``baseline``: the best of ``rounds``
+    interleaved passes of each (a busy moment spoils one pass, not one side), after a warm-up."""
+    with torch.inference_mode():
+        model(example), baseline(example)
+        mine, theirs = [], []
+        for _ in range(rounds):
+            mine.append(_seconds(model, example))
+            theirs.append(_seconds(baseline, example))
+    return min(theirs) / max(min(mine), 1e-12)
+
+
+def faster(model, baseline, example: torch.Tensor) -> bool:
+    """Whether ``model`` is measured faster than ``baseline`` on ``example``."""
+    return speedup(model, baseline, example) > 1.0

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import functools
+import itertools
 import sys
 import time
 import warnings
@@ -41,7 +42,7 @@ from ..errors import CacheLockedError, DataError, FeatureCacheWarning, UsageErro
 from ..files import versions
 from ..progress import Progress
 from ..stages import takes
-from . import distributed
+from . import compiled, distributed
 
 DTYPES = ("float32", "float16")
 # Below this many images to extract, eager mode runs (freezing would cost more than it
@@ -52,6 +53,17 @@ FREEZE_MIN_IMAGES = 128
 PROBE_IMAGES = 8
 # The transform of --augment-views (a name of images.AUGMENTS): fine-tuning's light policy.
 VIEW_POLICY = "light"
+# --aoti: compile the forward pass with torch.export and AOTInductor (artifacts cached on disk)
+# auto (when a cached artifact exists, or the job's forward pass is long enough to pay for a
+# compile), on (always, once exact) or off.
+AOTI = ("auto", "on", "off")
+# In auto a compile is made only when it would cost at most this share of the job's forward
+# time, even if it gained nothing.
+COMPILE_SHARE = 0.1
+# bf16 autocast (--precision auto, a CPU with AVX512-BF16 or AMX) is used only when its features
+# keep this cosine to fp32's on the first batch, and its forward pass is this much faster.
+BF16_COSINE = 0.999
+BF16_GAIN = 1.1
 
 
 @dataclass
@@ -90,6 +102,8 @@ class _Run:
     progress: bool
     decode: str  # a name of images.DECODERS
     cores: int  # this process's share of the machine's cores
+    aoti: str = "auto"  # a name of AOTI
+    compiled_dir: str = ""  # where compiled forward passes are kept (CACHE_DIR/compiled)
 
 
 @dataclass
@@ -107,6 +121,13 @@ class _Job:
     key_config: dict = field(default_factory=dict)  # what the key hashes (set by _job)
     key: str = ""
     entry: store.Entry | None = None
+    bf16: dict = field(default_factory=dict)  # the bf16 decision of --precision auto, for the provenance
+    prepared: _Features | None = None  # the forward pass as the bf16 decision left it
+
+    def model_fields(self) -> dict:
+        """What the network computes (backbone, weights, read-out), for the key of a compiled artifact."""
+        keep = ("backbone", "weights", "layer", "layers", "tta")
+        return {k: self.key_config[k] for k in keep if k in self.key_config}
 
     @functools.cached_property
     def net(self) -> backbones.Backbone:
@@ -172,6 +193,7 @@ class ExtractOptions:
     precision: str = "auto"
     dtype: str = "float32"
     decode: str = "auto"
+    aoti: str = "auto"
     shard: str | None = None
     cache_dir: str | None = None
     strict: bool = False
@@ -221,7 +243,10 @@ def extract(options: ExtractOptions) -> ExtractResult:
                layer=options.layer, layers=layers, tta=tta)
     job = _Job(backbone=net, dataset=dataset, pre=pre, run=run, group=group, lock_timeout=options.lock_timeout,
                started=started, views=views)
-    return _launch(_job(options, job))
+    job = _job(options, job)
+    if options.precision == "auto" and run.device.type == "cpu":
+        job = _choose_precision(options, job)
+    return _launch(job)
 
 
 def _job(options: ExtractOptions, job: _Job) -> _Job:
@@ -230,9 +255,14 @@ def _job(options: ExtractOptions, job: _Job) -> _Job:
     net = job.backbone
     backbones.check_layers(net["name"], net["layer"], net["layers"])
     job.key_config = {**_key_config(options, job), **_tricks_config(net["layers"], net["tta"], job.views)}
+    return _locate(options, job)
+
+
+def _locate(options: ExtractOptions, job: _Job) -> _Job:
+    """``job`` with the key of its ``key_config`` and the entry of that key."""
     job.key = store.cache_key(job.key_config)
-    job.entry = store.Entry.locate(store.default_cache_dir(options.cache_dir), _label(net["name"], job.dataset),
-                                   job.key)
+    job.entry = store.Entry.locate(store.default_cache_dir(options.cache_dir), _label(job.backbone["name"],
+                                                                                      job.dataset), job.key)
     return job
 
 
@@ -262,6 +292,8 @@ def _settings(options: ExtractOptions, group: distributed.Group, tta: str | None
                           ("--max-image-pixels", options.max_image_pixels)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, not {value}")
+    if options.aoti not in AOTI:
+        raise UsageError(f"unknown --aoti {options.aoti!r}: choose one of {', '.join(AOTI)}")
     dev = runtime.resolve_device(options.device, group.local_rank)
     return _Run(device=dev, precision=runtime.resolve_precision(options.precision, dev), dtype=options.dtype,
                 batch_size=options.batch_size or max(1, runtime.default_batch_size(dev) // (2 if tta else 1)),
@@ -269,7 +301,8 @@ def _settings(options: ExtractOptions, group: distributed.Group, tta: str | None
                 strict=options.strict, max_image_pixels=options.max_image_pixels,
                 checkpoint_every=options.checkpoint_every, progress=options.progress,
                 decode=resolve_decode(options.decode, dev, options.draft),
-                cores=runtime.cores_per_process(group.local_world))
+                cores=runtime.cores_per_process(group.local_world), aoti=options.aoti,
+                compiled_dir=str(store.default_cache_dir(options.cache_dir) / compiled.FOLDER))
 
 
 def _strict_error(path: str, reason: str) -> DataError:
@@ -492,6 +525,8 @@ def _provenance(job: _Job, tags: dict[str, set[str]]) -> dict:
         "device": str(run.device),
         "batch_size": run.batch_size,
         "graph": "; ".join(sorted(tags.get("graph", ()))) or "eager",
+        **({"compiled": "; ".join(sorted(tags["compiled"]))} if tags.get("compiled") else {}),
+        **({"bf16": job.bf16} if job.bf16 else {}),
         "cores": "; ".join(sorted(tags.get("cores", ()))),
         "decode": run.decode,
         "processes": job.group.world,
@@ -510,25 +545,75 @@ _MODES = {"single": _alone, "torchrun": _ranks, "shard": _slice}
 class _Features:
     """The backbone on its device, turning a batch of uint8 images into feature rows.
 
-    On the first batch it becomes the faster of eager mode and a frozen graph
-    (:func:`runtime.inference_model`), unless there are too few images to pay for freezing.
+    On the first batch it becomes the fastest exact form (:meth:`_choose`): eager mode, a frozen
+    TorchScript graph (:func:`runtime.inference_model`) or an AOTInductor artifact
+    (:mod:`featurecache.extraction.compiled`), unless there are too few images to pay for freezing.
     """
 
-    def __init__(self, net: backbones.Backbone, run: _Run, n_images: int):
+    def __init__(self, net: backbones.Backbone, run: _Run, n_images: int, model_fields: dict | None = None):
         self.net, self.run, self.n_images = net, run, n_images
+        self.model_fields = model_fields or {"backbone": net.name, "weights": net.identity}
         self.width = sum(dim for _, dim in net.parts)  # of a row: the main features and every layer's
         self.eager = net.model.to(run.device).to(memory_format=torch.channels_last)
         self.model, self.mode = None, "eager"
         self.example: torch.Tensor | None = None  # the first normalized batch
         self.dtype = np.dtype(run.dtype)
         self.cores = ""  # how the cores are split between decoding workers and the model
+        self.compiled = ""  # the AOTInductor artifact used: its key, and whether it was compiled now
+
+    def tags(self) -> dict[str, str]:
+        """How the rows were computed, for the shards and the provenance."""
+        return {"graph": self.mode, "cores": self.cores, **({"compiled": self.compiled} if self.compiled else {})}
 
     def _choose(self, x: torch.Tensor) -> None:
         self.example = x
+        run = self.run
         if self.n_images >= FREEZE_MIN_IMAGES:  # freezing costs about a second: not worth it for a few images
-            self.model, self.mode = runtime.inference_model(self.eager, self.run.device, self.run.precision, x)
+            self.model, self.mode = runtime.inference_model(self.eager, run.device, run.precision, x)
         else:
             self.model = self.eager
+        if (run.device.type == "cpu" and run.precision == "fp32" and run.compiled_dir
+                and (run.aoti == "on" or (run.aoti == "auto" and self.n_images >= FREEZE_MIN_IMAGES))):
+            self._try_compiled(x)
+
+    def _try_compiled(self, x: torch.Tensor) -> None:
+        """Move to the AOTInductor artifact of this network, batch and shape when it is exact and faster
+        (with ``--aoti on``: exact): a cached one, or one compiled now when :meth:`_worth_compiling`."""
+        run, batch = self.run, self.run.batch_size
+        fields = compiled.artifact_fields(self.model_fields, batch, tuple(x.shape[1:]), run.precision)
+        key, store_ = compiled.artifact_key(fields), compiled.Artifacts(run.compiled_dir)
+        model, how = store_.load(key), "cached"
+        if model is None:
+            if not self._worth_compiling(x, store_):
+                return
+            try:
+                model, seconds = store_.compile(self.eager, _padded(x, batch), key, fields)
+            except Exception as exc:  # an operator AOTInductor cannot take, no C++ compiler, a full disk ...
+                first = (str(exc).splitlines() or [""])[0][:200]
+                warnings.warn(FeatureCacheWarning(f"the forward pass could not be compiled ahead of time "
+                                                  f"({type(exc).__name__}: {first}); running {self.mode}"),
+                              stacklevel=2)
+                return
+            how = f"compiled in {seconds:.1f} s"
+            if model is None:
+                return
+        padded = compiled.Padded(model, batch)
+        try:
+            exact = runtime.matches(padded, self.eager, x)
+        except Exception:  # an artifact that loads but does not run here
+            store_.discard(key)
+            return
+        if exact and (run.aoti == "on" or runtime.faster(padded, self.model, x)):
+            self.model, self.mode, self.compiled = padded, "aot-inductor", f"{key}, {how}"
+
+    def _worth_compiling(self, x: torch.Tensor, store_: compiled.Artifacts) -> bool:
+        """``--aoti on``; in auto, when the compile would cost at most :data:`COMPILE_SHARE` of the
+        job's forward time at the current form's measured rate (so that it pays even if it gains nothing)."""
+        if self.run.aoti == "on":
+            return True
+        with torch.inference_mode():
+            per_image = runtime.forward_seconds(self.model, x, torch.get_num_threads(), repeats=2)
+        return self.n_images * per_image * COMPILE_SHARE >= store_.compile_seconds()
 
     def __call__(self, batch: torch.Tensor, ok: np.ndarray) -> np.ndarray:
         """Rows for the ``ok`` images of ``batch``."""
@@ -552,6 +637,83 @@ class _Features:
             return runtime.forward_seconds(self.model or self.eager, x, threads)
 
 
+def _padded(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` with rows repeated up to ``batch`` (the example a compiled artifact is exported on)."""
+    if len(x) >= batch:
+        return x[:batch]
+    return x[torch.arange(batch) % len(x)].contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- bf16
+
+
+def _choose_precision(options: ExtractOptions, job: _Job) -> _Job:
+    """``--precision auto`` on a CPU: bf16 autocast where the CPU has bf16 dot products, its features
+    keep a cosine of at least :data:`BF16_COSINE` to fp32's on the first batch and its forward pass is
+    :data:`BF16_GAIN` faster than fp32's fastest form. It enters the key (``precision: bf16``) only
+    when used. A cache already made either way is reused without measuring; ranks and slices, which
+    must agree on the key, stay in fp32."""
+    if not compiled.bf16_capable():
+        job.bf16 = {"used": False, "why": "no AVX512-BF16 or AMX on this CPU"}
+        return job
+    if job.group.mode != "single" or job.n < FREEZE_MIN_IMAGES:
+        why = "ranks and slices stay in fp32" if job.group.mode != "single" else "too few images to measure"
+        job.bf16 = {"used": False, "why": why}
+        return job
+    bf16 = _locate(options, dataclasses.replace(job, run=dataclasses.replace(job.run, precision="bf16"),
+                                                key_config={**job.key_config, "precision": "bf16"}))
+    for made in (bf16, job):
+        if store.is_complete(made.entry.path) or made.entry.partial.exists():
+            made.bf16 = {"used": made is bf16, "why": "a cache of these images was made so"}
+            return made
+    return _measure_bf16(job, bf16)
+
+
+def _measure_bf16(job: _Job, bf16: _Job) -> _Job:
+    """The bf16 decision on the first batch: cosine to fp32 first, then the timed forward passes."""
+    rows = np.arange(min(job.n, job.run.batch_size))
+    images = DECODERS[job.run.decode](job.dataset, rows, job.pre, job.run.max_image_pixels, job.views)
+    indices, payload, reasons = images.collate([images[i] for i in range(len(rows))])
+    batch, reasons = images.to_batch(indices, payload, reasons, job.run.device)
+    ok = np.array([r == "" for r in reasons], dtype=bool)
+    if not ok.any():
+        job.bf16 = {"used": False, "why": "no image of the first batch could be read"}
+        return job
+    fp32 = _Features(job.net, job.run, job.n, job.model_fields())
+    with torch.inference_mode(), runtime.num_threads(job.run.cores):
+        fp32(batch, ok)  # chooses fp32's fastest form
+        x = fp32.example
+        reference = fp32.eager(x)
+        with runtime.autocast(job.run.device, "bf16"):
+            low = fp32.eager(x)
+        cosine = min(compiled.min_cosine(low[:, a:b], reference[:, a:b]) for a, b in _edges(job.net.parts))
+        decision = {"cosine": round(cosine, 5), "fp32_form": fp32.mode}
+        if cosine < BF16_COSINE:
+            job.bf16, job.prepared = {"used": False, "why": f"cosine {cosine:.4f} < {BF16_COSINE}", **decision}, fp32
+            return job
+        gain = runtime.speedup(_autocast_bf16(fp32.eager, job.run.device), fp32.model, x)
+    decision["speedup"] = round(gain, 3)
+    if gain < BF16_GAIN:
+        job.bf16, job.prepared = {"used": False, "why": f"{gain:.2f}x fp32's form", **decision}, fp32
+        return job
+    bf16.bf16 = {"used": True, "why": f"{gain:.2f}x fp32's form", **decision}
+    return bf16
+
+
+def _autocast_bf16(model, device: torch.device):
+    def run(x):
+        with runtime.autocast(device, "bf16"):
+            return model(x)
+
+    return run
+
+
+def _edges(parts: list[tuple[str, int]]) -> list[tuple[int, int]]:
+    """``(first, end)`` columns of each part of a row."""
+    edges = np.cumsum([0, *(dim for _, dim in parts)])
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
 def _work(job: _Job, writer: store.ShardWriter, pending: np.ndarray, already: int) -> tuple[int, float]:
     """Features of the ``pending`` records into ``writer``'s shards: ``(images, seconds)``.
     ``already``: images of this process's part done before (progress counts them)."""
@@ -559,7 +721,8 @@ def _work(job: _Job, writer: store.ShardWriter, pending: np.ndarray, already: in
         return 0, 0.0
     run = job.run
     images = DECODERS[run.decode](job.dataset, pending, job.pre, run.max_image_pixels, job.views)
-    features = _Features(job.net, run, len(pending))
+    features = job.prepared if job.prepared is not None and job.prepared.run == run else None
+    features = features or _Features(job.net, run, len(pending), job.model_fields())
     bar = Progress(already + len(pending), "extract", unit="images", enabled=run.progress, initial=already,
                    prefix=job.group.prefix)
     start = time.perf_counter()
@@ -640,7 +803,7 @@ class _ShardBuffer:
         if parts:
             indices, features, ok = (np.concatenate([p[i] for p in parts]) for i in range(3))
             self.writer.write(indices, features, ok, [r for p in parts for r in p[3]],
-                              tags={"graph": self.features.mode, "cores": self.features.cores})
+                              tags=self.features.tags())
 
 
 def _columns(features: np.ndarray, parts: list[tuple[str, int]]) -> dict:
