@@ -34,8 +34,8 @@ OPTIONS = dict(epochs=2, batch_size=7, workers=0, augment="none", patience=0, ch
                lr=0.001)  # a larger rate makes the random network diverge, and the comparison chaotic
 CLI = ["--epochs", "2", "--batch-size", "7", "--workers", "0", "--augment", "none", "--patience", "0",
        "--checkpoint-every", "2", "--optimizer", "sgd", "--lr", "0.001"]
-# Measured: 2 ranks against 1 process differ by at most ~1e-7 of a tensor's largest value (float32 sums in
-# another order); 1e-4 leaves room for other machines.
+# Measured: 2 ranks against 1 process (and the killed pair resumed by 1) differ by at most 6.2e-8 of a tensor's
+# largest value (float32 sums in another order); 1e-4 leaves room for other machines.
 TOLERANCE = 1e-4
 
 # Rank 1 fails at once if it renames a file into the run's folder: only the first rank writes.
@@ -174,3 +174,38 @@ def test_sigkill_the_group_then_resume_with_one_process(run, reference, tmp_path
     for got, want in zip(resumed.history[1:], expected.history[1:], strict=True):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=TOLERANCE)
     _assert_equal_weights(_weights(folder), expected_weights)
+
+
+def test_from_activations_two_ranks_store_once_and_train_as_one_process(run):
+    """The first rank stores the activations while the other waits; then both train on their shares as one
+    process does from the stored activations."""
+    _forget(run)
+    proc = _torchrun(["-m", "featurecache"], run, "--from-activations", "--unfreeze", "last:2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("stored the activations") == 1, "the first rank alone stores them, and says so"
+    folder = Path(json.loads(out)["model"]).parent
+    ranks = _weights(folder)
+    shutil.rmtree(folder)
+    single = featurecache.finetune(run, progress=False, from_activations=True, unfreeze="last:2", **OPTIONS)
+    assert single.output_dir == str(folder)
+    _assert_equal_weights(ranks, _weights(folder))
+
+
+_RANK_1_SEEDS_OTHERWISE = """
+import os, sys
+from featurecache.cli import main
+if os.environ["RANK"] == "1":
+    sys.argv += ["--seed", "1"]
+main()
+"""
+
+
+def test_ranks_with_different_settings_fail_in_one_line_each(run, tmp_path):
+    _forget(run)
+    proc = _torchrun(_script(tmp_path, "differ.py", _RANK_1_SEEDS_OTHERWISE), run)
+    out, err = proc.communicate(timeout=600)
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert proc.returncode != 0 and out == "" and len(errors) == 2 and errors[0] == errors[1], err[-3000:]
+    assert errors[0].startswith("Error: the ranks were started with different settings (seed): rank 1 has seed 1"), err
+    assert not (Path(run) / "finetune").exists(), "nothing is written"

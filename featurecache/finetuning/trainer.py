@@ -466,7 +466,8 @@ class _Trainer:
         self.group.lead(lambda: self._write_checkpoint(state))
 
     def _write_checkpoint(self, state: _State) -> None:
-        cuda_rng = torch.cuda.get_rng_state_all() if self.dev.type == "cuda" else []
+        # the random state of the training's own GPU: under torchrun every rank's, equal, goes on at any rank
+        cuda_rng = [torch.cuda.get_rng_state(self.dev)] if self.dev.type == "cuda" else []
         saved = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                  "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "state": asdict(state), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
@@ -492,8 +493,8 @@ class _Trainer:
         self.schedule.load_state_dict(saved["schedule"])
         self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"].cpu())
-        if saved["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in saved["cuda_rng"]])
+        if saved["cuda_rng"] and self.dev.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"][0].cpu(), self.dev)
         state = _State(**saved["state"])
         if self.group.rank:  # the first rank holds the epoch's train loss so far
             state.loss_sum, state.seen = 0.0, 0
