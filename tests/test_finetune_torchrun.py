@@ -209,3 +209,27 @@ def test_ranks_with_different_settings_fail_in_one_line_each(run, tmp_path):
     assert proc.returncode != 0 and out == "" and len(errors) == 2 and errors[0] == errors[1], err[-3000:]
     assert errors[0].startswith("Error: the ranks were started with different settings (seed): rank 1 has seed 1"), err
     assert not (Path(run) / "finetune").exists(), "nothing is written"
+
+
+_RANK_1_FAILS = """
+import os
+from featurecache.errors import FinetuneError
+from featurecache.finetuning import trainer
+if os.environ["RANK"] == "1":
+    def fail(self, state, done):
+        raise FinetuneError("rank 1 fails on purpose")
+    trainer._Trainer.optimizer_step = fail
+from featurecache.cli import main
+main()
+"""
+
+
+def test_an_error_on_one_rank_ends_the_group(run, tmp_path):
+    """Rank 0 waits for rank 1 in the gradients' all-reduce when rank 1 fails: the job ends (gloo sees the
+    peer gone, torchrun stops the rest) instead of waiting forever, with rank 1's error in one line."""
+    _forget(run)
+    proc = _torchrun(_script(tmp_path, "fail.py", _RANK_1_FAILS), run)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and out == ""
+    assert [line for line in err.splitlines() if line.startswith("Error: ")] == ["Error: rank 1 fails on purpose"]
+    assert not list((Path(run) / "finetune").glob("*/result.json"))
