@@ -369,7 +369,8 @@ def _validate(settings: _Settings, checkpoint_every: int) -> None:
             raise UsageError(f"--{name} cannot be negative")
 
 
-def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device, group: distributed.Group) -> _Job:
+def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device, workers: int,
+              group: distributed.Group) -> _Job:
     """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
     loaded, pipeline, head_meta = load_run_head(options.run, options.head, options.cache_dir, options.trust)
     meta = loaded.meta
@@ -381,7 +382,6 @@ def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.devic
             f"{', '.join(cache_meta['splits'])} (heads were selected by {split}); "
             "re-extract with --split train=0.8,val=0.2"
         )
-    workers = runtime.resolve_workers(options.workers)
     return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, options.checkpoint_every,
                 options.progress and group.rank == 0, options.from_activations, options.max_memory, group)
 
@@ -780,10 +780,11 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     settings = _settings(options, device)
     _validate(settings, options.checkpoint_every)
     parallel.check_batch(settings.batch_size, group)
+    workers = runtime.resolve_workers(options.workers)
     with distributed.sigterm_exits():
         try:
             group.connect(device)
-            job = _open_job(options, settings, device, group)
+            job = _open_job(options, settings, device, workers, group)
             group.agree({**job.config, "checkpoint_every": options.checkpoint_every, "resume": options.resume})
             return group.lead(lambda: _reused(job)) or _run(job, options.resume)
         finally:
