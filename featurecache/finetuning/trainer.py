@@ -23,6 +23,10 @@ Output, content-addressed under the run directory::
 
 ``last.pt`` and ``best.pt`` are private to the run and are read with
 ``torch.load(weights_only=True)``, which never unpickles arbitrary objects.
+
+Under torchrun the ranks train with DistributedDataParallel on shares of every global batch and the
+first rank alone writes (:mod:`featurecache.finetuning.parallel`); the folder, the checkpoints and
+the result are those of one process.
 """
 
 from __future__ import annotations
@@ -774,6 +778,8 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     cache and train from it, without decoding images or running the frozen blocks
     (:mod:`featurecache.finetuning.activations`); ``max_memory`` (e.g. ``"2G"``; default half the
     available memory) bounds what those activations may take.
+    Under ``torchrun`` every rank calls it: ``batch_size`` is the global batch, split across the ranks, so
+    ``lr`` needs no change with their number (:mod:`featurecache.finetuning.parallel`).
     """
     group = distributed.Group.from_environment()
     device = runtime.resolve_device(options.device, group.local_rank)
