@@ -455,7 +455,8 @@ def weights_import(file, backbone, weights):
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: 0.05 adamw, 1e-4 sgd.")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Linear warmup, then cosine decay.")
-@click.option("--batch-size", type=_count, default=32, show_default=True)
+@click.option("--batch-size", type=_count, default=32, show_default=True,
+              help="The global batch: under torchrun split across the processes (the learning rate needs no change).")
 @click.option("--accumulate", type=_count, default=1, show_default=True, help="Batches per optimizer step.")
 @_workers
 @_device
@@ -481,12 +482,17 @@ def finetune(as_json, **options):
     The run's cache decides backbone, weights and preprocessing; the head starts where stage two
     left it, so step 0 reproduces the head's accuracy. Writes the best epoch under RUN/finetune/ as
     model.safetensors (the weights fc predict loads) and a self-contained TorchScript model.pt.
+    Under torchrun (torchrun --nproc-per-node N -m featurecache finetune RUN) the ranks train with
+    DistributedDataParallel, each on its share of every global --batch-size batch, so the learning
+    rate stays right for any N; the first rank writes.
     """
+    from .extraction.distributed import is_primary
     from .finetuning.trainer import finetune as run_finetune
     from .metrics import summary
 
-    result = call_stage(run_finetune, as_json, options, progress=True)
-    if result is None:
+    # Under torchrun the first rank speaks for the job; the others print nothing.
+    result = call_stage(run_finetune, as_json and is_primary(), options, progress=True)
+    if result is None or not is_primary():
         return
     rows = []
     for split, tuned in result.metrics["finetuned"].items():

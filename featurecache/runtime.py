@@ -22,14 +22,6 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def world_size() -> int:
-    """The processes of the torchrun job this one belongs to (``WORLD_SIZE``); 1 outside torchrun."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE") or 1))
-    except ValueError:
-        return 1
-
-
 def resolve_workers(workers: int | None = None) -> int:
     """DataLoader worker processes that decode images: the usable cores when not given."""
     if workers is None:

@@ -203,6 +203,16 @@ def test_bad_options_are_usage_errors(tmp_path, options, message, cli_runner):
     assert out.exit_code == 2 and last.startswith("Error: ") and option in last, out.stderr
 
 
+def test_under_torchrun_the_global_batch_must_give_every_rank_an_image(tmp_path, monkeypatch):
+    """--batch-size is the global batch (tests/test_finetune_torchrun.py): refused in one line, before any
+    process group is joined, when it is smaller than the world."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UsageError, match=r"^--batch-size 2 is the global batch, split across the 4 processes: "
+                                         r"give at least 4$"):
+        featurecache.finetune(str(tmp_path / "no-run"), batch_size=2, device="cpu")
+
+
 # --------------------------------------------------------------------------- training and export
 
 

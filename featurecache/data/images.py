@@ -365,23 +365,24 @@ def resolve_decode(decode: str, device: torch.device, draft: bool = False) -> st
 
 
 def image_loader(images: ImageTensors, batch_size: int, workers: int, device: torch.device, order=None,
-                 drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """Batches of ``(indices, uint8 images, skip reasons)``, in ``order`` (default: as stored).
+                 drop_last: bool = False, batches: list[list[int]] | None = None) -> torch.utils.data.DataLoader:
+    """Batches of ``(indices, uint8 images, skip reasons)``, in ``order`` (default: as stored), or
+    exactly the ``batches`` given (lists of items, none empty; ``batch_size`` and ``drop_last`` unused).
 
     Workers decode with one thread each; batches are pinned for CUDA. The workers' seeds come
     from a generator of their own, so the caller's random state is left alone.
     """
+    batching = (dict(batch_sampler=batches) if batches is not None else
+                dict(batch_size=batch_size, sampler=None if order is None else list(order), drop_last=drop_last))
     return torch.utils.data.DataLoader(
         images,
-        batch_size=batch_size,
         collate_fn=images.collate,
-        sampler=None if order is None else list(order),
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=runtime.set_worker_threads if workers else None,
         prefetch_factor=4 if workers else None,
-        drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
+        **batching,
     )
 
 

@@ -12,6 +12,9 @@ jobs): process I takes rows ``[I*n/N, (I+1)*n/N)`` of the records and coordinate
 the file system alone (the shards, keyed by row range, and the entry's lock).
 
 Without either, stage one is a single process.
+
+Stage three joins the same groups under torchrun (:mod:`featurecache.finetuning.parallel`): it uses
+:class:`Group`'s torchrun mode, its messages and :func:`sigterm_exits`.
 """
 
 from __future__ import annotations

@@ -48,10 +48,12 @@ from torch import fx, nn
 from .. import runtime, store
 from ..data.images import ImageTensors, Views, augment_seed, image_loader, normalize_batch
 from ..errors import CacheError, FinetuneError, plural
+from ..extraction.distributed import is_primary
 from ..files import write_json
 from ..metrics import classification_metrics
 from ..progress import Progress
 from ..sweep.halving import memory_cap
+from . import parallel
 from .blocks import named_blocks
 from .network import FeatureColumns, Network
 
@@ -63,7 +65,9 @@ WORTH = 10.0  # ... and at least this many seconds shorter: storing a few second
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr, from the first torchrun rank only."""
+    if is_primary():
+        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- splitting the backbone
@@ -316,8 +320,9 @@ class FromActivations:
         if job.settings.augment != "none" and not self.plan.views:
             _log(f"warning: {self.cache.name} holds no augmented views (fc extract --augment-views K): training from "
                  "activations without augmentation")
-        write_json(job.out / ACTIVATIONS_FILE, {**self.plan.describe(), "store_seconds": self.store_seconds,
-                                                "load_seconds": time.perf_counter() - started - self.store_seconds})
+        described = {**self.plan.describe(), "store_seconds": self.store_seconds,
+                     "load_seconds": time.perf_counter() - started - self.store_seconds}
+        job.group.lead(lambda: write_json(job.out / ACTIVATIONS_FILE, described))
 
     # ----------------------------------------------------------------------- storing
 
@@ -329,6 +334,18 @@ class FromActivations:
         return plan_of(self.job, self.block, probe.shape[1:], len(self.train_labels), len(self.val_labels))
 
     def _load(self) -> dict[str, torch.Tensor]:
+        """The stored activations of every part. Under torchrun the first rank stores them when missing or
+        damaged, while the others wait; then they read them (every rank holds them all)."""
+        acts: dict = {}
+
+        def first_rank() -> float:
+            acts.update(self._load_here())
+            return self.store_seconds
+
+        self.store_seconds = self.job.group.lead(first_rank)
+        return acts or self._read()
+
+    def _load_here(self) -> dict[str, torch.Tensor]:
         """The stored activations of every part (storing them first when missing or damaged)."""
         self.store_seconds = 0.0
         stored = store.has_activations(self.cache, self.plan.name)
@@ -403,10 +420,10 @@ class FromActivations:
 
     # ----------------------------------------------------------------------- training and evaluation
 
-    def train_loader(self, epoch: int, order: list[int]):
-        """Batches ``(train rows, stored maps, no reasons)`` in ``order``; with views, the view of each
+    def train_loader(self, epoch: int, batches: list[list[int]]):
+        """``(train rows, stored maps, no reasons)`` for each of ``batches``; with views, the view of each
         image drawn for ``epoch``."""
-        n, size = len(self.train_labels), self.s.batch_size
+        n = len(self.train_labels)
         source = self.acts["train"]
         rows = torch.arange(n)
         if self.views_used:
@@ -414,32 +431,32 @@ class FromActivations:
             draw = torch.Generator().manual_seed(augment_seed(self.s.seed, epoch, 0))
             rows = torch.randint(k, (n,), generator=draw) * n + rows
             source = self.acts[store.VIEWS]
-        order = torch.as_tensor(order, dtype=torch.int64)
-        stop = len(order) - len(order) % size if self.drop_last else len(order)
-        for start in range(0, stop, size):
-            index = order[start:start + size]
+        for batch in batches:
+            index = torch.as_tensor(batch, dtype=torch.int64)
             yield index, source[rows[index]], ("",) * len(index)
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.dev, non_blocking=True).float().div(self.scale)  # never in place: it may be the store
         return x.contiguous(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(x)
+    def training_module(self) -> nn.Module:
+        return self.tail
 
     def evaluate(self, images: ImageTensors, labels: np.ndarray, desc: str) -> dict:
+        """On the selection split, from its stored maps (each rank its share, as :meth:`_Trainer.evaluate`)."""
         if images is not self.val_images:
             return super().evaluate(images, labels, desc)
         self.net.eval()
         maps = self.acts[self.job.split]
         probs = np.zeros((len(maps), len(self.job.classes)), dtype=np.float32)
+        first, stop = parallel.span(len(maps), self.group)
         with torch.inference_mode():
-            for start in range(0, len(maps), self.s.batch_size):
-                x = self.inputs(maps[start:start + self.s.batch_size])
+            for start in range(first, stop, self.s.batch_size):
+                x = self.inputs(maps[start:min(stop, start + self.s.batch_size)])
                 with runtime.autocast(self.dev, self.s.precision):
                     logits = self.tail(x)
                 probs[start:start + len(x)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return classification_metrics(labels, probs, self.job.classes)
+        return classification_metrics(labels, parallel.all_sum(probs, self.group), self.job.classes)
 
 
 def stored_summary(folder: str | Path) -> dict:

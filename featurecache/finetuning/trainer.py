@@ -23,6 +23,10 @@ Output, content-addressed under the run directory::
 
 ``last.pt`` and ``best.pt`` are private to the run and are read with
 ``torch.load(weights_only=True)``, which never unpickles arbitrary objects.
+
+Under torchrun the ranks train with DistributedDataParallel on shares of every global batch and the
+first rank alone writes (:mod:`featurecache.finetuning.parallel`); the folder, the checkpoints and
+the result are those of one process.
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ from ..data.images import AUGMENTS, ImageTensors, augment_seed, image_loader, no
 from ..data.preprocess import Preprocess
 from ..data.sources import Dataset, Record, reopen
 from ..errors import FinetuneError, UsageError, suggest
+from ..extraction import distributed
 from ..files import atomic_write, require_space, sha256_file, write_json
 from ..metrics import classification_metrics, summary
 from ..progress import Progress
 from ..stages import takes
 from ..sweep.calibration import apply_temperature, fit_temperature
-from . import activations
+from . import activations, parallel
 from .blocks import named_blocks
 from .network import (
     CONFIG_FILE,
@@ -209,12 +214,14 @@ def evaluate(network: nn.Module, images: ImageTensors, labels: np.ndarray, class
 
 
 def probabilities(network: nn.Module, images: ImageTensors, n_classes: int, device, precision, batch_size: int,
-                  workers: int, progress: bool, desc: str = "eval") -> np.ndarray:
-    """Class probabilities of ``network`` on ``images``, N x C (every image must decode)."""
+                  workers: int, progress: bool, desc: str = "eval", rows: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities of ``network`` on ``images``, N x C (every image must decode); with ``rows``,
+    those rows only (a torchrun rank's share), the others left 0."""
     network.eval()
     probs = np.zeros((len(images), n_classes), dtype=np.float32)
-    loader = image_loader(images, batch_size, workers, device)
-    with torch.inference_mode(), Progress(len(images), desc, unit="images", enabled=progress) as bar:
+    loader = image_loader(images, batch_size, workers, device, rows)
+    count = len(images) if rows is None else len(rows)
+    with torch.inference_mode(), Progress(count, desc, unit="images", enabled=progress) as bar:
         for index, batch, reasons in loader:
             bad = [r for r in reasons if r]
             if bad:
@@ -313,6 +320,7 @@ class _Job:
     from_activations: bool | None = False  # train the last blocks from stored activations (None: to be chosen)
     max_memory: str | None = None  # the most the stored activations may take in memory
     chosen: dict | None = None  # how the mode was chosen when it was not given (activations.Estimate.describe)
+    group: distributed.Group = field(default_factory=distributed.Group)  # this process's torchrun rank, if any
 
     @property
     def config(self) -> dict:
@@ -342,7 +350,9 @@ class _Job:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr, from the first torchrun rank only (it speaks for the job)."""
+    if distributed.is_primary():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _validate(settings: _Settings, checkpoint_every: int) -> None:
@@ -366,7 +376,8 @@ def _validate(settings: _Settings, checkpoint_every: int) -> None:
             raise UsageError(f"--{name} cannot be negative")
 
 
-def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device, workers: int) -> _Job:
+def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.device, workers: int,
+              group: distributed.Group) -> _Job:
     """The run and head to start from; a FinetuneError if its cache has no split to train or stop on."""
     loaded, pipeline, head_meta = load_run_head(options.run, options.head, options.cache_dir, options.trust)
     meta = loaded.meta
@@ -379,7 +390,7 @@ def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.devic
             "re-extract with --split train=0.8,val=0.2"
         )
     return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, options.checkpoint_every,
-                options.progress, options.from_activations, options.max_memory)
+                options.progress and group.rank == 0, options.from_activations, options.max_memory, group)
 
 
 def _reused(job: _Job) -> FinetuneResult | None:
@@ -420,15 +431,29 @@ class _Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt, cosine_with_warmup(s.epochs * steps, round(s.warmup_epochs * steps)))
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=s.precision == "fp16")
+        self.group = job.group
+        self.trained = self.net  # what a training step runs: the network, under DDP once distributed
         self.started = time.perf_counter()
+
+    def training_module(self) -> nn.Module:
+        """The module a training step runs on what :meth:`inputs` gives."""
+        return self.net
+
+    def distribute(self) -> None:
+        """Under torchrun, wrap :meth:`training_module` in DistributedDataParallel (:mod:`.parallel`)."""
+        self.trained = parallel.wrap(self.training_module(), self.dev, self.group, self.s.bn)
 
     def images(self, split: str) -> tuple[ImageTensors, np.ndarray]:
         data, labels = cache_images(self.job.cache_meta, split)
         return ImageTensors(data, np.arange(len(labels)), self.pre, self.max_pixels), labels
 
     def evaluate(self, images: ImageTensors, labels: np.ndarray, desc: str) -> dict:
-        return evaluate(self.net, images, labels, self.job.classes, self.dev, self.s.precision, self.s.batch_size,
-                        self.job.workers, self.job.progress, desc)
+        """Metrics of the network on ``images``: each rank computes its share of the probabilities and every
+        rank the metrics of their sum, the same on every rank."""
+        rows = np.arange(*parallel.span(len(labels), self.group))
+        probs = probabilities(self.net, images, len(self.job.classes), self.dev, self.s.precision,
+                              self.s.batch_size, self.job.workers, self.job.progress, desc, rows)
+        return classification_metrics(labels, parallel.all_sum(probs, self.group), self.job.classes)
 
     def temperature(self) -> float:
         """The network's own temperature on the selection split, for a head fitted with calibration (else 1)."""
@@ -442,7 +467,14 @@ class _Trainer:
     # ----------------------------------------------------------------------- checkpoints
 
     def checkpoint(self, state: _State) -> None:
-        cuda_rng = torch.cuda.get_rng_state_all() if self.dev.type == "cuda" else []
+        """``last.pt``, written by the first rank (the train loss's sums folded onto it first) while the
+        others wait."""
+        state.loss_sum, state.seen = parallel.fold(state.loss_sum, state.seen, self.group)
+        self.group.lead(lambda: self._write_checkpoint(state))
+
+    def _write_checkpoint(self, state: _State) -> None:
+        # the random state of the training's own GPU: under torchrun every rank's, equal, goes on at any rank
+        cuda_rng = [torch.cuda.get_rng_state(self.dev)] if self.dev.type == "cuda" else []
         saved = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                  "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "state": asdict(state), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
@@ -451,7 +483,10 @@ class _Trainer:
     def record_best(self, state: _State, metrics: dict) -> None:
         state.best_accuracy, state.best_loss = metrics["accuracy"], metrics["log_loss"]
         state.best_metrics, state.best_epoch, state.stale = metrics, state.epoch, 0
-        _save(self.out / BEST_FILE, {"model": self.net.state_dict(), "epoch": state.epoch})
+        self.group.lead(lambda: _save(self.out / BEST_FILE, {"model": self.net.state_dict(), "epoch": state.epoch}))
+
+    def write_history(self, state: _State) -> None:
+        self.group.lead(lambda: write_json(self.out / HISTORY_FILE, state.history))
 
     def load_best(self) -> None:
         saved = torch.load(self.out / BEST_FILE, map_location=self.dev, weights_only=True)
@@ -465,9 +500,11 @@ class _Trainer:
         self.schedule.load_state_dict(saved["schedule"])
         self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"].cpu())
-        if saved["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in saved["cuda_rng"]])
+        if saved["cuda_rng"] and self.dev.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"][0].cpu(), self.dev)
         state = _State(**saved["state"])
+        if self.group.rank:  # the first rank holds the epoch's train loss so far
+            state.loss_sum, state.seen = 0.0, 0
         _log(f"resuming {self.out.name} from epoch {state.epoch} batch {state.batch} (step {state.step})")
         return state
 
@@ -484,22 +521,28 @@ class _Trainer:
             _log(f"warning: at step 0 the network reaches {metrics['accuracy']:.4f} on {self.job.split}, the head "
                  f"{self.job.head_accuracy:.4f}: the images or the backbone differ from extraction")
         self.checkpoint(state)
-        write_json(self.out / HISTORY_FILE, state.history)
+        self.write_history(state)
         return state
 
     # ----------------------------------------------------------------------- training
 
-    def batch(self, state: _State, index: torch.Tensor, batch: torch.Tensor, reasons, group: int) -> None:
-        """Forward and backward on the images of a batch that decoded; the loss is scaled for accumulation."""
-        ok = torch.tensor([not r for r in reasons])
-        if not ok.any():
-            return
+    def batch(self, state: _State, share: tuple, steps: int, sync: bool) -> None:
+        """Forward and backward on the images of this rank's ``share`` ``(indices, batch, reasons)`` of a global
+        batch that decoded. The loss is their summed cross-entropy over the images of the global batch that
+        decoded on all ranks, times the ranks (DDP averages over them), over the ``steps`` batches accumulated:
+        the gradient is one process's. ``sync``: the last batch of an optimizer step (DDP's all-reduce)."""
+        index, batch, reasons = share
+        ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
+        start, total = parallel.place(int(ok.sum()), self.group)
+        if total == 0 and not (sync and self.group.control is not None):
+            return  # no image decoded; under DDP the last batch of a step still runs, to reduce the gradients
         x = self.inputs(batch[ok])
         y = torch.from_numpy(self.train_labels[index[ok].numpy()]).to(self.dev)
-        with runtime.autocast(self.dev, self.s.precision):
-            loss = F.cross_entropy(self.forward(x).float(), y)
-        self.scaler.scale(loss / group).backward()
-        state.loss_sum += float(loss.detach()) * int(ok.sum())
+        with parallel.syncing(self.trained, sync), parallel.global_dropout(self.training_module(), start, total):
+            with runtime.autocast(self.dev, self.s.precision):
+                loss = F.cross_entropy(self.forward(x).float(), y, reduction="sum")
+            self.scaler.scale(loss * (self.group.world / max(1, total) / steps)).backward()
+        state.loss_sum += float(loss.detach())
         state.seen += int(ok.sum())
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
@@ -507,12 +550,18 @@ class _Trainer:
         return normalize_batch(batch.to(self.dev, non_blocking=True), self.pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.trained(x)
 
-    def train_loader(self, epoch: int, order: list[int]):
-        """Batches ``(indices, uint8 images, reasons)`` of the train images of ``epoch`` in ``order``."""
+    def train_loader(self, epoch: int, batches: list[list[int]]):
+        """``(indices, uint8 images, reasons)`` of the train images of ``epoch`` for each of ``batches`` (an
+        empty one, a rank's share of a short last batch, gives no images)."""
         self.train_images.epoch = epoch
-        return image_loader(self.train_images, self.s.batch_size, self.job.workers, self.dev, order, self.drop_last)
+        loader = iter(image_loader(self.train_images, self.s.batch_size, self.job.workers, self.dev,
+                                   batches=[b for b in batches if b]))
+        crop = self.pre.crop
+        for rows in batches:
+            yield next(loader) if rows else (torch.zeros(0, dtype=torch.int64),
+                                             torch.zeros(0, 3, crop, crop, dtype=torch.uint8), ())
 
     def optimizer_step(self, state: _State, done: int) -> None:
         """One update after ``done`` batches of the epoch; a mid-epoch checkpoint every ``checkpoint_every``."""
@@ -521,35 +570,45 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.schedule.step()
         state.step += 1
-        state.batch = done
+        state.batch = done  # in global batches: the same place with any number of ranks
         if state.step % self.job.checkpoint_every == 0 and state.batch < self.n_batches:
             now = time.perf_counter()
             state.seconds += now - self.started
             self.started = now
             self.checkpoint(state)
 
+    def global_batches(self, epoch: int, first: int) -> list[list[int]]:
+        """The batches of ``epoch`` from batch ``first`` on, in the epoch's seeded order (the same on every rank)."""
+        size = self.s.batch_size
+        seed = torch.Generator().manual_seed(self.s.seed * 7919 + epoch)
+        order = torch.randperm(len(self.train_labels), generator=seed).tolist()
+        return [order[b * size:(b + 1) * size] for b in range(first, self.n_batches)]
+
     def train_epoch(self, state: _State) -> None:
-        """The rest of epoch ``state.epoch``, from batch ``state.batch`` on, in a seeded order."""
+        """The rest of epoch ``state.epoch``, from batch ``state.batch`` on; each rank runs its share of each batch."""
         s, epoch = self.s, state.epoch
         self.started = time.perf_counter()
-        order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
-        loader = self.train_loader(epoch, order[state.batch * s.batch_size:].tolist())
+        batches = self.global_batches(epoch, state.batch)
+        loader = self.train_loader(epoch, [parallel.share(b, self.group) for b in batches])
         train_mode(self.net, s.bn)
-        total = min(len(order), self.n_batches * s.batch_size)  # images of the epoch
+        total = min(len(self.train_labels), self.n_batches * s.batch_size)  # images of the epoch
         with Progress(total, f"epoch {epoch + 1}/{s.epochs}", unit="images", enabled=self.job.progress,
                       initial=min(total, state.batch * s.batch_size)) as bar:
-            for b, (index, batch, reasons) in enumerate(loader, start=state.batch):
-                group = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
-                self.batch(state, index, batch, reasons, group)
-                if (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches:
+            for b, (rows, share) in enumerate(zip(batches, loader), start=state.batch):
+                steps = min(s.accumulate, self.n_batches - (b // s.accumulate) * s.accumulate)  # batches in this step
+                last = (b + 1) % s.accumulate == 0 or b + 1 == self.n_batches
+                self.batch(state, share, steps, last)
+                if last:
                     self.optimizer_step(state, b + 1)
-                bar.update(len(index), current=f"loss {state.loss_sum / max(1, state.seen):.4f}")
+                bar.update(len(rows), current=f"loss {state.loss_sum / max(1, state.seen):.4f}")
 
     def end_epoch(self, state: _State) -> bool:
         """Evaluate, record the epoch and the best so far, checkpoint; whether the epoch improved."""
         metrics = self.evaluate(self.val_images, self.val_labels, f"eval {state.epoch + 1}")
         state.epoch, state.batch = state.epoch + 1, 0
-        entry = {"epoch": state.epoch, "train_loss": state.loss_sum / max(1, state.seen),
+        loss_sum, seen = parallel.fold(state.loss_sum, state.seen, self.group)
+        loss_sum, seen = self.group.lead(lambda: (loss_sum, seen))  # every rank records the same history
+        entry = {"epoch": state.epoch, "train_loss": loss_sum / max(1, seen),
                  "val_loss": metrics["log_loss"], "val_accuracy": metrics["accuracy"],
                  "seconds": state.seconds + time.perf_counter() - self.started,
                  "lr": self.schedule.get_last_lr()[0], "val": summary(metrics)}
@@ -561,7 +620,7 @@ class _Trainer:
         else:
             state.stale += 1
         self.checkpoint(state)
-        write_json(self.out / HISTORY_FILE, state.history)
+        self.write_history(state)
         if self.job.progress:
             _log(f"epoch {state.epoch}/{self.s.epochs}  train_loss {entry['train_loss']:.4f}  "
                  f"val_loss {entry['val_loss']:.4f}  val_accuracy {entry['val_accuracy']:.4f}"
@@ -579,11 +638,13 @@ def _save(path: Path, obj: dict) -> None:
 
 
 def _begin(trainer: _Trainer, resume: bool) -> tuple[_State, dict | None]:
-    """The loop state to go on from, and where a resume started (None when it starts at step 0)."""
-    if resume and (trainer.out / LAST_FILE).is_file():
+    """The loop state to go on from, and where a resume started (None when it starts at step 0). The first
+    rank looks for the checkpoint, so that every rank decides alike."""
+    found = trainer.group.lead(lambda: (trainer.out / LAST_FILE).is_file())
+    if resume and found:
         state = trainer.resume()
         return state, {"epoch": state.epoch, "batch": state.batch, "step": state.step}
-    if (trainer.out / LAST_FILE).is_file():
+    if found:
         _log(f"an interrupted fine-tuning of this configuration is in {trainer.out}; starting over "
              "(--resume continues it)")
     return trainer.start(), None
@@ -658,8 +719,10 @@ def _run(job: _Job, resume: bool, parts: tuple | None = None) -> FinetuneResult:
     and save the best epoch."""
     kind = activations.trainer_class(_Trainer) if job.from_activations else _Trainer
     trainer = kind(job, *(parts or _network_parts(job)))
+    trainer.distribute()
     chosen = {"mode_chosen": job.chosen} if job.chosen else {}
-    write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path), **chosen})
+    job.group.lead(lambda: write_json(job.out / CONFIG_FILE, {**job.config, "run_dir": str(job.loaded.path),
+                                                               **chosen}))
     state, resumed_from = _begin(trainer, resume)
     if job.progress:
         from ..sweep.runs import start_note
@@ -669,7 +732,7 @@ def _run(job: _Job, resume: bool, parts: tuple | None = None) -> FinetuneResult:
             _log(note)
         _log(f"{job.head_meta['head']}: head {job.head_accuracy:.4f}, step 0 {state.start_accuracy:.4f} on {job.split}")
     stopped_early = _train(trainer, state)
-    result = _finish(job, trainer, state, stopped_early)
+    result = job.group.lead(lambda: _finish(job, trainer, state, stopped_early))  # the other ranks get its result
     result.resumed_from = resumed_from
     return result
 
@@ -729,13 +792,24 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     times a few batches both ways and stores the activations when that is measured to pay
     (:func:`_choose_mode`). ``max_memory`` (e.g. ``"2G"``; default half the available memory) bounds
     what those activations may take.
+    Under ``torchrun`` every rank calls it: ``batch_size`` is the global batch, split across the ranks, so
+    ``lr`` needs no change with their number (:mod:`featurecache.finetuning.parallel`).
     """
-    device = runtime.resolve_device(options.device)
+    group = distributed.Group.from_environment()
+    device = runtime.resolve_device(options.device, group.local_rank)
     settings = _settings(options, device)
     _validate(settings, options.checkpoint_every)
-    job = _open_job(options, settings, device, runtime.resolve_workers(options.workers))
-    job, parts = _choose_mode(job) if job.from_activations is None else (job, None)
-    return _reused(job) or _run(job, options.resume, parts)
+    parallel.check_batch(settings.batch_size, group)
+    workers = runtime.resolve_workers(options.workers)
+    with distributed.sigterm_exits():
+        try:
+            group.connect(device)
+            job = _open_job(options, settings, device, workers, group)
+            job, parts = _choose_mode(job) if job.from_activations is None else (job, None)
+            group.agree({**job.config, "checkpoint_every": options.checkpoint_every, "resume": options.resume})
+            return group.lead(lambda: _reused(job)) or _run(job, options.resume, parts)
+        finally:
+            group.close()
 
 
 # --------------------------------------------------------------------------- from images or from activations
@@ -752,7 +826,7 @@ def _choose_mode(job: _Job) -> tuple[_Job, tuple | None]:
     when the whole run is measured to be faster that way (:class:`activations.Estimate`).
     """
     images, stored = dataclasses.replace(job, from_activations=False), dataclasses.replace(job, from_activations=True)
-    if not job.settings.unfreeze.startswith("last:") or runtime.world_size() > 1:
+    if not job.settings.unfreeze.startswith("last:") or job.group.world > 1:
         return images, None
     for kept in (stored, images):
         if (kept.out / RESULT_FILE).is_file() or (kept.out / LAST_FILE).is_file():
