@@ -15,7 +15,10 @@ noise) so that decoding costs what it costs on photos, and prints, measured in o
    ratios to the limit;
 3. the cosine of AMP features (fp16 autocast; bf16 on a CPU) against fp32;
 4. one fine-tuning epoch (backbone and a linear head) with AMP and with fp32: seconds and loss;
-5. ``featurecache.predict`` throughput with an exported model.
+5. ``fc finetune --unfreeze last:2`` for one epoch from images and from stored activations
+   (``featurecache.finetune``, from a logreg head fitted on the CPU-decoded cache): seconds of
+   the epoch, the one-time cost of storing the activations, and the selection accuracy;
+6. ``featurecache.predict`` throughput with an exported model.
 
 The MobileNetV2 ImageNet weights are read from ``--hub`` (a torch hub folder holding
 ``checkpoints/mobilenet_v2-b0353104.pth``) or torch's own hub folder; without them the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -139,8 +143,9 @@ def forward_limit(check: Check) -> float:
     return rate
 
 
-def extraction(check: Check, limit: float) -> None:
-    """fc extract with CPU and with GPU decoding, against the limit and against each other."""
+def extraction(check: Check, limit: float) -> str:
+    """fc extract with CPU and with GPU decoding, against the limit and against each other; the
+    CPU-decoded cache."""
     caches = {}
     for decode in ("cpu", "gpu"):
         if decode == "gpu" and check.device.type != "cuda":
@@ -152,6 +157,7 @@ def extraction(check: Check, limit: float) -> None:
               f"{rate / limit:.2f} of the limit")
     if len(caches) == 2:
         print(f"gpu decode against cpu  cosine {_cosine(caches['cpu'], caches['gpu']):.6f} (goal >= 0.999)")
+    return caches["cpu"]
 
 
 def _cosine(a: str, b: str) -> float:
@@ -209,6 +215,27 @@ def finetuning(check: Check) -> None:
     print(f"AMP speed-up            {seconds['fp32'] / seconds[check.amp]:.2f}x")
 
 
+def from_activations(check: Check, cache: str) -> None:
+    """One epoch of ``--unfreeze last:2`` from images and from stored activations, side by side."""
+    folder = str(check.tmp / "decode-cpu")
+    run = featurecache.fit_head(cache, head="logreg", jobs=1, cache_dir=folder, progress=False)
+    seconds = {}
+    for stored in (False, True):
+        result = featurecache.finetune(run.run_dir, unfreeze="last:2", from_activations=stored, epochs=1, patience=0,
+                                       batch_size=8 if check.quick else 64, device=str(check.device),
+                                       cache_dir=folder, progress=False)
+        name = "activations" if stored else "images"
+        seconds[name] = result.history[-1]["seconds"]
+        extra = ""
+        if stored:
+            summary = json.loads((Path(result.output_dir) / "activations.json").read_text())
+            extra = (f"; stored {sum(summary['parts'].values())} maps of {summary['bytes_per_image']:,} bytes "
+                     f"once in {summary['store_seconds']:.2f} s")
+        print(f"last:2 epoch from {name:11s} {seconds[name]:7.2f} s  {result.split} accuracy "
+              f"{result.history[-1]['val_accuracy']:.4f}{extra}")
+    print(f"from activations        {seconds['images'] / seconds['activations']:.2f}x faster per epoch")
+
+
 def prediction(check: Check) -> None:
     from featurecache.finetuning.network import export
     from featurecache.finetuning.prediction import predict
@@ -256,9 +283,10 @@ def main() -> None:
         data = write_photos(Path(folder) / "photos", n, size)
         print(f"{n} JPEGs of {size[0]}x{size[1]} written in {time.perf_counter() - start:.1f} s")
         check = Check(device, weights, data, Path(folder), args.quick, args.batch_size)
-        extraction(check, forward_limit(check))
+        cache = extraction(check, forward_limit(check))
         amp_cosine(check)
         finetuning(check)
+        from_activations(check, cache)
         prediction(check)
     print("device check done")
 

@@ -30,7 +30,8 @@ def test_device_check_dry_run_on_the_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for label in ("pure forward limit", "fc extract, cpu decode", "fc extract, gpu decode  skipped: no CUDA device",
-                  "bf16 autocast vs fp32", "fine-tune epoch, bf16", "fine-tune epoch, fp32", "fc predict",
+                  "bf16 autocast vs fp32", "fine-tune epoch, bf16", "fine-tune epoch, fp32",
+                  "last:2 epoch from images", "last:2 epoch from activations", "x faster per epoch", "fc predict",
                   "device check done"):
         assert label in text, text
     rates = [float(r) for r in re.findall(r"([\d.]+) images/s", text)]

@@ -861,11 +861,12 @@ def _measure(trainer: _Trainer, batches: int = 3) -> activations.Estimate:
     tail = Network(activations.tail(net.backbone, block), net.head)
     saved = {name: value.clone() for name, value in net.state_dict().items()}
     n = len(trainer.train_labels)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:s.batch_size * (batches + 1)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:s.batch_size * (batches + 1)].tolist()
     live, tail_seconds, shape = [], [], None
     train_mode(net, s.bn)
     started = time.perf_counter()
-    for index, batch, reasons in trainer.train_loader(0, order.tolist()):
+    for index, batch, reasons in trainer.train_loader(0, [order[i:i + s.batch_size]
+                                                           for i in range(0, len(order), s.batch_size)]):
         ok = torch.tensor([not r for r in reasons])
         if not ok.any():
             continue
