@@ -51,9 +51,10 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def fc(*args: str) -> dict:
-    """Run one ``fc`` command as a user would and return its ``--json`` output."""
-    out = subprocess.run([sys.executable, "-m", "featurecache", *args, "--json"], check=True, capture_output=True,
-                         text=True)
+    """Run one ``fc`` command as a user would and return its ``--json`` output (its stderr when it fails)."""
+    out = subprocess.run([sys.executable, "-m", "featurecache", *args, "--json"], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"fc {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout)
 
 
@@ -62,7 +63,10 @@ def featurecache_side(data: Path, epochs: int, batch_size: int | None) -> dict:
         start = time.perf_counter()
         extracted = fc("extract", str(data), "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
                        "--cache-dir", cache_dir)
-        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--cache-dir", cache_dir)
+        # on the penultimate features: --from-activations stores one block's input, and a head on
+        # stored layers would read blocks before it too
+        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--features", "penultimate",
+                 "--cache-dir", cache_dir)
         prepared = time.perf_counter() - start
         start = time.perf_counter()
         extra = ["--batch-size", str(batch_size)] if batch_size else []
@@ -156,7 +160,10 @@ def modes_side(args) -> None:
         start = time.perf_counter()
         extracted = fc("extract", str(args.data), *source, *limit, "--backbone", "mobilenet_v2", "--weights",
                        "IMAGENET1K_V1", "--augment-views", str(args.augment_views), "--cache-dir", cache_dir)
-        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--cache-dir", cache_dir)
+        # on the penultimate features: --from-activations stores one block's input, and a head on
+        # stored layers would read blocks before it too
+        run = fc("fit-head", extracted["cache"], "--head", "logreg", "--features", "penultimate",
+                 "--cache-dir", cache_dir)
         print(f"extract (with {args.augment_views} views per train image) + fit-head logreg "
               f"{time.perf_counter() - start:.1f} s (once); load {_load()}", flush=True)
         rows = {}
