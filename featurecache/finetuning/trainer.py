@@ -833,11 +833,13 @@ def _choose_mode(job: _Job) -> tuple[_Job, tuple | None]:
             return kept, None
     parts = _network_parts(job)
     try:
-        suited = not activations.unsuited(job, parts[0]) and activations.first_trained_block(
-            parts[0].model, job.settings.unfreeze)
+        activations.first_trained_block(parts[0].model, job.settings.unfreeze)
     except FinetuneError:  # last:N trains every block: nothing frozen to store
-        suited = False
-    if not suited:
+        return images, parts
+    unsuited = activations.unsuited(job, parts[0])
+    if unsuited:
+        if job.progress:
+            _log(f"training from images: {unsuited}")
         return images, parts
     if job.settings.augment != "none" and not job.cache_meta["config"].get("augment_views"):
         if job.progress:
