@@ -31,6 +31,7 @@ accuracy chose the best epoch on both sides; neither number is a held-out estima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,7 +60,8 @@ def fc(*args: str) -> dict:
 
 
 def featurecache_side(data: Path, epochs: int, batch_size: int | None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="fc-bench-") as cache_dir:
+    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="fc-bench-")
+    with keep as cache_dir:
         start = time.perf_counter()
         extracted = fc("extract", str(data), "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
                        "--cache-dir", cache_dir)
@@ -156,7 +158,8 @@ def modes_side(args) -> None:
     limit = ["--limit", str(args.limit)] if args.limit else []
     limit += ["--split", args.split] if args.split else []
     batch = ["--batch-size", str(args.batch_size)] if args.batch_size else []
-    with tempfile.TemporaryDirectory(prefix="fc-bench-") as cache_dir:
+    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="fc-bench-")
+    with keep as cache_dir:
         start = time.perf_counter()
         extracted = fc("extract", str(args.data), *source, *limit, "--backbone", "mobilenet_v2", "--weights",
                        "IMAGENET1K_V1", "--augment-views", str(args.augment_views), "--cache-dir", cache_dir)
@@ -225,6 +228,9 @@ def main() -> None:
                         help="compare full, last:2 from images and last:2 from stored activations instead")
     parser.add_argument("--root", default=None, help="--modes: fc extract --root (torchvision:NAME data)")
     parser.add_argument("--limit", type=int, default=None, help="--modes: fc extract --limit")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="--modes: the cache folder to use and keep (default: a temporary one); a rerun reuses "
+                             "its extraction, its head and every finished fine-tuning, whose seconds are the first run's")
     parser.add_argument("--split", default=None,
                         help="--modes: fc extract --split (train=0.8,val=0.2 carves a val split from a torchvision "
                              "dataset's train split, which fine-tuning needs to stop on)")

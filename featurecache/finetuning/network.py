@@ -111,7 +111,8 @@ def feature_columns(parts: list[tuple[str, int]], features: str) -> tuple[int, i
 
 def load_backbone(config: dict, features: str = "penultimate") -> backbones.Backbone:
     """Rebuild the exact backbone a cache was extracted with, from its config alone, returning the
-    feature set ``features`` a run's heads learnt from."""
+    feature set ``features`` a run's heads learnt from. For the penultimate features the stored
+    layers are not tapped at all: the network is the plain backbone, as without ``--layers``."""
     identity = config["weights"]
     weights_file = identity.get("weights_file")
     if identity.get("weights") == "none" and not weights_file and "init_seed" not in identity:
@@ -119,7 +120,8 @@ def load_backbone(config: dict, features: str = "penultimate") -> backbones.Back
             f"the cache was extracted with unseeded random weights (weights=none) for {config['backbone']}; "
             "they cannot be rebuilt: re-run fc extract"
         )
-    more = {key: config[key] for key in ("layers", "tta") if config.get(key)}  # fc extract --layers, --tta
+    wanted = ("tta",) if features == "penultimate" else ("layers", "tta")
+    more = {key: config[key] for key in wanted if config.get(key)}  # fc extract --layers, --tta
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = backbones.build(
