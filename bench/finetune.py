@@ -60,8 +60,7 @@ def fc(*args: str) -> dict:
 
 
 def featurecache_side(data: Path, epochs: int, batch_size: int | None) -> dict:
-    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="fc-bench-")
-    with keep as cache_dir:
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as cache_dir:
         start = time.perf_counter()
         extracted = fc("extract", str(data), "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
                        "--cache-dir", cache_dir)
@@ -230,7 +229,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="--modes: fc extract --limit")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="--modes: the cache folder to use and keep (default: a temporary one); a rerun reuses "
-                             "its extraction, its head and every finished fine-tuning, whose seconds are the first run's")
+                             "its extraction, head and finished fine-tunings, whose seconds are the first run's")
     parser.add_argument("--split", default=None,
                         help="--modes: fc extract --split (train=0.8,val=0.2 carves a val split from a torchvision "
                              "dataset's train split, which fine-tuning needs to stop on)")
