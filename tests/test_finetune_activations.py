@@ -254,3 +254,18 @@ def test_with_augmentation_and_no_stored_views_it_trains_from_images_and_says_wh
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training from")]
     assert said == [f"training from images: {Path(cache).name} holds no augmented views (fc extract --augment-views "
                     "K), so from stored activations the epochs would not be augmented; --from-activations forces it"]
+
+
+def test_a_head_on_the_penultimate_features_of_a_cache_with_stored_layers_trains_from_activations(tmp_path):
+    """fc extract stores layers by default; a head fitted on the penultimate features alone reads no layer,
+    so its network is the plain backbone and the last blocks train from their stored input."""
+    images = make_colored_images(tmp_path / "images", 2)
+    res = featurecache.extract(str(images), weights="none", cache_dir=str(tmp_path / "cache"),
+                               **{**TINY, "layers": "auto"})
+    assert store.info(res.cache)["config"]["layers"]
+    run = featurecache.fit_head(res.cache, head="logreg:pre=standardize", features="penultimate", jobs=1,
+                                cache_dir=str(tmp_path / "cache"))
+    result = featurecache.finetune(run.run_dir, cache_dir=str(tmp_path / "cache"), from_activations=True,
+                                   **{**STEPS, "epochs": 1, "batch_size": 16})
+    assert result.trained_from == "activations" and result.start_accuracy == result.head_accuracy
+    assert activations.stored_summary(result.output_dir)["parts"] == {"train": 16, "val": 10}
