@@ -390,7 +390,7 @@ def _open_job(options: FinetuneOptions, settings: _Settings, device: torch.devic
             "re-extract with --split train=0.8,val=0.2"
         )
     return _Job(loaded, pipeline, head_meta, cache_meta, settings, device, workers, options.checkpoint_every,
-                options.progress and group.rank == 0, options.from_activations, options.max_memory, group)
+                options.progress and group.rank == 0, options.from_activations, options.max_memory, group=group)
 
 
 def _reused(job: _Job) -> FinetuneResult | None:
