@@ -15,9 +15,9 @@ noise) so that decoding costs what it costs on photos, and prints, measured in o
    ratios to the limit;
 3. the cosine of AMP features (fp16 autocast; bf16 on a CPU) against fp32;
 4. one fine-tuning epoch (backbone and a linear head) with AMP and with fp32: seconds and loss;
-5. ``fc finetune --unfreeze last:2`` for one epoch from images and from stored activations
-   (``featurecache.finetune``, from a logreg head fitted on the CPU-decoded cache): seconds of
-   the epoch, the one-time cost of storing the activations, and the selection accuracy;
+5. one ``--unfreeze last:2`` epoch from images and one from the stored input of the first trained
+   block (fc's own split of the network, as ``fc finetune --from-activations`` trains), with the
+   one-time cost of storing those maps;
 6. ``featurecache.predict`` throughput with an exported model.
 
 The MobileNetV2 ImageNet weights are read from ``--hub`` (a torch hub folder holding
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -143,9 +142,8 @@ def forward_limit(check: Check) -> float:
     return rate
 
 
-def extraction(check: Check, limit: float) -> str:
-    """fc extract with CPU and with GPU decoding, against the limit and against each other; the
-    CPU-decoded cache."""
+def extraction(check: Check, limit: float) -> None:
+    """fc extract with CPU and with GPU decoding, against the limit and against each other."""
     caches = {}
     for decode in ("cpu", "gpu"):
         if decode == "gpu" and check.device.type != "cuda":
@@ -157,7 +155,6 @@ def extraction(check: Check, limit: float) -> str:
               f"{rate / limit:.2f} of the limit")
     if len(caches) == 2:
         print(f"gpu decode against cpu  cosine {_cosine(caches['cpu'], caches['gpu']):.6f} (goal >= 0.999)")
-    return caches["cpu"]
 
 
 def _cosine(a: str, b: str) -> float:
@@ -215,24 +212,74 @@ def finetuning(check: Check) -> None:
     print(f"AMP speed-up            {seconds['fp32'] / seconds[check.amp]:.2f}x")
 
 
-def from_activations(check: Check, cache: str) -> None:
-    """One epoch of ``--unfreeze last:2`` from images and from stored activations, side by side."""
-    folder = str(check.tmp / "decode-cpu")
-    run = featurecache.fit_head(cache, head="logreg", jobs=1, cache_dir=folder, progress=False)
+def _last_blocks(network, n: int) -> list[torch.nn.Parameter]:
+    """Freeze the backbone but its last ``n`` blocks (``fc finetune --unfreeze last:N``); their parameters
+    and the head's, to train."""
+    from featurecache.finetuning.blocks import named_blocks
+
+    network.requires_grad_(False)
+    blocks = [network.backbone.get_submodule(name) for name in list(named_blocks(network.backbone))[-n:]]
+    params = [p for block in blocks for p in block.parameters()] + list(network.head.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def _train_epoch(check: Check, model, params, batches, precision: str) -> tuple[float, float]:
+    """Seconds and mean loss of one AdamW epoch of ``model`` over ``batches`` of ``(inputs, labels)``."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(check.device.type, enabled=precision == "fp16")
+    losses, start = [], time.perf_counter()
+    for x, y in batches:
+        with runtime.autocast(check.device, precision):
+            loss = torch.nn.functional.cross_entropy(model(x()).float(), y.to(check.device))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss))
+    check.sync()
+    return time.perf_counter() - start, float(np.mean(losses))
+
+
+def from_activations(check: Check) -> None:
+    """One ``last:2`` epoch from images and one from the stored input of the first trained block (what
+    ``fc finetune --from-activations`` does, with fc's own block split), and the one-time store."""
+    from featurecache.finetuning.activations import block_input, first_trained_block, tail
+    from featurecache.finetuning.network import Network
+
+    dataset = open_dataset(str(check.data))
+    train = np.array([i for i, r in enumerate(dataset.records) if r.split == "train"])
+    labels = torch.tensor([r.label for r in dataset.records])
+    size, precision = 8 if check.quick else 64, check.amp
+
+    def images(pre):
+        loader = image_loader(ImageTensors(dataset, train, pre, None), size, runtime.usable_cores(), check.device,
+                              order=range(len(train)))
+        for index, batch, _ in loader:
+            yield (lambda b=batch: normalize_batch(b.to(check.device, non_blocking=True), pre)), labels[index]
+
+    network, pre = check.network()
+    block = first_trained_block(network.backbone, "last:2")
+    network = network.to(memory_format=torch.channels_last).eval()
+    start, stored = time.perf_counter(), []
+    with torch.no_grad(), runtime.autocast(check.device, precision):  # not inference tensors: they are trained on
+        for x, y in images(pre):
+            stored.append((block_input(network.backbone, block, x()).to(torch.float16), y))
+    check.sync()
+    store_s = time.perf_counter() - start
+    per_image = stored[0][0][0].numel() * 2
     seconds = {}
-    for stored in (False, True):
-        result = featurecache.finetune(run.run_dir, unfreeze="last:2", from_activations=stored, epochs=1, patience=0,
-                                       batch_size=8 if check.quick else 64, device=str(check.device),
-                                       cache_dir=folder, progress=False)
-        name = "activations" if stored else "images"
-        seconds[name] = result.history[-1]["seconds"]
-        extra = ""
-        if stored:
-            summary = json.loads((Path(result.output_dir) / "activations.json").read_text())
-            extra = (f"; stored {sum(summary['parts'].values())} maps of {summary['bytes_per_image']:,} bytes "
-                     f"once in {summary['store_seconds']:.2f} s")
-        print(f"last:2 epoch from {name:11s} {seconds[name]:7.2f} s  {result.split} accuracy "
-              f"{result.history[-1]['val_accuracy']:.4f}{extra}")
+    live = copy.deepcopy(network).train()
+    seconds["images"], loss = _train_epoch(check, live, _last_blocks(live, 2), images(pre), precision)
+    print(f"last:2 epoch from images       {seconds['images']:7.2f} s  loss {loss:.4f}")
+    cached = copy.deepcopy(network).train()
+    params = _last_blocks(cached, 2)
+    part = Network(tail(cached.backbone, block), cached.head)
+    batches = [((lambda m=m: m.float().contiguous(memory_format=torch.channels_last)), y) for m, y in stored]
+    seconds["activations"], loss = _train_epoch(check, part, params, batches, precision)
+    print(f"last:2 epoch from activations  {seconds['activations']:7.2f} s  loss {loss:.4f}; stored "
+          f"{len(train)} maps of {per_image:,} bytes once in {store_s:.2f} s")
     print(f"from activations        {seconds['images'] / seconds['activations']:.2f}x faster per epoch")
 
 
@@ -283,10 +330,10 @@ def main() -> None:
         data = write_photos(Path(folder) / "photos", n, size)
         print(f"{n} JPEGs of {size[0]}x{size[1]} written in {time.perf_counter() - start:.1f} s")
         check = Check(device, weights, data, Path(folder), args.quick, args.batch_size)
-        cache = extraction(check, forward_limit(check))
+        extraction(check, forward_limit(check))
         amp_cosine(check)
         finetuning(check)
-        from_activations(check, cache)
+        from_activations(check)
         prediction(check)
     print("device check done")
 

@@ -52,7 +52,6 @@ from ..extraction.distributed import is_primary
 from ..files import write_json
 from ..metrics import classification_metrics
 from ..progress import Progress
-from ..sweep.halving import memory_cap
 from . import parallel
 from .blocks import named_blocks
 from .network import FeatureColumns, Network
@@ -198,6 +197,8 @@ def _size(n: int) -> str:
 
 def room_problem(plan: Plan, cache: Path, max_memory: str | None, stored: bool) -> str | None:
     """Why the activations do not fit: more than ``max_memory``, or (to be stored) more than the free disk."""
+    from ..sweep.halving import memory_cap  # here: the module stays importable without the heads' packages
+
     what = f"the activations of {plan.name} take {_size(plan.bytes)} ({plan.per_image:,} bytes x {plan.rows:,} rows)"
     cap = memory_cap(max_memory)
     if plan.bytes > cap:
