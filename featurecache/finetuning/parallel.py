@@ -107,13 +107,15 @@ def place(count: int, group: Group) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def global_dropout(module: nn.Module, start: int, total: int):
+def global_dropout(module: nn.Module, start: int, count: int, total: int):
     """While the block runs, every ``nn.Dropout`` of ``module`` in training draws the mask of the whole
-    global batch (``total`` rows, from the random state all ranks share) and applies its rows from
-    ``start`` on: one process's masks, split across the ranks, and the ranks' random states stay equal."""
+    global batch (``total`` rows, from the random state all ranks share) and applies this rank's
+    ``count`` rows from ``start`` on: one process's masks, split across the ranks, and the ranks'
+    random states stay equal. A layer that sees other rows than the images (a network that runs each
+    image with its flip, ``--tta``) draws a mask of its own input instead, per rank."""
     layers = [m for m in module.modules() if type(m) is nn.Dropout]
     for layer in layers:
-        layer.forward = functools.partial(_dropout, layer, start, total)
+        layer.forward = functools.partial(_dropout, layer, start, count, total)
     try:
         yield
     finally:
@@ -121,9 +123,11 @@ def global_dropout(module: nn.Module, start: int, total: int):
             del layer.forward
 
 
-def _dropout(layer: nn.Dropout, start: int, total: int, x: torch.Tensor) -> torch.Tensor:
+def _dropout(layer: nn.Dropout, start: int, count: int, total: int, x: torch.Tensor) -> torch.Tensor:
     if not layer.training or layer.p == 0:
         return x
+    if len(x) != count:
+        return nn.functional.dropout(x, layer.p, training=True)
     keep = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - layer.p)
     return x * keep[start:start + len(x)] / (1 - layer.p)
 

@@ -538,7 +538,8 @@ class _Trainer:
             return  # no image decoded; under DDP the last batch of a step still runs, to reduce the gradients
         x = self.inputs(batch[ok])
         y = torch.from_numpy(self.train_labels[index[ok].numpy()]).to(self.dev)
-        with parallel.syncing(self.trained, sync), parallel.global_dropout(self.training_module(), start, total):
+        dropout = parallel.global_dropout(self.training_module(), start, int(ok.sum()), total)
+        with parallel.syncing(self.trained, sync), dropout:
             with runtime.autocast(self.dev, self.s.precision):
                 loss = F.cross_entropy(self.forward(x).float(), y, reduction="sum")
             self.scaler.scale(loss * (self.group.world / max(1, total) / steps)).backward()
