@@ -34,7 +34,8 @@ TRANSFERABLE = [name for name, head in HEADS.items() if head.transferable]
 PRE = {"linear": "standardize", "mlp": "l2", "logreg": "pca:6", "linear-svm": "standardize"}
 # the penultimate features alone (fine-tuning a run of the default stage ends: tests/test_features_auto.py)
 TINY = dict(backbone="mobilenet_v2", resize=64, crop=56, workers=0, batch_size=16, progress=False, layers="none")
-RESULT_KEYS = {"model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split"}
+RESULT_KEYS = {"model", "head", "head_accuracy", "start_accuracy", "best_accuracy", "epochs", "split", "output_dir",
+               "trained_from", "reused"}
 # acceptance on ants/bees: the documented command, every layer trained on the whole train split
 HYMENOPTERA_FINETUNE = ["--epochs", "2"]
 # a held-out test split besides the val split that selects heads and epochs
@@ -266,7 +267,7 @@ def test_finetune_trains_exports_and_is_reused(tiny_runs, cli_runner, tmp_path):
     again = run_cli(cli_runner, "finetune", run_dir, "--head", "logreg:pre=pca:6", "--epochs", "2",
                     "--batch-size", "4", "--workers", "0", "--checkpoint-every", "2", "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout) == result.to_dict()
+    assert json.loads(again.stdout) == {**result.to_dict(), "reused": True}
 
 
 def test_safetensors_weights_round_trip_and_a_changed_file_is_refused(tmp_path, cli_runner):
