@@ -94,6 +94,6 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
 
 
 def plural(n: int, word: str) -> str:
-    """``1 epoch``, ``2 epochs``, ``2 batches``."""
-    ending = "es" if word.endswith(("s", "x", "ch", "sh")) else "s"
+    """``1 epoch``, ``2 epochs``, ``2 batches``, ``1,000 images``."""
+    ending = "es" if word.endswith(("s", "x", "sh", "tch")) else "s"  # batches, but epochs
     return f"{n:,} {word}{'' if n == 1 else ending}"

@@ -126,3 +126,12 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(command, args, code,
     assert re.search(pattern, lines[0]), lines[0]
     assert result.exit_code == code, f"exit code {result.exit_code}, documented {code}: {lines[0]}"
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("n", "word", "said"), [(1, "epoch", "1 epoch"), (2, "epoch", "2 epochs"),
+                                                 (3, "batch", "3 batches"), (1, "batch", "1 batch"),
+                                                 (1000, "image", "1,000 images"), (2, "class", "2 classes")])
+def test_counts_are_said_in_english(n, word, said):
+    from featurecache.errors import plural
+
+    assert plural(n, word) == said

@@ -49,6 +49,12 @@ def test_extract_benchmark_smoke_run(hymenoptera):  # the bench reads the tutori
     out = subprocess.run([sys.executable, "bench/extract.py", "--quick"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for label in ("pure forward, eager, batch 4", "eager limit", "fc extract, hymenoptera_data", "of fc's form (goal",
-                  "x the eager limit (goal", "torchrun, 1 process", "torchrun, 2 processes", "torchrun speed-up"):
+    for label in ("pure forward, eager, batch 4", "eager limit", "fc extract, hymenoptera_data",
+                  "of the decode-inclusive limit (goal", "x the eager limit (goal", "AOTInductor: ", "bf16 autocast: ",
+                  "torchrun, 1 process", "torchrun, 2 processes", "torchrun speed-up"):
         assert label in out.stdout, out.stdout
+    limit = re.search(r"hymenoptera_data: decode \+ preprocess ([\d.]+) core-ms, forward \(\S+\) ([\d.]+) core-ms per "
+                      r"image: limit (\d+) / \(\1 \+ \2\) ms = ([\d.]+) images/s", out.stdout)
+    assert limit, out.stdout
+    decode, forward, cores, rate = (float(x) for x in limit.groups())
+    assert rate == pytest.approx(1000 * cores / (decode + forward), rel=0.01)  # the limit is the stated formula

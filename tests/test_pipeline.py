@@ -372,5 +372,6 @@ def test_pipeline_with_finetune_reuses_it(tmp_path, real_weights):
     assert (Path(first["report"]).parent / "finetune_curves.png").is_file()
     before = _files(tmp_path / "cache")
     second = pipeline.run(path, progress=False)["branches"][0]["stages"]
-    assert second["finetune"] == tuned and second["report"] == first["report"]
+    assert tuned["reused"] is False
+    assert second["finetune"] == {**tuned, "reused": True} and second["report"] == first["report"]
     assert _files(tmp_path / "cache") == before  # looked up: not one file written again
