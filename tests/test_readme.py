@@ -92,11 +92,17 @@ def test_the_examples_run_in_order_as_pasted(tmp_path, hymenoptera, real_weights
         pytest.skip("the block names the tutorial's data by its place beside the clone")
     env = {**os.environ, "FC_CACHE_DIR": str(tmp_path / "cache"),
            "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    # a checkout of its own, so that files the lines write (fc export's features.parquet) stay out of the repo
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "pipelines").symlink_to(REPO / "pipelines")
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
     outputs = {}
     for line in _example_lines():
-        out = subprocess.run(["bash", "-c", f"enable -n fc\nset -euo pipefail\n{line}"], cwd=REPO, env=env,
+        out = subprocess.run(["bash", "-c", f"enable -n fc\nset -euo pipefail\n{line}"], cwd=clone, env=env,
                              capture_output=True, text=True, timeout=3600)  # fine-tuning on a loaded machine
         assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
         outputs[line.split()[1]] = outputs.get(line.split()[1], "") + out.stdout
+    assert (clone / "features.parquet").stat().st_size > 0  # fc export wrote where the line says
     run_id = re.search(r"\(run id ([0-9a-f]{12});", outputs["fit-head"]).group(1)
     assert re.search(rf"^{run_id}\s+mobilenet_v2-hymenoptera_data-", outputs["runs"], re.M), outputs["runs"]
