@@ -138,3 +138,41 @@ def test_bf16_gate_reuses_a_cache_without_measuring(tmp_path, images, monkeypatc
     monkeypatch.setattr(stage, "_measure_bf16", lambda *a: pytest.fail("measured"))
     again = fc.extract(str(images), **FAST, cache_dir=str(tmp_path))
     assert again.reused
+
+
+@pytest.mark.slow
+def test_an_artifact_measured_faster_is_taken_without_freezing_again(tmp_path, images, monkeypatch):
+    """The first job times the artifact against the frozen graph and records the verdict; a later job
+    takes a winning artifact without building and timing the frozen graph (about a second a job), and
+    one that lost is measured again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(stage, "FREEZE_MIN_IMAGES", 4)  # these 9 images count as a job worth freezing
+    monkeypatch.setattr(compiled, "bf16_capable", lambda flags=None: False)
+    monkeypatch.setattr(stage.runtime, "faster", lambda *a: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = fc.extract(str(images), **FAST, aoti="on", cache_dir=str(cache))
+    assert _config(first)["graph"] == "aot-inductor"
+    (package,) = (cache / "compiled").glob("*.pt2")
+    key = package.stem
+    beaten = compiled.Artifacts(cache / "compiled").record(key)["faster_than"]
+    assert beaten in ("torchscript-frozen", "eager")
+
+    froze = []
+    real = stage.runtime.inference_model
+    monkeypatch.setattr(stage.runtime, "inference_model", lambda *a: froze.append(1) or real(*a))
+    other = make_split_folder(tmp_path / "other", splits=(("train", 5),))
+    second = fc.extract(str(other), **FAST, aoti="auto", cache_dir=str(cache))
+    assert froze == [] and _config(second)["graph"] == "aot-inductor"
+    assert _config(second)["compiled"] == f"{key}, cached (measured faster than {beaten} here before)"
+    reference = fc.extract(str(other), **FAST, aoti="off", cache_dir=str(tmp_path / "plain"))
+    torch.testing.assert_close(torch.from_numpy(fc.load_features(second.cache, "train")[0]),
+                               torch.from_numpy(fc.load_features(reference.cache, "train")[0]), atol=1e-3, rtol=1e-3)
+
+    froze.clear()  # the reference without the artifact froze its graph
+    compiled.Artifacts(cache / "compiled").note(key, faster_than=None)  # as if it had lost
+    monkeypatch.setattr(stage.runtime, "faster", lambda *a: False)
+    third = fc.extract(str(make_split_folder(tmp_path / "third", splits=(("train", 5),))), **FAST, aoti="auto",
+                       cache_dir=str(cache))
+    assert froze == [1] and _config(third)["graph"] != "aot-inductor"
+    assert compiled.Artifacts(cache / "compiled").record(key)["faster_than"] is None
