@@ -104,19 +104,6 @@ class Artifacts:
             self.discard(key)
             return None
 
-    def record(self, key: str) -> dict:
-        """What is recorded of ``key``: its fields, compile seconds and verdicts (empty when none)."""
-        with contextlib.suppress(Exception):
-            return json.loads(self.package(key).with_suffix(".json").read_text())
-        return {}
-
-    def note(self, key: str, **facts) -> None:
-        """Add ``facts`` to the record of ``key`` (a verdict that a later job need not measure again)."""
-        record = self.record(key)
-        if record:
-            with contextlib.suppress(OSError):
-                write_json(self.package(key).with_suffix(".json"), {**record, **facts})
-
     def discard(self, key: str) -> None:
         for path in (self.package(key), self.package(key).with_suffix(".json")):
             path.unlink(missing_ok=True)

@@ -568,50 +568,20 @@ class _Features:
     def _choose(self, x: torch.Tensor) -> None:
         self.example = x
         run = self.run
-        many = self.n_images >= FREEZE_MIN_IMAGES  # freezing costs about a second: not worth it for a few images
-        aoti = (run.device.type == "cpu" and run.precision == "fp32" and run.compiled_dir
-                and (run.aoti == "on" or (run.aoti == "auto" and many)))
-        if aoti and many and self._take_proven(x):
-            return
-        if many:
+        if self.n_images >= FREEZE_MIN_IMAGES:  # freezing costs about a second: not worth it for a few images
             self.model, self.mode = runtime.inference_model(self.eager, run.device, run.precision, x)
         else:
             self.model = self.eager
-        if aoti:
+        if (run.device.type == "cpu" and run.precision == "fp32" and run.compiled_dir
+                and (run.aoti == "on" or (run.aoti == "auto" and self.n_images >= FREEZE_MIN_IMAGES))):
             self._try_compiled(x)
-
-    def _artifact(self, x: torch.Tensor) -> tuple[str, compiled.Artifacts, dict]:
-        """The key of this network's artifact for the batch and shape of ``x``, the store, and the fields."""
-        fields = compiled.artifact_fields(self.model_fields, self.run.batch_size, tuple(x.shape[1:]),
-                                          self.run.precision)
-        return compiled.artifact_key(fields), compiled.Artifacts(self.run.compiled_dir), fields
-
-    def _take_proven(self, x: torch.Tensor) -> bool:
-        """Take a cached artifact that was measured faster than the other forms here when first used,
-        without building and timing those again (freezing alone costs about a second a job); it is
-        still checked against the eager network. False leaves the choice to the usual path."""
-        key, store_, _ = self._artifact(x)
-        beaten = store_.record(key).get("faster_than")
-        model = store_.load(key) if beaten else None
-        if model is None:
-            return False
-        padded = compiled.Padded(model, self.run.batch_size)
-        try:
-            exact = runtime.matches(padded, self.eager, x)
-        except Exception:  # an artifact that loads but does not run here
-            store_.discard(key)
-            return False
-        if exact:
-            self.model, self.mode = padded, "aot-inductor"
-            self.compiled = f"{key}, cached (measured faster than {beaten} here before)"
-        return exact
 
     def _try_compiled(self, x: torch.Tensor) -> None:
         """Move to the AOTInductor artifact of this network, batch and shape when it is exact and faster
-        (with ``--aoti on``: exact): a cached one, or one compiled now when :meth:`_worth_compiling`.
-        The verdict against the other form is recorded beside the artifact for :meth:`_take_proven`."""
+        (with ``--aoti on``: exact): a cached one, or one compiled now when :meth:`_worth_compiling`."""
         run, batch = self.run, self.run.batch_size
-        key, store_, fields = self._artifact(x)
+        fields = compiled.artifact_fields(self.model_fields, batch, tuple(x.shape[1:]), run.precision)
+        key, store_ = compiled.artifact_key(fields), compiled.Artifacts(run.compiled_dir)
         model, how = store_.load(key), "cached"
         if model is None:
             if not self._worth_compiling(x, store_):
@@ -633,14 +603,8 @@ class _Features:
         except Exception:  # an artifact that loads but does not run here
             store_.discard(key)
             return
-        if not exact:
-            return
-        if self.model is not self.eager or run.aoti == "auto":  # a comparison worth recording
-            faster = runtime.faster(padded, self.model, x)
-            store_.note(key, faster_than=self.mode if faster else None)
-            if not faster and run.aoti == "auto":
-                return
-        self.model, self.mode, self.compiled = padded, "aot-inductor", f"{key}, {how}"
+        if exact and (run.aoti == "on" or runtime.faster(padded, self.model, x)):
+            self.model, self.mode, self.compiled = padded, "aot-inductor", f"{key}, {how}"
 
     def _worth_compiling(self, x: torch.Tensor, store_: compiled.Artifacts) -> bool:
         """``--aoti on``; in auto, when the compile would cost at most :data:`COMPILE_SHARE` of the
